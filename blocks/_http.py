@@ -1,0 +1,364 @@
+"""HTTP transport to a Roboflow Inference server: the only module that talks to httpx.
+
+One `InferenceHTTP` engine exists per distinct server configuration in a process. It owns
+a pooled `httpx.AsyncClient` on a private event-loop thread, so that the sync API, the async
+API and every thread of a Prefect task runner share one connection pool and one concurrency
+limit. Retries, backoff, error mapping and response metadata live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Coroutine, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from .exceptions import (
+    InferenceClientError,
+    InferenceConnectionError,
+    InferenceError,
+    InferenceResponseError,
+    InferenceServerError,
+    InferenceStatusError,
+    InferenceTimeoutError,
+    ModelNotFoundError,
+    RateLimitedError,
+    ServerUnavailableError,
+)
+
+logger = logging.getLogger("prefect_roboflow")
+
+T = TypeVar("T")
+
+USER_AGENT = "prefect-roboflow"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Everything that shapes how requests are sent; equal settings share one engine."""
+
+    api_url: str
+    api_key: str | None = field(default=None, repr=False)
+    timeout: float = 60.0
+    connect_timeout: float = 5.0
+    max_retries: int = 6
+    retry_backoff: float = 0.5
+    retry_max_backoff: float = 10.0
+    retry_budget: float = 120.0
+    max_concurrency: int = 8
+
+
+@dataclass(frozen=True)
+class ResponseInfo:
+    """What one answered request tells about the server, for logs and artifacts.
+
+    Attributes:
+        endpoint: The route, e.g. ``/clip/embed_image``.
+        status_code: HTTP status of the final attempt.
+        engine: The ``x-inference-engine`` header (``inference-models`` or ``old-inference``).
+        processing_time: The ``X-Processing-Time`` header in seconds, when the server sends it.
+        server_time: The body's ``time`` field: seconds the model itself took.
+        model_id: The ``X-Model-Id`` header.
+        cold_start: Whether the server loaded the model for this request.
+        elapsed: Client-side seconds from the first attempt to the answer.
+        attempts: How many attempts the request took.
+    """
+
+    endpoint: str
+    status_code: int
+    engine: str | None
+    processing_time: float | None
+    server_time: float | None
+    model_id: str | None
+    cold_start: bool
+    elapsed: float
+    attempts: int
+
+
+_recorder: ContextVar[list[ResponseInfo] | None] = ContextVar("prefect_roboflow_recorder", default=None)
+
+
+@contextlib.contextmanager
+def record_responses() -> Iterator[list[ResponseInfo]]:
+    """Collect the `ResponseInfo` of every request made inside the block, sync or async.
+
+    Examples:
+        ```python
+        with record_responses() as infos:
+            clip.embed_images(["a.jpg", "b.jpg"])
+        sum(i.server_time or 0 for i in infos)  # seconds the server spent on the model
+        ```
+    """
+    infos: list[ResponseInfo] = []
+    token = _recorder.set(infos)
+    try:
+        yield infos
+    finally:
+        _recorder.reset(token)
+
+
+def _float_header(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    seconds = _float_header(value)
+    if seconds is not None:
+        return max(0.0, seconds)
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500].strip() or response.reason_phrase
+    if isinstance(body, dict):
+        message = body.get("message", body.get("detail"))
+        if isinstance(message, str):
+            return message
+        if message is not None:
+            return json.dumps(message)[:1000]
+    return json.dumps(body)[:1000]
+
+
+def status_error(endpoint: str, response: httpx.Response) -> InferenceStatusError:
+    """Map an error answer onto the exception hierarchy."""
+    status = response.status_code
+    message = _server_message(response)
+    kwargs: dict[str, Any] = {"endpoint": endpoint, "request_id": response.headers.get("x-request-id")}
+    retry_after = _retry_after_seconds(response.headers.get("retry-after"))
+    if status == 404 or "Could not retrieve model" in message:
+        return ModelNotFoundError(status, message, **kwargs)
+    if status == 429:
+        return RateLimitedError(status, message, retry_after=retry_after, **kwargs)
+    if status in (502, 503, 504):
+        return ServerUnavailableError(status, message, retry_after=retry_after, **kwargs)
+    if status >= 500:
+        if message == "Internal error.":
+            message += " (the server hides the cause: often an input it cannot handle)"
+        return InferenceServerError(status, message, **kwargs)
+    return InferenceClientError(status, message, **kwargs)
+
+
+def _response_info(endpoint: str, response: httpx.Response, body: Any, started: float, attempts: int) -> ResponseInfo:
+    headers = response.headers
+    server_time = body.get("time") if isinstance(body, dict) else None
+    return ResponseInfo(
+        endpoint=endpoint,
+        status_code=response.status_code,
+        engine=headers.get("x-inference-engine"),
+        processing_time=_float_header(headers.get("x-processing-time")),
+        server_time=float(server_time) if isinstance(server_time, (int, float)) else None,
+        model_id=headers.get("x-model-id"),
+        cold_start=headers.get("x-model-cold-start", "").lower() == "true",
+        elapsed=time.monotonic() - started,
+        attempts=attempts,
+    )
+
+
+class InferenceHTTP:
+    """Sends JSON requests with a bounded concurrency, retries, and typed errors."""
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="prefect-roboflow-http", daemon=True)
+        self._thread.start()
+        self._random = random.Random()
+        # Built on the engine's loop: the pool and the semaphore belong to it.
+        self._client, self._semaphore = self._submit(self._make_client()).result()
+
+    async def _make_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        settings = self.settings
+        headers = {"User-Agent": USER_AGENT}
+        if settings.api_key:
+            # httpx masks Authorization in reprs; the key never goes into a URL.
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        client = httpx.AsyncClient(
+            base_url=settings.api_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=settings.max_concurrency,
+                max_keepalive_connections=settings.max_concurrency,
+            ),
+        )
+        return client, asyncio.Semaphore(settings.max_concurrency)
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> Any:
+        # run_coroutine_threadsafe copies the caller's context, so record_responses() sees the calls.
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the engine's loop and wait for it (the sync API)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("the sync API cannot be called from the engine's own event loop")
+        future = self._submit(coro)
+        try:
+            return future.result()  # type: ignore[no-any-return]
+        except BaseException:
+            future.cancel()
+            raise
+
+    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the engine's loop from any other event loop."""
+        return await asyncio.wrap_future(self._submit(coro))  # type: ignore[no-any-return]
+
+    async def get(self, endpoint: str) -> dict[str, Any]:
+        """GET a JSON document (e.g. ``/info``), with the same retries as `post`."""
+        return await self._send("GET", endpoint, None)
+
+    async def post(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST one JSON payload, retrying what is retryable; return the JSON answer.
+
+        Must run on the engine's loop (through `run`/`arun`).
+        """
+        settings = self.settings
+        body = payload if not settings.api_key else {**payload, "api_key": settings.api_key}
+        return await self._send("POST", endpoint, json.dumps(body, separators=(",", ":")).encode())
+
+    async def _send(self, method: str, endpoint: str, content: bytes | None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._semaphore:
+                    response = await self._client.request(method, endpoint, content=content, headers=headers)
+                answer = self._parse(endpoint, response)
+            except InferenceError as error:
+                failure: InferenceError = error
+            except httpx.TimeoutException as exc:
+                failure = InferenceTimeoutError(
+                    f"no answer within the timeout ({type(exc).__name__})", endpoint=endpoint
+                )
+                failure.__cause__ = exc
+            except httpx.TransportError as exc:
+                failure = InferenceConnectionError(f"{type(exc).__name__}: {exc}", endpoint=endpoint)
+                failure.__cause__ = exc
+            else:
+                info = _response_info(endpoint, response, answer, started, attempt)
+                self._record(info)
+                return answer
+            delay = self._retry_delay(failure, attempt, started)
+            if delay is None:
+                logger.warning("%s failed after %d attempt(s): %s", endpoint, attempt, failure)
+                raise failure
+            logger.info("%s attempt %d failed (%s); retrying in %.2fs", endpoint, attempt, failure, delay)
+            await asyncio.sleep(delay)
+
+    async def post_many(
+        self, endpoint: str, payloads: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any] | InferenceError]:
+        """POST each payload concurrently (bounded); answers or errors, in input order."""
+
+        async def one(payload: dict[str, Any]) -> dict[str, Any] | InferenceError:
+            try:
+                return await self.post(endpoint, payload)
+            except InferenceError as error:
+                return error
+
+        return list(await asyncio.gather(*(one(p) for p in payloads)))
+
+    @staticmethod
+    def _parse(endpoint: str, response: httpx.Response) -> dict[str, Any]:
+        if response.status_code >= 400:
+            raise status_error(endpoint, response)
+        try:
+            answer = response.json()
+        except ValueError as exc:
+            raise InferenceResponseError(
+                f"HTTP {response.status_code} with a body that is not JSON ({len(response.content)} bytes)",
+                endpoint=endpoint,
+            ) from exc
+        if not isinstance(answer, dict):
+            raise InferenceResponseError(f"expected a JSON object, got {type(answer).__name__}", endpoint=endpoint)
+        return answer
+
+    def _retry_delay(self, error: InferenceError, attempt: int, started: float) -> float | None:
+        settings = self.settings
+        if not error.retryable or attempt > settings.max_retries:
+            return None
+        backoff = min(settings.retry_max_backoff, settings.retry_backoff * 2 ** (attempt - 1))
+        # Equal jitter: clients that failed together do not retry together, yet still wait.
+        delay = backoff / 2 + self._random.uniform(0, backoff / 2)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, settings.retry_max_backoff))
+        if time.monotonic() - started + delay > settings.retry_budget:
+            return None
+        return delay
+
+    @staticmethod
+    def _record(info: ResponseInfo) -> None:
+        infos = _recorder.get()
+        if infos is not None:
+            infos.append(info)
+        logger.debug(
+            "%s %d engine=%s model=%s server_time=%s processing_time=%s attempts=%d%s",
+            info.endpoint,
+            info.status_code,
+            info.engine,
+            info.model_id,
+            info.server_time,
+            info.processing_time,
+            info.attempts,
+            " cold-start" if info.cold_start else "",
+        )
+
+    def close(self) -> None:
+        """Close the connection pool and stop the engine's thread."""
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._submit(self._client.aclose()).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+
+_engines: dict[HttpSettings, InferenceHTTP] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(settings: HttpSettings) -> InferenceHTTP:
+    """The process-wide engine for these settings, created on first use."""
+    with _engines_lock:
+        engine = _engines.get(settings)
+        if engine is None:
+            engine = _engines[settings] = InferenceHTTP(settings)
+        return engine
+
+
+def close_engines() -> None:
+    """Close every engine of this process (tests, and long-lived workers that reconfigure)."""
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.close()
+
+
+# A forked child inherits the dict but not the engines' threads.
+os.register_at_fork(after_in_child=_engines.clear)

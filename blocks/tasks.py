@@ -1,0 +1,139 @@
+"""One Prefect task per endpoint, each taking a block and a whole batch.
+
+A task run costs tens of milliseconds to record, so these tasks take a batch and let the
+block's engine fan the batch out over concurrent requests; never map them over single images.
+Every task logs what the server reported (engine, model time, attempts) for its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from ._http import ResponseInfo, record_responses
+from .clip import Clip
+from .exceptions import InferenceError
+from .images import ImageInput
+from .owlv2 import OwlV2, ReferenceExample
+from .perception_encoder import PerceptionEncoder
+
+if TYPE_CHECKING:
+    import numpy as np
+    import supervision as sv
+    from prefect import Task
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.states import State
+
+__all__ = ["compare", "detect", "embed_images", "embed_texts", "model_label"]
+
+EmbeddingModel = Clip | PerceptionEncoder
+
+
+def model_label(model: Any) -> str:
+    """A short name for a model block, e.g. ``clip ViT-B-16``."""
+    family = {Clip: "clip", PerceptionEncoder: "pe", OwlV2: "owlv2"}.get(type(model), type(model).__name__)
+    return f"{family} {model.version}"
+
+
+def _run_name(step: str, items: str) -> Any:
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        params = task_run.parameters
+        model = params.get("model") or params.get("detector")
+        count = len(params.get(items) or ())
+        return f"{step}[{model_label(model)}] {count} {items}"
+
+    return name
+
+
+def _retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    # The engine already retried each request; a task retry only helps with transient faults.
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, InferenceError) and error.retryable
+
+
+def _log_responses(infos: Sequence[ResponseInfo], what: str) -> None:
+    logger = get_run_logger()
+    server_time = sum(i.server_time or 0.0 for i in infos)
+    engines = sorted({i.engine for i in infos if i.engine})
+    retried = sum(i.attempts - 1 for i in infos)
+    logger.info(
+        "%s: %d request(s), server model time %.3fs, engine %s, %d retr%s",
+        what,
+        len(infos),
+        server_time,
+        "/".join(engines) or "unknown",
+        retried,
+        "y" if retried == 1 else "ies",
+    )
+
+
+_TASK_OPTIONS: dict[str, Any] = {
+    "retries": 1,
+    "retry_delay_seconds": 5,
+    "retry_condition_fn": _retry_if_retryable,
+    # Inputs include the server block (and so its API key): never hash them into a cache key.
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(name="embed_images", task_run_name=_run_name("embed_images", "images"), **_TASK_OPTIONS)
+async def embed_images(model: EmbeddingModel, images: Sequence[ImageInput]) -> np.ndarray:
+    """Embed a batch of images with a `Clip` or `PerceptionEncoder` block.
+
+    Returns:
+        float32 array ``(len(images), dim)``.
+
+    Examples:
+        ```python
+        from prefect import flow
+        from prefect_roboflow.blocks import Clip
+        from prefect_roboflow.blocks.tasks import embed_images
+
+        @flow
+        def embed(paths: list[str]):
+            return embed_images(Clip.load("BLOCK_NAME"), paths)
+        ```
+    """
+    with record_responses() as infos:
+        vectors = await model.aembed_images(images)
+    _log_responses(infos, f"embedded {len(images)} image(s) with {model_label(model)}")
+    return vectors
+
+
+@task(name="embed_texts", task_run_name=_run_name("embed_texts", "texts"), **_TASK_OPTIONS)
+async def embed_texts(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray:
+    """Embed a batch of texts with a `Clip` or `PerceptionEncoder` block: ``(len(texts), dim)``."""
+    with record_responses() as infos:
+        vectors = await model.aembed_texts(texts)
+    _log_responses(infos, f"embedded {len(texts)} text(s) with {model_label(model)}")
+    return vectors
+
+
+@task(name="compare", task_run_name=_run_name("compare", "prompts"), **_TASK_OPTIONS)
+async def compare(model: EmbeddingModel, image: ImageInput, prompts: Sequence[str]) -> np.ndarray:
+    """Similarity of one image to each prompt: float32 ``(len(prompts),)``."""
+    with record_responses() as infos:
+        similarities = await model.acompare(image, prompts)
+    _log_responses(infos, f"compared an image with {len(prompts)} prompt(s) using {model_label(model)}")
+    return similarities
+
+
+@task(name="detect", task_run_name=_run_name("detect", "images"), **_TASK_OPTIONS)
+async def detect(
+    detector: OwlV2,
+    images: Sequence[ImageInput],
+    examples: Sequence[ReferenceExample],
+    confidence: float | None = None,
+) -> list[sv.Detections]:
+    """Few-shot detection over a batch of images: one `sv.Detections` per image."""
+    with record_responses() as infos:
+        detections = await detector.adetect_batch(images, examples, confidence)
+    found = sum(len(d) for d in detections)
+    _log_responses(infos, f"found {found} object(s) in {len(images)} image(s) with {model_label(detector)}")
+    return detections

@@ -1,0 +1,1 @@
+"""Ready-made Prefect flows that chain the prefect-roboflow blocks."""
