@@ -84,9 +84,10 @@ class _SimpleTokenizer:
             lines = f.read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
         self._bpe_ranks: dict[tuple[str, ...], int] = {m: i for i, m in enumerate(merges)}
-        # Upstream's cache never evicts; only the two seeded entries change results
-        # (they bypass BPE), the rest just saves work on repeated words.
-        self._cache: dict[str, str] = {_SOT: _SOT, _EOT: _EOT}
+        # Only the two seeded entries change results (they bypass BPE); the rest just saves
+        # work on repeated words, so it is bounded for long-running workers fed varied text.
+        self._seed = {_SOT: _SOT, _EOT: _EOT}
+        self._cache: dict[str, str] = dict(self._seed)
 
     def _clean(self, text: str) -> str:
         text = self._fix_text(text)
@@ -133,6 +134,8 @@ class _SimpleTokenizer:
                 break
             pairs = _get_pairs(word)
         result = " ".join(word)
+        if len(self._cache) >= _MAX_CACHED_WORDS:
+            self._cache = dict(self._seed)
         self._cache[token] = result
         return result
 
@@ -145,6 +148,9 @@ class _SimpleTokenizer:
             # Byte-encoded symbols are never whitespace, so each space is a boundary.
             total += self._bpe(byte_token).count(" ") + 1
         return total
+
+
+_MAX_CACHED_WORDS = 50_000
 
 
 @functools.lru_cache(maxsize=1)

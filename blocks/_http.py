@@ -215,14 +215,14 @@ class InferenceHTTP:
             raise RuntimeError("the sync API cannot be called from the engine's own event loop")
         future = self._submit(coro)
         try:
-            return future.result()  # type: ignore[no-any-return]
+            return future.result()
         except BaseException:
             future.cancel()
             raise
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the engine's loop from any other event loop."""
-        return await asyncio.wrap_future(self._submit(coro))  # type: ignore[no-any-return]
+        return await asyncio.wrap_future(self._submit(coro))
 
     async def get(self, endpoint: str) -> dict[str, Any]:
         """GET a JSON document (e.g. ``/info``), with the same retries as `post`."""

@@ -15,7 +15,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeGuard, Union
 from urllib.parse import urlsplit
 
 from .exceptions import InvalidImageError
@@ -133,12 +133,12 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def _is_ndarray(value: object) -> bool:
+def _is_ndarray(value: object) -> TypeGuard[np.ndarray]:
     numpy = sys.modules.get("numpy")
     return numpy is not None and isinstance(value, numpy.ndarray)
 
 
-def _is_pil_image(value: object) -> bool:
+def _is_pil_image(value: object) -> TypeGuard[PILImage.Image]:
     pil = sys.modules.get("PIL.Image")
     return pil is not None and isinstance(value, pil.Image)
 

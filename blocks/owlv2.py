@@ -191,7 +191,8 @@ class OwlV2(Block):
     Examples:
         Load a saved block and find more objects like the one boxed on a reference image:
         ```python
-        from prefect_roboflow.blocks import Box, OwlV2, ReferenceExample
+        from prefect_roboflow.blocks import OwlV2
+        from prefect_roboflow.blocks import Box, ReferenceExample
 
         owl = OwlV2.load("BLOCK_NAME")
         examples = [ReferenceExample(image="shelf.jpg", boxes=[Box(x=223, y=306, w=40, h=226, cls="post")])]
@@ -287,8 +288,9 @@ class OwlV2(Block):
             InvalidInputError: bad images, examples or confidence; nothing is sent then.
             InferenceError: the server failed for an image after retries.
         """
-        prepared, body, class_names = self._prepare_or_raise(images, examples, confidence)
-        return self._raise_first(self._engine.run(self._detect_prepared(prepared, body, class_names)))
+        return self._raise_first(
+            self._engine.run(self._detect_prepared(*self._prepare_or_raise(images, examples, confidence)))
+        )
 
     async def adetect_outcomes(
         self, images: Sequence[ImageInput], examples: Sequence[ReferenceExample], confidence: float | None = None
@@ -328,4 +330,5 @@ class OwlV2(Block):
             `supervision.Detections` with ``xyxy``, ``confidence``, ``class_id`` (index into the
             sorted positive class names) and ``data["class_name"]``.
         """
-        return self.detect_batch([image], examples, confidence, _sync=True)[0]
+        args = self._prepare_or_raise([image], examples, confidence)
+        return self._raise_first(self._engine.run(self._detect_prepared(*args)))[0]
