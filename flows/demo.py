@@ -1,16 +1,18 @@
-"""The demo: every block once against a server, on the bundled example images.
+"""The main job: `detect_crop_classify` end to end on the bundled example images.
 
-Run it with ``bash scripts/demo.sh`` (which starts a local server first), or point it at any
-server: ``INFERENCE_SERVER_URL=http://host:9001 python -m prefect_roboflow.flows.demo``.
+Run it with ``bash scripts/demo.sh`` (which starts a local inference server first), or point it
+at any server: ``INFERENCE_SERVER_URL=http://host:9001 python -m prefect_roboflow.flows.demo [OUT_DIR]``.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import sys
 from pathlib import Path
+from typing import Any
 
-from prefect_roboflow.blocks import Box, Clip, InferenceServer, OwlV2, PerceptionEncoder, ReferenceExample
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+from prefect_roboflow.flows import detect_crop_classify, search_images
 
 EXAMPLES_DIR = Path(__file__).parent / "_examples"
 
@@ -20,35 +22,36 @@ def example_images() -> list[Path]:
     return sorted(EXAMPLES_DIR.glob("*.png"))
 
 
-def example_references() -> tuple[list[ReferenceExample], list[str]]:
-    """The bundled reference examples (one box per class) and label prompts."""
+def example_spec() -> tuple[list[dict[str, Any]], list[str]]:
+    """The bundled reference examples (one box per class, as flow parameters) and label prompts."""
     spec = json.loads((EXAMPLES_DIR / "examples.json").read_text())
-    examples = [
-        ReferenceExample(image=EXAMPLES_DIR / e["image"], boxes=[Box(**b) for b in e["boxes"]]) for e in spec["examples"]
-    ]
+    examples = [{"image": str(EXAMPLES_DIR / e["image"]), "boxes": e["boxes"]} for e in spec["examples"]]
     return examples, list(spec["labels"])
 
 
-def main() -> None:
-    server = InferenceServer(api_url=os.environ.get("INFERENCE_SERVER_URL", "http://localhost:9001"))
-    print(f"server: {server.api_url} {server.info()}")
-    images = example_images()
-    examples, labels = example_references()
-    clip, pe, owl = Clip(server=server), PerceptionEncoder(server=server), OwlV2(server=server)
-    print(f"CLIP {clip.version}: embed_images({len(images)}) -> {clip.embed_images(images).shape}")
-    print(f"CLIP {clip.version}: embed_texts({len(labels)}) -> {clip.embed_texts(labels).shape}")
-    print(f"CLIP compare {images[0].name}: {dict(zip(labels, clip.compare(images[0], labels).round(3).tolist()))}")
-    print(f"PE {pe.version}: embed_images({len(images)}) -> {pe.embed_images(images).shape}")
-    print(f"PE {pe.version}: embed_texts({len(labels)}) -> {pe.embed_texts(labels).shape}")
-    print(f"PE compare {images[0].name}: {dict(zip(labels, pe.compare(images[0], labels).round(3).tolist()))}")
-    for image, detections in zip(images[:3], owl.detect_batch(images[:3], examples, confidence=0.5)):
-        found = [
-            f"{name} {conf:.3f} @ {[round(float(v)) for v in box]}"
-            for box, conf, name in zip(detections.xyxy, detections.confidence, detections.data["class_name"])
-        ]
-        print(f"OWLv2 {image.name}: {len(detections)} detection(s) {found[:4]}")
-    print("placeholder weights give real shapes and code paths, but meaningless values and labels")
+def main(out_dir: str = "out/demo") -> None:
+    """Detect, crop, embed and classify the example images; then search the result."""
+    examples, labels = example_spec()
+    state = detect_crop_classify(
+        images=str(EXAMPLES_DIR), examples=examples, labels=labels, out_dir=out_dir, return_state=True
+    )
+    result = state.result()
+    print(f"\nimages: {result.images}, objects found: {result.detections}, labels: {result.label_counts}")
+    print(f"requests sent: {result.requests}, results from cache: {result.from_cache}")
+    print(f"table:            {result.detections_path}")
+    print(f"annotated images: {result.annotated_dir}")
+    hits = search_images(query=labels[0], embeddings_path=result.detections_path, top_k=3)
+    print(f"search {labels[0]!r}: " + ", ".join(f"{Path(h.image_ref).name}#{h.detection_index}" for h in hits.hits))
+    run_id = state.state_details.flow_run_id
+    if PREFECT_API_URL.value():
+        print(f"flow run in the Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{run_id}")
+    else:
+        print(
+            "this ran on a temporary Prefect server; to keep runs and see them in the UI, start one with\n"
+            "  prefect server start --host 127.0.0.1   and   export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    print("placeholder weights give real shapes and code paths, but meaningless labels and scores")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

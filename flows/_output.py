@@ -1,0 +1,82 @@
+"""Output files, written atomically: readers see the previous file or the whole new one.
+
+Parquet tables are streamed batch by batch into a hidden temp file in the output folder and
+renamed into place only when the flow has written every batch, so neither a crash nor a
+failed run ever leaves a half-written table under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._cache import atomic_write_bytes
+
+__all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type"]
+
+
+def embedding_type(dim: int | None = None) -> pa.DataType:
+    """Arrow type of an embedding column: a list of float32 (fixed-size when ``dim`` is known)."""
+    return pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+
+
+class ParquetSink:
+    """Stream rows into a parquet file that appears atomically on `commit`.
+
+    Examples:
+        ```python
+        with ParquetSink(out / "embeddings.parquet", schema) as sink:
+            sink.write([{"image_ref": "a.jpg", ...}])
+        # embeddings.parquet now exists, complete; on an exception it is untouched
+        ```
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows (dicts keyed by column name)."""
+        if not rows:
+            return
+        assert self._writer is not None, "sink already closed"
+        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        self.rows += len(rows)
+
+    def commit(self) -> Path:
+        """Close the file and move it into place."""
+        assert self._writer is not None, "sink already closed"
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written; the final path is left as it was."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

@@ -1,0 +1,122 @@
+"""`search_images`: a text query or an example image → the most similar rows of an embeddings table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect_roboflow.blocks import Clip, PerceptionEncoder
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+from prefect_roboflow.blocks.tasks import model_label
+from pydantic import BaseModel
+
+from ._common import emit_completed, markdown_table, publish_summary, resolve_server
+from ._sources import read_item
+from ._steps import normalise
+
+FLOW_KEY = "search-images"
+_MODELS = {"Clip": Clip, "PerceptionEncoder": PerceptionEncoder}
+
+
+class SearchHit(BaseModel):
+    """One result: the row's image (and detection, for detection tables) and its similarity."""
+
+    rank: int
+    score: float
+    image_ref: str
+    image_sha256: str | None
+    detection_index: int | None = None
+    label: str | None = None
+
+
+class SearchImagesResult(BaseModel):
+    """The top hits of a `search_images` run."""
+
+    query: str
+    model: str
+    searched_rows: int
+    hits: list[SearchHit]
+
+
+def _looks_like_image(query: str) -> bool:
+    return "://" in query or Path(query).suffix.lower() in {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+    }
+
+
+@task(name="embed_query", task_run_name="embed_query[{family} {version}]", cache_policy=NO_CACHE)
+def embed_query(query: str, family: str, version: str, server: str | None) -> np.ndarray:
+    """The query's embedding, with the same model and version as the table."""
+    model = _MODELS[family](server=resolve_server(server), version=version)
+    if _looks_like_image(query):
+        item = read_item(query)
+        if not item.ok:
+            raise InvalidInputError("query", f"{query}: {item.error}")
+        return model.embed_images([item.data], _sync=True)[0]
+    return model.embed_texts([query], _sync=True)[0]
+
+
+@flow(name="search-images", flow_run_name="search-images", validate_parameters=True)
+def search_images(
+    query: str,
+    embeddings_path: str,
+    top_k: int = 10,
+    server: str | None = None,
+) -> SearchImagesResult:
+    """Rank the rows of a table written by `embed_images`, `classify_images` or
+    `detect_crop_classify` by cosine similarity to a text query or an example image.
+
+    The query is embedded with the model and version recorded in the table, so scores compare
+    like with like.
+
+    Args:
+        query: Text (``"a red car"``), or a path or https URL of an example image.
+        embeddings_path: A parquet table with ``embedding``, ``model`` and ``version`` columns.
+        top_k: How many hits to return.
+        server: A saved `InferenceServer` block name or a URL (default: ``INFERENCE_SERVER_URL``).
+    """
+    if top_k < 1:
+        raise InvalidInputError("top_k", f"must be at least 1, got {top_k}")
+    table = pq.read_table(embeddings_path).to_pandas()
+    table = table[table["status"] == "ok"].reset_index(drop=True)
+    if table.empty:
+        raise InvalidInputError("embeddings_path", f"{embeddings_path} has no successful rows to search")
+    pairs = table[["model", "version"]].drop_duplicates()
+    if len(pairs) != 1:
+        raise InvalidInputError("embeddings_path", f"rows come from several models: {pairs.to_dict('records')}")
+    family, version = str(pairs.iloc[0]["model"]), str(pairs.iloc[0]["version"])
+    vector = embed_query(query, family, version, server)
+    matrix = np.vstack(table["embedding"].to_numpy()).astype(np.float32)
+    scores = normalise(matrix) @ normalise(vector[None, :])[0]
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    hits = [
+        SearchHit(
+            rank=rank + 1,
+            score=float(scores[i]),
+            image_ref=str(table.at[i, "image_ref"]),
+            image_sha256=table.at[i, "image_sha256"],
+            detection_index=int(table.at[i, "detection_index"]) if "detection_index" in table else None,
+            label=table.at[i, "label"] if "label" in table else None,
+        )
+        for rank, i in enumerate(order.tolist())
+    ]
+    result = SearchImagesResult(
+        query=query, model=model_label(_MODELS[family](version=version)), searched_rows=len(table), hits=hits
+    )
+    publish_summary(
+        FLOW_KEY,
+        f"Top {len(hits)} of {len(table)} rows for {query!r}",
+        [markdown_table([h.model_dump() for h in hits], ["rank", "score", "image_ref", "detection_index", "label"])],
+    )
+    emit_completed(FLOW_KEY, {"query": query, "searched_rows": len(table), "hits": len(hits)})
+    return result
