@@ -28,7 +28,17 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import TaskRun
     from prefect.states import State
 
-__all__ = ["compare", "detect", "embed_images", "embed_texts", "model_label"]
+__all__ = [
+    "acompare",
+    "adetect",
+    "aembed_images",
+    "aembed_texts",
+    "compare",
+    "detect",
+    "embed_images",
+    "embed_texts",
+    "model_label",
+]
 
 EmbeddingModel = Clip | PerceptionEncoder
 
@@ -82,8 +92,12 @@ _TASK_OPTIONS: dict[str, Any] = {
 }
 
 
+# Each endpoint has a sync task (for sync flows) and an async one (``a`` prefix, for async
+# flows); both are real Task objects, so ``.submit()``, ``.map()`` and ``.with_options()`` work.
+
+
 @task(name="embed_images", task_run_name=_run_name("embed_images", "images"), **_TASK_OPTIONS)
-async def embed_images(model: EmbeddingModel, images: Sequence[ImageInput]) -> np.ndarray:
+def embed_images(model: EmbeddingModel, images: Sequence[ImageInput]) -> np.ndarray:
     """Embed a batch of images with a `Clip` or `PerceptionEncoder` block.
 
     Returns:
@@ -101,14 +115,32 @@ async def embed_images(model: EmbeddingModel, images: Sequence[ImageInput]) -> n
         ```
     """
     with record_responses() as infos:
+        vectors = model.embed_images(images)
+    _log_responses(infos, f"embedded {len(images)} image(s) with {model_label(model)}")
+    return vectors
+
+
+@task(name="embed_images", task_run_name=_run_name("embed_images", "images"), **_TASK_OPTIONS)
+async def aembed_images(model: EmbeddingModel, images: Sequence[ImageInput]) -> np.ndarray:
+    """Async twin of `embed_images`, for async flows."""
+    with record_responses() as infos:
         vectors = await model.aembed_images(images)
     _log_responses(infos, f"embedded {len(images)} image(s) with {model_label(model)}")
     return vectors
 
 
 @task(name="embed_texts", task_run_name=_run_name("embed_texts", "texts"), **_TASK_OPTIONS)
-async def embed_texts(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray:
+def embed_texts(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray:
     """Embed a batch of texts with a `Clip` or `PerceptionEncoder` block: ``(len(texts), dim)``."""
+    with record_responses() as infos:
+        vectors = model.embed_texts(texts)
+    _log_responses(infos, f"embedded {len(texts)} text(s) with {model_label(model)}")
+    return vectors
+
+
+@task(name="embed_texts", task_run_name=_run_name("embed_texts", "texts"), **_TASK_OPTIONS)
+async def aembed_texts(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray:
+    """Async twin of `embed_texts`, for async flows."""
     with record_responses() as infos:
         vectors = await model.aembed_texts(texts)
     _log_responses(infos, f"embedded {len(texts)} text(s) with {model_label(model)}")
@@ -116,8 +148,17 @@ async def embed_texts(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray
 
 
 @task(name="compare", task_run_name=_run_name("compare", "prompts"), **_TASK_OPTIONS)
-async def compare(model: EmbeddingModel, image: ImageInput, prompts: Sequence[str]) -> np.ndarray:
+def compare(model: EmbeddingModel, image: ImageInput, prompts: Sequence[str]) -> np.ndarray:
     """Similarity of one image to each prompt: float32 ``(len(prompts),)``."""
+    with record_responses() as infos:
+        similarities = model.compare(image, prompts)
+    _log_responses(infos, f"compared an image with {len(prompts)} prompt(s) using {model_label(model)}")
+    return similarities
+
+
+@task(name="compare", task_run_name=_run_name("compare", "prompts"), **_TASK_OPTIONS)
+async def acompare(model: EmbeddingModel, image: ImageInput, prompts: Sequence[str]) -> np.ndarray:
+    """Async twin of `compare`, for async flows."""
     with record_responses() as infos:
         similarities = await model.acompare(image, prompts)
     _log_responses(infos, f"compared an image with {len(prompts)} prompt(s) using {model_label(model)}")
@@ -125,7 +166,7 @@ async def compare(model: EmbeddingModel, image: ImageInput, prompts: Sequence[st
 
 
 @task(name="detect", task_run_name=_run_name("detect", "images"), **_TASK_OPTIONS)
-async def detect(
+def detect(
     detector: OwlV2,
     images: Sequence[ImageInput],
     examples: Sequence[ReferenceExample],
@@ -133,7 +174,25 @@ async def detect(
 ) -> list[sv.Detections]:
     """Few-shot detection over a batch of images: one `sv.Detections` per image."""
     with record_responses() as infos:
-        detections = await detector.adetect_batch(images, examples, confidence)
-    found = sum(len(d) for d in detections)
-    _log_responses(infos, f"found {found} object(s) in {len(images)} image(s) with {model_label(detector)}")
+        detections = detector.detect_batch(images, examples, confidence)
+    _log_detections(infos, detections, detector)
     return detections
+
+
+@task(name="detect", task_run_name=_run_name("detect", "images"), **_TASK_OPTIONS)
+async def adetect(
+    detector: OwlV2,
+    images: Sequence[ImageInput],
+    examples: Sequence[ReferenceExample],
+    confidence: float | None = None,
+) -> list[sv.Detections]:
+    """Async twin of `detect`, for async flows."""
+    with record_responses() as infos:
+        detections = await detector.adetect_batch(images, examples, confidence)
+    _log_detections(infos, detections, detector)
+    return detections
+
+
+def _log_detections(infos: Sequence[ResponseInfo], detections: Sequence[sv.Detections], detector: OwlV2) -> None:
+    found = sum(len(d) for d in detections)
+    _log_responses(infos, f"found {found} object(s) in {len(detections)} image(s) with {model_label(detector)}")

@@ -77,7 +77,7 @@ def cached_embeddings(
     report = BatchReport(items=len(contents), cached=len(contents) - len(misses), sent=len(misses))
     if misses:
         with record_responses() as infos:
-            answers = model.embed_images_outcomes([contents[i][1] for i in misses], _sync=True)
+            answers = model.embed_images_outcomes([contents[i][1] for i in misses])
         report.infos = infos
         for i, answer in zip(misses, answers, strict=True):
             if isinstance(answer, InferenceError):
@@ -160,7 +160,7 @@ def detect_batch(
     report = BatchReport(items=len(contents), cached=len(contents) - len(misses), sent=len(misses))
     if misses:
         with record_responses() as infos:
-            answers = detector.detect_outcomes([contents[i][1] for i in misses], examples, confidence, _sync=True)
+            answers = detector.detect_outcomes([contents[i][1] for i in misses], examples, confidence)
         report.infos = infos
         for i, answer in zip(misses, answers, strict=True):
             if isinstance(answer, InferenceError):
@@ -185,7 +185,7 @@ def detect_batch(
 def embed_labels(model: Clip | PerceptionEncoder, labels: Sequence[str], batch: str = "1/1") -> np.ndarray:
     """Embed the label prompts once per run; Prefect's cache serves them on later runs."""
     with record_responses() as infos:
-        vectors = model.embed_texts(list(labels), _sync=True)
+        vectors = model.embed_texts(list(labels))
     BatchReport(items=len(labels), sent=len(labels), infos=infos).log("embed_labels")
     return vectors
 

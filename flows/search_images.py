@@ -62,8 +62,8 @@ def embed_query(query: str, family: str, version: str, server: str | None) -> np
         item = read_item(query)
         if not item.ok:
             raise InvalidInputError("query", f"{query}: {item.error}")
-        return model.embed_images([item.data], _sync=True)[0]
-    return model.embed_texts([query], _sync=True)[0]
+        return model.embed_images([item.data])[0]
+    return model.embed_texts([query])[0]
 
 
 @flow(name="search-images", flow_run_name="search-images", validate_parameters=True)

@@ -21,3 +21,24 @@ def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "PNG") 
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def make_scene(seed: int, fmt: str = "PNG") -> bytes:
+    """A 320×240 scene with 80×80 objects: the size the placeholder OWLv2 weights can match."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(1000 + seed)
+    background = rng.integers(150, 200, size=(240, 320, 1), dtype=np.uint8)
+    image = Image.fromarray(np.repeat(background, 3, axis=2))
+    draw = ImageDraw.Draw(image)
+    for index in rng.permutation(8)[: int(rng.integers(2, 6))]:
+        cx, cy = 40 + 80 * int(index % 4), 60 + 120 * int(index // 4)
+        shape = (cx - 36, cy - 36, cx + 36, cy + 36)
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if rng.random() < 0.5:
+            draw.ellipse(shape, fill=colour, outline=(20, 20, 20), width=3)
+        else:
+            draw.rectangle(shape, fill=colour, outline=(20, 20, 20), width=3)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
