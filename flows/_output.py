@@ -26,6 +26,24 @@ def embedding_type(dim: int | None = None) -> pa.DataType:
     return pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
 
 
+def _remove_orphans(path: Path) -> None:
+    """Delete temp files of ``path`` left by writers that died (their PID is in the name)."""
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = orphan.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            orphan.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ParquetSink:
     """Stream rows into a parquet file that appears atomically on `commit`.
 
@@ -41,7 +59,8 @@ class ParquetSink:
         self.path = path
         self.schema = schema
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _remove_orphans(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         self._tmp = Path(tmp)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, schema, compression="zstd")

@@ -58,6 +58,8 @@ class ClassifyImagesResult(BaseModel):
     failed: int
     label_counts: dict[str, int]
     requests: int
+    retries: int
+    server_seconds: float
     from_cache: int
     classifications_path: str
 
@@ -149,6 +151,8 @@ def classify_images(
         failed=statuses["failed"],
         label_counts=dict(labels_found.most_common()),
         requests=stats.requests,
+        retries=stats.retries,
+        server_seconds=round(stats.server_seconds, 6),
         from_cache=stats.cached,
         classifications_path=str(path),
     )

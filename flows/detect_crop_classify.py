@@ -93,6 +93,8 @@ class DetectCropClassifyResult(BaseModel):
     detections_failed: int
     label_counts: dict[str, int]
     requests: int
+    retries: int
+    server_seconds: float
     from_cache: int
     detections_path: str
     annotated_dir: str
@@ -306,6 +308,8 @@ def detect_crop_classify(
         detections_failed=counts["failed"] - counts["images_failed"],
         label_counts=dict(labels_found.most_common()),
         requests=detect_stats.requests + embed_stats.requests,
+        retries=detect_stats.retries + embed_stats.retries,
+        server_seconds=round(detect_stats.server_seconds + embed_stats.server_seconds, 6),
         from_cache=detect_stats.cached + embed_stats.cached,
         detections_path=str(path),
         annotated_dir=str(annotated_dir),

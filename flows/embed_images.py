@@ -53,6 +53,8 @@ class EmbedImagesResult(BaseModel):
     succeeded: int
     failed: int
     requests: int
+    retries: int
+    server_seconds: float
     from_cache: int
     embeddings_path: str
 
@@ -117,6 +119,8 @@ def embed_images(
         succeeded=statuses["ok"],
         failed=statuses["failed"],
         requests=stats.requests,
+        retries=stats.retries,
+        server_seconds=round(stats.server_seconds, 6),
         from_cache=stats.cached,
         embeddings_path=str(path),
     )

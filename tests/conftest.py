@@ -80,9 +80,9 @@ def proxy(inference_url: str) -> Iterator[FaultProxy]:
 
 @pytest.fixture()
 def proxied(proxy: FaultProxy) -> InferenceServer:
-    """A server block that goes through the proxy, with short retry delays and timeouts."""
+    """A server block that goes through the proxy, with short retry delays."""
     return InferenceServer(
-        api_url=proxy.url, timeout_seconds=5.0, retry_backoff_seconds=0.05, max_retries=4, retry_budget_seconds=30
+        api_url=proxy.url, timeout_seconds=60.0, retry_backoff_seconds=0.05, max_retries=4, retry_budget_seconds=60
     )
 
 

@@ -14,9 +14,10 @@ def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "PNG") 
     width, height = size
     pixels = np.empty((height, width, 3), dtype=np.uint8)
     pixels[:] = rng.integers(0, 256, size=3, dtype=np.uint8)
+    low, high = max(2, min(size) // 12), max(3, min(size) // 2)
     for _ in range(4):
-        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
-        w, h = int(rng.integers(20, 120)), int(rng.integers(20, 120))
+        x0, y0 = int(rng.integers(0, width - low)), int(rng.integers(0, height - low))
+        w, h = int(rng.integers(low, high)), int(rng.integers(low, high))
         pixels[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 256, size=3, dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
