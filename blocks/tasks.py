@@ -38,6 +38,7 @@ __all__ = [
     "embed_images",
     "embed_texts",
     "model_label",
+    "retry_if_retryable",
 ]
 
 EmbeddingModel = Clip | PerceptionEncoder
@@ -61,8 +62,8 @@ def _run_name(step: str, items: str) -> Any:
     return name
 
 
-def _retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    # The engine already retried each request; a task retry only helps with transient faults.
+def retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a task only when it failed in a retryable way (the engine already retried each request)."""
     error = state.result(raise_on_failure=False)
     return isinstance(error, InferenceError) and error.retryable
 
@@ -86,7 +87,7 @@ def _log_responses(infos: Sequence[ResponseInfo], what: str) -> None:
 _TASK_OPTIONS: dict[str, Any] = {
     "retries": 1,
     "retry_delay_seconds": 5,
-    "retry_condition_fn": _retry_if_retryable,
+    "retry_condition_fn": retry_if_retryable,
     # Inputs include the server block (and so its API key): never hash them into a cache key.
     "cache_policy": NO_CACHE,
 }

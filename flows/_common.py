@@ -4,6 +4,7 @@ artifacts, the completion event, and the failure-rate rule."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,11 @@ def resolve_cache(cache_storage: str | None) -> tuple[ContentCache, Path | str]:
     if not isinstance(block, WritableFileSystem):
         raise InvalidInputError("cache_storage", f"{cache_storage} is not a writable file system block")
     return ContentCache(block), cache_storage
+
+
+def _looks_like_block_slug(value: str) -> bool:
+    """``"block-type/name"`` rather than a relative path (a path that exists wins)."""
+    return re.fullmatch(r"[a-z0-9-]+/[\w-]+", value) is not None and not Path(value).exists()
 
 
 @dataclass

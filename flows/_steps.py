@@ -12,23 +12,18 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import supervision as sv
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect_roboflow.blocks import Clip, InferenceError, OwlV2, PerceptionEncoder, ReferenceExample, record_responses
-from prefect_roboflow.blocks.tasks import model_label
+from prefect_roboflow.blocks.tasks import model_label, retry_if_retryable
 
 from ._cache import ContentCache, TextContentPolicy, content_key
 from ._common import BatchReport, model_identity
-
-if TYPE_CHECKING:
-    from prefect import Task
-    from prefect.client.schemas.objects import TaskRun
-    from prefect.states import State
 
 #: One item to process: the sha256 of its content, and the content (encoded bytes or URL).
 Content = tuple[str, bytes]
@@ -47,22 +42,40 @@ def _run_name(step: str) -> Any:
     return name
 
 
-def _retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    error = state.result(raise_on_failure=False)
-    return isinstance(error, InferenceError) and error.retryable
-
-
 BATCH_TASK_OPTIONS: dict[str, Any] = {
     "retries": 1,
     "retry_delay_seconds": 5,
-    "retry_condition_fn": _retry_if_retryable,
+    "retry_condition_fn": retry_if_retryable,
     # The per-item content cache does the caching: inputs hold the server block (and its key).
     "cache_policy": NO_CACHE,
 }
 
 
-def _error_text(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+def through_cache(
+    cache: ContentCache,
+    keys: Sequence[str],
+    decode: Callable[[bytes], Any],
+    encode: Callable[[Any], bytes],
+    compute: Callable[[list[int]], Sequence[Any]],
+) -> tuple[list[Outcome], BatchReport]:
+    """Results for ``keys``: stored ones decoded, the rest computed (``compute(indexes)`` answers
+    a result or an `InferenceError` per index) and stored. Errors come back as their message."""
+    found = cache.get_many(keys)
+    outcomes: list[Outcome] = [decode(found[key]) if key in found else None for key in keys]
+    misses = [i for i, key in enumerate(keys) if key not in found]
+    report = BatchReport(items=len(keys), cached=len(keys) - len(misses), sent=len(misses))
+    if misses:
+        with record_responses() as infos:
+            answers = compute(misses)
+        report.infos = infos
+        for i, answer in zip(misses, answers, strict=True):
+            if isinstance(answer, InferenceError):
+                outcomes[i] = f"{type(answer).__name__}: {answer}"
+            else:
+                cache.put(keys[i], encode(answer))
+                outcomes[i] = answer
+    report.failed = sum(isinstance(o, str) for o in outcomes)
+    return outcomes, report
 
 
 def cached_embeddings(
@@ -70,24 +83,13 @@ def cached_embeddings(
 ) -> tuple[list[Outcome], BatchReport]:
     """Embeddings for each content (a float32 vector, or an error message), sending only cache misses."""
     identity = model_identity(model)
-    keys = [content_key("embed", sha, identity, {}) for sha, _ in contents]
-    found = cache.get_many(keys)
-    misses = [i for i, key in enumerate(keys) if key not in found]
-    outcomes: list[Outcome] = [np.frombuffer(found[key], dtype=np.float32) if key in found else None for key in keys]
-    report = BatchReport(items=len(contents), cached=len(contents) - len(misses), sent=len(misses))
-    if misses:
-        with record_responses() as infos:
-            answers = model.embed_images_outcomes([contents[i][1] for i in misses])
-        report.infos = infos
-        for i, answer in zip(misses, answers, strict=True):
-            if isinstance(answer, InferenceError):
-                outcomes[i] = _error_text(answer)
-            else:
-                vector = np.asarray(answer, dtype=np.float32)
-                cache.put(keys[i], vector.tobytes())
-                outcomes[i] = vector
-    report.failed = sum(isinstance(o, str) for o in outcomes)
-    return outcomes, report
+    return through_cache(
+        cache,
+        [content_key("embed", sha, identity, {}) for sha, _ in contents],
+        lambda stored: np.frombuffer(stored, dtype=np.float32),
+        lambda vector: np.asarray(vector, dtype=np.float32).tobytes(),
+        lambda misses: model.embed_images_outcomes([contents[i][1] for i in misses]),
+    )
 
 
 @task(name="embed", task_run_name=_run_name("embed"), **BATCH_TASK_OPTIONS)
@@ -151,24 +153,14 @@ def detect_batch(
 ) -> tuple[list[Outcome], BatchReport]:
     """Few-shot detection over a batch of images, cached per image by content, examples and confidence."""
     started = time.monotonic()
-    identity = model_identity(detector)
     params = {"examples": examples_sha256, "confidence": confidence}
-    keys = [content_key("detect", sha, identity, params) for sha, _ in contents]
-    found = cache.get_many(keys)
-    outcomes: list[Outcome] = [detections_from_bytes(found[k]) if k in found else None for k in keys]
-    misses = [i for i, key in enumerate(keys) if key not in found]
-    report = BatchReport(items=len(contents), cached=len(contents) - len(misses), sent=len(misses))
-    if misses:
-        with record_responses() as infos:
-            answers = detector.detect_outcomes([contents[i][1] for i in misses], examples, confidence)
-        report.infos = infos
-        for i, answer in zip(misses, answers, strict=True):
-            if isinstance(answer, InferenceError):
-                outcomes[i] = _error_text(answer)
-            else:
-                cache.put(keys[i], detections_to_bytes(answer))
-                outcomes[i] = answer
-    report.failed = sum(isinstance(o, str) for o in outcomes)
+    outcomes, report = through_cache(
+        cache,
+        [content_key("detect", sha, model_identity(detector), params) for sha, _ in contents],
+        detections_from_bytes,
+        detections_to_bytes,
+        lambda misses: detector.detect_outcomes([contents[i][1] for i in misses], examples, confidence),
+    )
     report.log(f"detect batch {batch} ({time.monotonic() - started:.2f}s)")
     return outcomes, report
 
@@ -180,7 +172,7 @@ def detect_batch(
     result_serializer="compressed/pickle",
     retries=1,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_if_retryable,
+    retry_condition_fn=retry_if_retryable,
 )
 def embed_labels(model: Clip | PerceptionEncoder, labels: Sequence[str], batch: str = "1/1") -> np.ndarray:
     """Embed the label prompts once per run; Prefect's cache serves them on later runs."""
