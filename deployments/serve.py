@@ -1,0 +1,110 @@
+"""Serve every prefect-roboflow flow from this process: schedules and webhook triggers, no work pool.
+
+    export PREFECT_API_URL=http://127.0.0.1:4200/api       # a running `prefect server start`
+    IMAGES_DIR=/data/incoming OUT_DIR=/data/roboflow python deployments/serve.py
+
+Deployments (``<flow>/<name>``, name ``local`` unless ``--name``):
+
+- ``embed-images``: embeds ``IMAGES_DIR`` nightly (``--cron``, or every ``--interval`` seconds),
+  and the images of each ``prefect_roboflow.images.arrived`` event for it (see ``webhook.py``).
+- ``detect-crop-classify``: the bundled few-shot examples and labels, run on each event's images.
+- ``classify-images`` and ``search-images``: on demand (``prefect deployment run``, or the UI).
+
+The inference server is ``--server`` / ``INFERENCE_SERVER_URL`` (a URL or a saved block name).
+Runs go to ``OUT_DIR/<flow>/``, and those started by an event to ``OUT_DIR/<flow>/events/<event id>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import serve
+from prefect.events import DeploymentEventTrigger
+from prefect.types.entrypoint import EntrypointType
+from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
+from prefect_roboflow.flows.demo import example_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from webhook import EVENT, trigger_match, trigger_parameters
+
+
+def arrival_trigger(flow: str, out_dir: str) -> DeploymentEventTrigger:
+    """Run the deployment over the images of each images-arrived event addressed to ``flow``."""
+    return DeploymentEventTrigger(
+        name=f"{flow} when images arrive",
+        expect={EVENT},
+        match=trigger_match(flow),  # type: ignore[arg-type]
+        parameters=trigger_parameters(flow, out_dir),
+    )
+
+
+def deployments(args: argparse.Namespace) -> list[Any]:
+    """The four deployments, from the parsed command line."""
+    out = Path(args.out).expanduser().resolve()
+    images = args.images if "://" in args.images else str(Path(args.images).expanduser().absolute())
+    examples, labels = example_spec()
+    common: dict[str, Any] = {"server": args.server} if args.server else {}
+    schedule: dict[str, Any] = {"interval": timedelta(seconds=args.interval)} if args.interval else {"cron": args.cron}
+    options: dict[str, Any] = {"name": args.name, "entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["roboflow"]}
+    return [
+        embed_images.to_deployment(
+            **options,
+            **schedule,
+            parameters={"images": images, "out_dir": str(out / "embed-images"), **common},
+            triggers=[arrival_trigger("embed_images", str(out / "embed-images"))],
+        ),
+        detect_crop_classify.to_deployment(
+            **options,
+            parameters={
+                "images": images,
+                "examples": examples,
+                "labels": labels,
+                "out_dir": str(out / "detect-crop-classify"),
+                **common,
+            },
+            triggers=[arrival_trigger("detect_crop_classify", str(out / "detect-crop-classify"))],
+        ),
+        classify_images.to_deployment(
+            **options,
+            parameters={"images": images, "labels": labels, "out_dir": str(out / "classify-images"), **common},
+        ),
+        search_images.to_deployment(
+            **options,
+            parameters={
+                "query": labels[0],
+                "embeddings_path": str(out / "embed-images" / "embeddings.parquet"),
+                "top_k": 10,
+                **common,
+            },
+        ),
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line, with defaults from the environment."""
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", default=env("IMAGES_DIR", "images"), help="folder or glob to embed ($IMAGES_DIR)")
+    parser.add_argument("--out", default=env("OUT_DIR", "out"), help="output root ($OUT_DIR)")
+    parser.add_argument("--server", default=env("INFERENCE_SERVER_URL"), help="inference server URL or block name")
+    parser.add_argument("--name", default=env("DEPLOYMENT_NAME", "local"), help="deployment name ($DEPLOYMENT_NAME)")
+    parser.add_argument("--cron", default=env("EMBED_CRON", "0 2 * * *"), help="embed-images schedule ($EMBED_CRON)")
+    parser.add_argument("--interval", type=float, default=float(env("EMBED_INTERVAL") or 0) or None,
+                        help="embed-images every N seconds instead of the cron ($EMBED_INTERVAL)")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=int(env("SERVE_LIMIT", "2")), help="concurrent runs at most")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until interrupted (Ctrl-C pauses the schedules)."""
+    args = parse_args(argv)
+    serve(*deployments(args), limit=args.limit)
+
+
+if __name__ == "__main__":
+    main()
