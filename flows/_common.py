@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from prefect.artifacts import (
@@ -30,6 +30,8 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from ._cache import ContentCache
 
 EmbeddingFamily = Literal["clip", "perception_encoder"]
+T = TypeVar("T")
+F = TypeVar("F")
 DEFAULT_SERVER_URL = "http://localhost:9001"
 EVENT_PREFIX = "prefect_roboflow"
 
@@ -123,9 +125,10 @@ class BatchReport:
     cached: int = 0
     sent: int = 0
     failed: int = 0
+    seconds: float = 0.0
     infos: list[ResponseInfo] = field(default_factory=list)
 
-    def into(self, stats: StepStats, started: float) -> None:
+    def into(self, stats: StepStats) -> None:
         """Fold this batch into the run's step statistics."""
         stats.batches += 1
         stats.items += self.items
@@ -133,7 +136,7 @@ class BatchReport:
         stats.sent += self.sent
         stats.failed += self.failed
         stats.add_responses(self.infos)
-        stats.wall_seconds += time.monotonic() - started
+        stats.wall_seconds += self.seconds
 
     def log(self, step: str) -> None:
         """Log the batch's figures and the server's timings."""
@@ -167,6 +170,22 @@ class Progress:
         self.done += 1
         if self._id is not None:
             update_progress_artifact(self._id, 100.0 * self.done / self.total)
+
+
+def pipelined(batches: Iterable[T], submit: Callable[[T], F], window: int = 2) -> Iterator[tuple[T, F]]:
+    """Submit work for up to ``window`` batches ahead, yielding ``(batch, future)`` in order.
+
+    While one batch's task finishes (its last requests, then ~0.1 s of Prefect bookkeeping),
+    the next is already reading its images and sending requests, so the server never idles
+    between batches. The engine's concurrency limit still bounds the requests in flight.
+    """
+    pending: deque[tuple[T, F]] = deque()
+    for batch in batches:
+        pending.append((batch, submit(batch)))
+        if len(pending) >= window:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
 
 
 def batch_label(index: int, total: int) -> str:

@@ -19,11 +19,13 @@ import numpy as np
 import supervision as sv
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect_roboflow.blocks import Clip, InferenceError, OwlV2, PerceptionEncoder, ReferenceExample, record_responses
 from prefect_roboflow.blocks.tasks import model_label, retry_if_retryable
 
 from ._cache import ContentCache, TextContentPolicy, content_key
-from ._common import BatchReport, model_identity
+from ._common import BatchReport, batch_label, model_identity
+from ._sources import ImageItem, read_item
 
 #: One item to process: the sha256 of its content, and the content (encoded bytes or URL).
 Content = tuple[str, bytes]
@@ -97,9 +99,25 @@ def embed_batch(
     model: Clip | PerceptionEncoder, contents: Sequence[Content], cache: ContentCache, batch: str
 ) -> tuple[list[Outcome], BatchReport]:
     """Embed a batch of images (or crops), cached per item by content."""
+    started = time.monotonic()
     outcomes, report = cached_embeddings(model, contents, cache)
+    report.seconds = time.monotonic() - started
     report.log(f"embed batch {batch}")
     return outcomes, report
+
+
+def embed_submitter(
+    model: Clip | PerceptionEncoder, cache: ContentCache, total_batches: int
+) -> Callable[[tuple[int, list[str]]], tuple[list[ImageItem], PrefectFuture[Any]]]:
+    """For `pipelined`: read batch ``index`` of image references and submit its embed task."""
+
+    def submit(batch: tuple[int, list[str]]) -> tuple[list[ImageItem], PrefectFuture[Any]]:
+        index, refs = batch
+        items = [read_item(ref) for ref in refs]
+        contents = [item.content for item in items if item.ok]
+        return items, embed_batch.submit(model, contents, cache, batch=batch_label(index, total_batches))
+
+    return submit
 
 
 def examples_digest(examples: Sequence[ReferenceExample]) -> str:
@@ -161,7 +179,8 @@ def detect_batch(
         detections_to_bytes,
         lambda misses: detector.detect_outcomes([contents[i][1] for i in misses], examples, confidence),
     )
-    report.log(f"detect batch {batch} ({time.monotonic() - started:.2f}s)")
+    report.seconds = time.monotonic() - started
+    report.log(f"detect batch {batch} ({report.seconds:.2f}s)")
     return outcomes, report
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from typing import Any
 
@@ -17,20 +16,20 @@ from ._common import (
     EmbeddingFamily,
     Progress,
     StepStats,
-    batch_label,
     check_failure_rate,
     embedding_model,
     emit_completed,
     ensure_out_dir,
     markdown_table,
+    pipelined,
     publish_step_table,
     publish_summary,
     resolve_cache,
     resolve_server,
 )
 from ._output import ParquetSink, embedding_type
-from ._sources import ImageSource, count_images, iter_batches, read_item
-from ._steps import embed_batch, embed_labels, zero_shot
+from ._sources import ImageSource, count_images, iter_batches
+from ._steps import embed_labels, embed_submitter, zero_shot
 
 FLOW_KEY = "classify-images"
 
@@ -106,15 +105,12 @@ def classify_images(
     labels_found: Counter[str] = Counter()
     model_fields = {"model": type(embedder).__name__, "version": embedder.version}
     with ParquetSink(out / "classifications.parquet", CLASSIFICATIONS_SCHEMA) as sink:
-        for index, refs in enumerate(iter_batches(images, batch_size)):
-            started = time.monotonic()
-            items = [read_item(ref) for ref in refs]
+        submit = embed_submitter(embedder, cache, total_batches)
+        for _, (items, future) in pipelined(enumerate(iter_batches(images, batch_size)), submit):
+            outcomes, report = future.result()
             readable = [item for item in items if item.ok]
-            outcomes, report = embed_batch(
-                embedder, [i.content for i in readable], cache, batch=batch_label(index, total_batches)
-            )
             report.failed += len(items) - len(readable)
-            report.into(stats, started)
+            report.into(stats)
             results = iter(outcomes)
             per_item = {id(item): next(results) for item in readable}
             vectors = [(item, v) for item, v in per_item.items() if not isinstance(v, str)]

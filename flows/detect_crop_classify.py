@@ -129,6 +129,7 @@ def embed_crops(
     """Crop every detection of a batch and embed the crops (cached by crop content)."""
     import hashlib
 
+    started = time.monotonic()
     crops_per_image = [
         crop_boxes(decode_rgb(item.data), found.xyxy, padding) if len(found) else []  # type: ignore[arg-type]
         for item, found in zip(images, detections, strict=True)
@@ -140,6 +141,7 @@ def embed_crops(
     outcomes = [next(results) if isinstance(c, bytes) else c for c in flat]
     report.failed = sum(isinstance(o, str) for o in outcomes)
     report.items = len(flat)
+    report.seconds = time.monotonic() - started
     report.log(f"embed batch {batch}: {len(flat)} crop(s) from {len(images)} image(s)")
     per_image, start = [], 0
     for crops in crops_per_image:
@@ -261,7 +263,6 @@ def detect_crop_classify(
     with ParquetSink(out / "detections.parquet", DETECTIONS_SCHEMA) as sink:
         for index, refs in enumerate(iter_batches(images, batch_size)):
             batch = batch_label(index, total_batches)
-            started = time.monotonic()
             items = [read_item(ref) for ref in refs]
             readable = [item for item in items if item.ok]
             found, report = detect_batch(
@@ -269,13 +270,12 @@ def detect_crop_classify(
             )
             report.failed += len(items) - len(readable)
             report.items = len(items)
-            report.into(detect_stats, started)
+            report.into(detect_stats)
             detected = [(item, d) for item, d in zip(readable, found, strict=True) if not isinstance(d, str)]
-            started = time.monotonic()
             vectors, report = embed_crops(
                 embedder, [i for i, _ in detected], [d for _, d in detected], padding, cache, batch
             )
-            report.into(embed_stats, started)
+            report.into(embed_stats)
             started = time.monotonic()
             labelled = classify_and_annotate(
                 embedder,

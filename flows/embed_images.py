@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from typing import Any
 
@@ -16,20 +15,20 @@ from ._common import (
     EmbeddingFamily,
     Progress,
     StepStats,
-    batch_label,
     check_failure_rate,
     embedding_model,
     emit_completed,
     ensure_out_dir,
     markdown_table,
+    pipelined,
     publish_step_table,
     publish_summary,
     resolve_cache,
     resolve_server,
 )
 from ._output import ParquetSink, embedding_type
-from ._sources import ImageSource, count_images, iter_batches, read_item
-from ._steps import embed_batch
+from ._sources import ImageSource, count_images, iter_batches
+from ._steps import embed_submitter
 
 FLOW_KEY = "embed-images"
 
@@ -95,21 +94,14 @@ def embed_images(
     progress = Progress(total_batches, f"Embedding images with {model_label(embedder)}")
     stats = StepStats("embed", model_label(embedder))
     statuses: Counter[str] = Counter()
+    submit = embed_submitter(embedder, cache, total_batches)
     with ParquetSink(out / "embeddings.parquet", EMBEDDINGS_SCHEMA) as sink:
-        for index, refs in enumerate(iter_batches(images, batch_size)):
-            started = time.monotonic()
-            items = [read_item(ref) for ref in refs]
-            readable = [item for item in items if item.ok]
-            outcomes, report = embed_batch(
-                embedder,
-                [item.content for item in readable],
-                cache,
-                batch=batch_label(index, total_batches),
-            )
+        for _, (items, future) in pipelined(enumerate(iter_batches(images, batch_size)), submit):
+            outcomes, report = future.result()
             results = iter(outcomes)
             rows = [_row(item, next(results) if item.ok else None, embedder) for item in items]
-            report.failed += len(items) - len(readable)
-            report.into(stats, started)
+            report.failed += sum(not item.ok for item in items)
+            report.into(stats)
             statuses.update(row["status"] for row in rows)
             sink.write(rows)
             progress.advance()
