@@ -86,7 +86,8 @@ class ResponseInfo:
     attempts: int
 
 
-_recorder: ContextVar[list[ResponseInfo] | None] = ContextVar("prefect_roboflow_recorder", default=None)
+# Recorders nest (a flow's around its tasks'), so every active one gets each ResponseInfo.
+_recorders: ContextVar[tuple[list[ResponseInfo], ...]] = ContextVar("prefect_roboflow_recorders", default=())
 
 
 @contextlib.contextmanager
@@ -101,11 +102,11 @@ def record_responses() -> Iterator[list[ResponseInfo]]:
         ```
     """
     infos: list[ResponseInfo] = []
-    token = _recorder.set(infos)
+    token = _recorders.set((*_recorders.get(), infos))
     try:
         yield infos
     finally:
-        _recorder.reset(token)
+        _recorders.reset(token)
 
 
 def _float_header(value: str | None) -> float | None:
@@ -312,8 +313,7 @@ class InferenceHTTP:
 
     @staticmethod
     def _record(info: ResponseInfo) -> None:
-        infos = _recorder.get()
-        if infos is not None:
+        for infos in _recorders.get():
             infos.append(info)
         logger.debug(
             "%s %d engine=%s model=%s server_time=%s processing_time=%s attempts=%d%s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -158,18 +159,26 @@ class BatchReport:
 
 
 class Progress:
-    """A progress artifact on the flow run, updated once per batch."""
+    """A progress artifact on the flow run, advanced per batch.
 
-    def __init__(self, total_batches: int, description: str) -> None:
+    Updates go to the API at most once per ``interval`` seconds (and always at the end): a
+    cached rerun finishes a batch in milliseconds, and an API call per batch would dominate it.
+    """
+
+    def __init__(self, total_batches: int, description: str, interval: float = 1.0) -> None:
         self.total = max(1, total_batches)
         self.done = 0
+        self.interval = interval
+        self._sent_at = time.monotonic()
         self._id: UUID | None = create_progress_artifact(0.0, description=description)  # type: ignore[assignment]
 
     def advance(self) -> None:
         """One more batch done."""
         self.done += 1
-        if self._id is not None:
+        now = time.monotonic()
+        if self._id is not None and (self.done >= self.total or now - self._sent_at >= self.interval):
             update_progress_artifact(self._id, 100.0 * self.done / self.total)
+            self._sent_at = now
 
 
 def pipelined(batches: Iterable[T], submit: Callable[[T], F], window: int = 2) -> Iterator[tuple[T, F]]:

@@ -266,3 +266,14 @@ def test_classify_and_search_flows(proxy: FaultProxy, inference_url: str, plain_
 def test_examples_must_be_readable(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"examples\[0\].image"):
         _examples([{"image": str(tmp_path / "missing.png"), "boxes": [{"x": 1, "y": 1, "w": 2, "h": 2, "cls": "a"}]}])
+
+
+def test_record_responses_sees_the_requests_of_a_flow(proxy: FaultProxy, plain_images: Path, tmp_path: Path) -> None:
+    from prefect_roboflow.blocks import record_responses
+
+    with record_responses() as infos:
+        result = embed_images(
+            str(plain_images), str(tmp_path / "out"), server=proxy.url, cache_storage=str(tmp_path / "c")
+        )
+    assert len(infos) == result.requests == proxy.count() == N_IMAGES
+    assert sum(i.server_time or 0 for i in infos) == pytest.approx(result.server_seconds, abs=1e-3)
