@@ -1,0 +1,1 @@
+"""Performance benchmarks against the real local inference server: ``bash benchmarks/run.sh``."""

@@ -1,0 +1,173 @@
+"""What every benchmark shares: generated images, the latency proxy process, runs and tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+
+from support.fault_proxy import FaultProxy  # noqa: E402
+from support.images import make_image, make_scene  # noqa: E402
+
+__all__ = ["FaultProxy", "LatencyProxy", "Run", "Table", "generate_images", "generate_scenes", "ratio", "verdict"]
+
+#: 50 ms before each forwarded request: a server across a network (benchmark_notes.md).
+NETWORK_LATENCY = 0.05
+
+
+def generate_images(folder: Path, count: int, size: tuple[int, int] = (320, 240), first_seed: int = 0) -> list[Path]:
+    """``count`` distinct, deterministic PNGs in ``folder`` (reused when already there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(first_seed, first_seed + count):
+        path = folder / f"img-{seed:06d}.png"
+        if not path.exists():
+            path.write_bytes(make_image(seed, size=size))
+        paths.append(path)
+    return paths
+
+
+def generate_scenes(folder: Path, count: int) -> list[Path]:
+    """``count`` 320×240 scenes with 80×80 objects, the size the placeholder OWLv2 can match."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(count):
+        path = folder / f"scene-{seed:04d}.png"
+        if not path.exists():
+            path.write_bytes(make_scene(seed))
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class Run:
+    """One timed run of one client over some images."""
+
+    client: str
+    setting: str
+    images: int
+    seconds: float
+    requests: int | None = None
+    server_seconds: float | None = None
+    concurrency: int | None = None
+
+    @property
+    def rate(self) -> float:
+        """Images per second."""
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+class LatencyProxy:
+    """`tests/support/fault_proxy.FaultProxy` in its own process, so its event loop never
+    competes for the GIL of the client being measured. Counts the requests it forwards."""
+
+    def __init__(self, upstream: str, latency: float) -> None:
+        self.upstream = upstream
+        self.latency = latency
+        self._process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> LatencyProxy:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.proxy_process", self.upstream, str(self.latency)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        self.url = self._ask("url")
+        return self
+
+    def _ask(self, command: str) -> str:
+        assert self._process is not None and self._process.stdin and self._process.stdout
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        answer = self._process.stdout.readline().strip()
+        if not answer:
+            raise RuntimeError(f"latency proxy exited (code {self._process.poll()})")
+        return answer
+
+    def count(self) -> int:
+        """Requests forwarded since the last `clear`."""
+        return int(self._ask("count"))
+
+    def clear(self) -> None:
+        """Forget the recorded requests (the proxy keeps their bodies)."""
+        self._ask("clear")
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._process is not None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
+class Table:
+    """A table of figures, printed as aligned text and written as markdown."""
+
+    def __init__(self, title: str, columns: Sequence[str], note: str = "") -> None:
+        self.title = title
+        self.columns = list(columns)
+        self.note = note
+        self.rows: list[list[str]] = []
+
+    def add(self, *cells: Any) -> None:
+        """Append a row; floats are rounded for reading."""
+        self.rows.append([_cell(c) for c in cells])
+
+    def text(self) -> str:
+        """The table as aligned plain text."""
+        widths = [
+            max(len(c), *(len(r[i]) for r in self.rows)) if self.rows else len(c) for i, c in enumerate(self.columns)
+        ]
+        lines = [f"\n== {self.title} =="]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True)))
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in self.rows]
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The table as a markdown section."""
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.note:
+            lines += ["", self.note]
+        return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "—"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is zero."""
+    return a / b if b else float("nan")
+
+
+def verdict(ok: bool) -> str:
+    """PASS or FAIL."""
+    return "PASS" if ok else "FAIL"
