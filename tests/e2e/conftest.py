@@ -44,6 +44,22 @@ def prefect_harness() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def fresh_event_workers() -> Iterator[None]:
+    """Stop Prefect's in-process event and log workers after each test.
+
+    They are process-wide singletons bound to the API URL in force when first used; a test
+    that emits under temporary settings (another server, or none) would otherwise leave them
+    pointing there, and later tests' task runs and events would silently go nowhere.
+    """
+    yield
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=10)
+    APILogWorker.drain_all(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def e2e_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Logs, PREFECT_HOME, images and outputs of the end-to-end session."""
