@@ -59,6 +59,17 @@ def require_items(items: Any, field: str, kind: str) -> list[Any]:
     return list(items)
 
 
+def prepare_images(images: Any, field: str = "images") -> list[dict[str, str] | InvalidInputError]:
+    """Each image of a non-empty list as the server's image object, or the error that makes it unsendable."""
+    prepared: list[dict[str, str] | InvalidInputError] = []
+    for i, image in enumerate(require_items(images, field, "images")):
+        try:
+            prepared.append(to_request_image(image, f"{field}[{i}]"))
+        except InvalidInputError as error:
+            prepared.append(error)
+    return prepared
+
+
 def _first_error(outcomes: Sequence[Outcome]) -> InferenceError | None:
     return next((o for o in outcomes if isinstance(o, InferenceError)), None)
 
@@ -102,13 +113,7 @@ class EmbeddingMixin:
 
     def prepare_images(self, images: Any, field: str = "images") -> list[dict[str, str] | InvalidInputError]:
         """Each image as the server's image object, or the error that makes it unsendable."""
-        prepared: list[dict[str, str] | InvalidInputError] = []
-        for i, image in enumerate(require_items(images, field, "images")):
-            try:
-                prepared.append(to_request_image(image, f"{field}[{i}]"))
-            except InvalidInputError as error:
-                prepared.append(error)
-        return prepared
+        return prepare_images(images, field)
 
     # --- the one implementation, run on the engine's loop -------------------------------
 

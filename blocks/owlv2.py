@@ -11,7 +11,7 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._compat import async_dispatch
-from ._embedding import Outcome, require_items
+from ._embedding import Outcome, prepare_images, require_items
 from .exceptions import InferenceError, InferenceResponseError, InvalidInputError
 from .images import ImageInput, image_size, to_request_image
 from .server import DOCS_URL, LOGO_URL, InferenceServer
@@ -229,13 +229,7 @@ class OwlV2(Block):
         threshold = check_confidence(self.confidence if confidence is None else confidence)
         body = {"training_data": training_data(checked), "confidence": threshold, "owlv2_version_id": self.version}
         class_names = sorted({b.cls for e in checked for b in e.boxes if not b.negative})
-        prepared: list[dict[str, str] | InvalidInputError] = []
-        for i, image in enumerate(require_items(images, "images", "images")):
-            try:
-                prepared.append(to_request_image(image, f"images[{i}]"))
-            except InvalidInputError as error:
-                prepared.append(error)
-        return prepared, body, class_names
+        return prepare_images(images), body, class_names
 
     async def _detect_prepared(
         self, prepared: Sequence[dict[str, str] | InvalidInputError], body: dict[str, Any], class_names: list[str]
