@@ -109,6 +109,14 @@ def record_responses() -> Iterator[list[ResponseInfo]]:
         _recorders.reset(token)
 
 
+def describe_responses(infos: Sequence[ResponseInfo]) -> str:
+    """One line on what the server reported for some requests, for logs."""
+    retries = sum(i.attempts - 1 for i in infos)
+    engines = "/".join(sorted({i.engine for i in infos if i.engine})) or "unknown"
+    server_time = sum(i.server_time or 0.0 for i in infos)
+    return f"{len(infos)} request(s), server model time {server_time:.3f}s, engine {engines}, {retries} retries"
+
+
 def _float_header(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
@@ -177,6 +185,19 @@ def _response_info(endpoint: str, response: httpx.Response, body: Any, started: 
     )
 
 
+def client_options(settings: HttpSettings) -> dict[str, Any]:
+    """Base URL, headers and timeouts of an httpx client for these settings, sync or async."""
+    headers = {"User-Agent": USER_AGENT}
+    if settings.api_key:
+        # httpx masks Authorization in reprs; the key never goes into a URL.
+        headers["Authorization"] = f"Bearer {settings.api_key}"
+    return {
+        "base_url": settings.api_url.rstrip("/"),
+        "headers": headers,
+        "timeout": httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+    }
+
+
 class InferenceHTTP:
     """Sends JSON requests with a bounded concurrency, retries, and typed errors."""
 
@@ -190,21 +211,12 @@ class InferenceHTTP:
         self._client, self._semaphore = self._submit(self._make_client()).result()
 
     async def _make_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        settings = self.settings
-        headers = {"User-Agent": USER_AGENT}
-        if settings.api_key:
-            # httpx masks Authorization in reprs; the key never goes into a URL.
-            headers["Authorization"] = f"Bearer {settings.api_key}"
+        concurrency = self.settings.max_concurrency
         client = httpx.AsyncClient(
-            base_url=settings.api_url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-            limits=httpx.Limits(
-                max_connections=settings.max_concurrency,
-                max_keepalive_connections=settings.max_concurrency,
-            ),
+            **client_options(self.settings),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
-        return client, asyncio.Semaphore(settings.max_concurrency)
+        return client, asyncio.Semaphore(concurrency)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Any:
         # run_coroutine_threadsafe copies the caller's context, so record_responses() sees the calls.

@@ -10,7 +10,7 @@ from prefect.blocks.abstract import CredentialsBlock
 from pydantic import Field, SecretStr, field_validator
 
 from ._compat import async_dispatch
-from ._http import USER_AGENT, HttpSettings, InferenceHTTP, get_engine
+from ._http import HttpSettings, InferenceHTTP, client_options, get_engine
 
 __all__ = ["InferenceServer"]
 
@@ -116,15 +116,7 @@ class InferenceServer(CredentialsBlock):
         The caller owns it and closes it (use it as a context manager). The model blocks do
         not need it: they share the block's pooled engine.
         """
-        settings = self.http_settings()
-        headers = {"User-Agent": USER_AGENT}
-        if settings.api_key:
-            headers["Authorization"] = f"Bearer {settings.api_key}"
-        return httpx.Client(
-            base_url=settings.api_url,
-            headers=headers,
-            timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-        )
+        return httpx.Client(**client_options(self.http_settings()))
 
     async def ainfo(self) -> dict[str, Any]:
         """The server's ``GET /info`` answer (name, version, uuid)."""

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from ._http import ResponseInfo, record_responses
+from ._http import ResponseInfo, describe_responses, record_responses
 from .clip import Clip
 from .exceptions import InferenceError
 from .images import ImageInput
@@ -69,19 +69,7 @@ def retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any
 
 
 def _log_responses(infos: Sequence[ResponseInfo], what: str) -> None:
-    logger = get_run_logger()
-    server_time = sum(i.server_time or 0.0 for i in infos)
-    engines = sorted({i.engine for i in infos if i.engine})
-    retried = sum(i.attempts - 1 for i in infos)
-    logger.info(
-        "%s: %d request(s), server model time %.3fs, engine %s, %d retr%s",
-        what,
-        len(infos),
-        server_time,
-        "/".join(engines) or "unknown",
-        retried,
-        "y" if retried == 1 else "ies",
-    )
+    get_run_logger().info("%s: %s", what, describe_responses(infos))
 
 
 _TASK_OPTIONS: dict[str, Any] = {

@@ -26,7 +26,9 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_HOME
 from prefect_roboflow.blocks import Clip, InferenceServer, PerceptionEncoder, ResponseInfo
+from prefect_roboflow.blocks._http import describe_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
+from pydantic import BaseModel
 
 from ._cache import ContentCache
 
@@ -118,6 +120,25 @@ class StepStats:
         self.server_seconds += sum(i.server_time or 0.0 for i in infos)
 
 
+class RequestFigures(BaseModel):
+    """What a flow run asked of the server, summed over its steps."""
+
+    requests: int
+    retries: int
+    server_seconds: float
+    from_cache: int
+
+    @classmethod
+    def of(cls, *steps: StepStats) -> dict[str, Any]:
+        """The figures of these steps, as keyword arguments for a result model."""
+        return {
+            "requests": sum(s.requests for s in steps),
+            "retries": sum(s.retries for s in steps),
+            "server_seconds": round(sum(s.server_seconds for s in steps), 6),
+            "from_cache": sum(s.cached for s in steps),
+        }
+
+
 @dataclass
 class BatchReport:
     """What a batch task reports about itself (returned beside its results)."""
@@ -141,20 +162,14 @@ class BatchReport:
 
     def log(self, step: str) -> None:
         """Log the batch's figures and the server's timings."""
-        server_time = sum(i.server_time or 0.0 for i in self.infos)
-        engines = sorted({i.engine for i in self.infos if i.engine})
         get_run_logger().info(
-            "%s: %d item(s), %d from cache, %d sent in %d request(s), %d failed; "
-            "server model time %.3fs, engine %s, %d retries",
+            "%s: %d item(s), %d from cache, %d sent, %d failed; %s",
             step,
             self.items,
             self.cached,
             self.sent,
-            len(self.infos),
             self.failed,
-            server_time,
-            "/".join(engines) or "-",
-            sum(i.attempts - 1 for i in self.infos),
+            describe_responses(self.infos),
         )
 
 

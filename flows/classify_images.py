@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow
 from prefect_roboflow.blocks.tasks import model_label
-from pydantic import BaseModel
 
 from ._common import (
     EmbeddingFamily,
     Progress,
+    RequestFigures,
     StepStats,
     check_failure_rate,
     embedding_model,
@@ -49,17 +49,13 @@ CLASSIFICATIONS_SCHEMA = pa.schema(
 )
 
 
-class ClassifyImagesResult(BaseModel):
+class ClassifyImagesResult(RequestFigures):
     """What a `classify_images` run did and where its table is."""
 
     images: int
     succeeded: int
     failed: int
     label_counts: dict[str, int]
-    requests: int
-    retries: int
-    server_seconds: float
-    from_cache: int
     classifications_path: str
 
 
@@ -146,10 +142,7 @@ def classify_images(
         succeeded=statuses["ok"],
         failed=statuses["failed"],
         label_counts=dict(labels_found.most_common()),
-        requests=stats.requests,
-        retries=stats.retries,
-        server_seconds=round(stats.server_seconds, 6),
-        from_cache=stats.cached,
+        **RequestFigures.of(stats),
         classifications_path=str(path),
     )
     publish_step_table(FLOW_KEY, [stats])

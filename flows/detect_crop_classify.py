@@ -30,6 +30,7 @@ from ._common import (
     BatchReport,
     EmbeddingFamily,
     Progress,
+    RequestFigures,
     StepStats,
     batch_label,
     check_failure_rate,
@@ -84,7 +85,7 @@ class ExampleSpec(BaseModel):
     boxes: list[Box]
 
 
-class DetectCropClassifyResult(BaseModel):
+class DetectCropClassifyResult(RequestFigures):
     """What a `detect_crop_classify` run did and where its outputs are."""
 
     images: int
@@ -92,10 +93,6 @@ class DetectCropClassifyResult(BaseModel):
     detections: int
     detections_failed: int
     label_counts: dict[str, int]
-    requests: int
-    retries: int
-    server_seconds: float
-    from_cache: int
     detections_path: str
     annotated_dir: str
 
@@ -307,10 +304,7 @@ def detect_crop_classify(
         detections=counts["ok"],
         detections_failed=counts["failed"] - counts["images_failed"],
         label_counts=dict(labels_found.most_common()),
-        requests=detect_stats.requests + embed_stats.requests,
-        retries=detect_stats.retries + embed_stats.retries,
-        server_seconds=round(detect_stats.server_seconds + embed_stats.server_seconds, 6),
-        from_cache=detect_stats.cached + embed_stats.cached,
+        **RequestFigures.of(detect_stats, embed_stats),
         detections_path=str(path),
         annotated_dir=str(annotated_dir),
     )

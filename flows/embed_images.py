@@ -9,11 +9,11 @@ from typing import Any
 import pyarrow as pa
 from prefect import flow
 from prefect_roboflow.blocks.tasks import model_label
-from pydantic import BaseModel
 
 from ._common import (
     EmbeddingFamily,
     Progress,
+    RequestFigures,
     StepStats,
     check_failure_rate,
     embedding_model,
@@ -45,16 +45,12 @@ EMBEDDINGS_SCHEMA = pa.schema(
 )
 
 
-class EmbedImagesResult(BaseModel):
+class EmbedImagesResult(RequestFigures):
     """What an `embed_images` run did and where its table is."""
 
     images: int
     succeeded: int
     failed: int
-    requests: int
-    retries: int
-    server_seconds: float
-    from_cache: int
     embeddings_path: str
 
 
@@ -110,10 +106,7 @@ def embed_images(
         images=sum(statuses.values()),
         succeeded=statuses["ok"],
         failed=statuses["failed"],
-        requests=stats.requests,
-        retries=stats.retries,
-        server_seconds=round(stats.server_seconds, 6),
-        from_cache=stats.cached,
+        **RequestFigures.of(stats),
         embeddings_path=str(path),
     )
     publish_step_table(FLOW_KEY, [stats])
