@@ -192,7 +192,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(
     finally:
         # leave serve.py's deployments alone for the other tests
         for deployment in deployed.values():
-            api.http.delete(f"/deployments/{deployment['id']}")
+            api.delete(f"/deployments/{deployment['id']}")
 
 
 def test_the_prefect_cloud_template_in_the_readme_starts_the_same_deployment(

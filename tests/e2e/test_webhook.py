@@ -24,7 +24,7 @@ import httpx
 import pytest
 import webhook
 import yaml
-from _e2e import DEPLOYMENTS, SECRET, PrefectServer, WebhookReceiver, free_port, wait_for
+from _e2e import API_TIMEOUT, DEPLOYMENTS, SECRET, PrefectServer, WebhookReceiver, free_port, wait_for
 from support.images import make_scene
 
 
@@ -123,7 +123,7 @@ def test_rejected_requests_emit_nothing(webhook_receiver: WebhookReceiver, prefe
         for _ in range(80):
             yield b" " * 1024
 
-    chunked = httpx.post(f"{webhook_receiver.url}/webhooks/images", content=chunks(), timeout=30)
+    chunked = httpx.post(f"{webhook_receiver.url}/webhooks/images", content=chunks(), timeout=API_TIMEOUT)
     assert chunked.status_code == 413
 
     # events reach the store in order: once a later marker event is readable, none of ours is there
