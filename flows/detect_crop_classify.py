@@ -90,6 +90,7 @@ class DetectCropClassifyResult(RequestFigures):
 
     images: int
     images_failed: int
+    images_without_detections: int
     detections: int
     detections_failed: int
     label_counts: dict[str, int]
@@ -235,7 +236,8 @@ def detect_crop_classify(
         max_failure_rate: The run fails (after writing its outputs) above this share of failed images.
 
     Returns:
-        Counts, label counts and output paths. One row per detection (and one per failed image).
+        Counts, label counts and output paths. One row per detection, one per image without any
+        (``status="no_detections"``), and one per failed image: every image has a row.
     """
     srv = resolve_server(server)
     detector = OwlV2(server=srv) if detector_version is None else OwlV2(server=srv, version=detector_version)
@@ -301,6 +303,7 @@ def detect_crop_classify(
     result = DetectCropClassifyResult(
         images=detect_stats.items,
         images_failed=counts["images_failed"],
+        images_without_detections=counts["no_detections"],
         detections=counts["ok"],
         detections_failed=counts["failed"] - counts["images_failed"],
         label_counts=dict(labels_found.most_common()),
@@ -311,7 +314,7 @@ def detect_crop_classify(
     publish_step_table(FLOW_KEY, [detect_stats, embed_stats, classify_stats])
     publish_summary(
         FLOW_KEY,
-        f"{result.detections} objects found in {result.images} images",
+        f"{result.detections} objects found in {result.images} images ({result.images_without_detections} without any)",
         [
             "## Labels\n\n"
             + markdown_table([{"label": k, "count": v} for k, v in labels_found.most_common()], ["label", "count"]),
@@ -352,6 +355,8 @@ def _rows(
             rows.append({**base, "status": "failed", "error": errors[id(item)]})
             continue
         detections, crop_vectors, labels = per_image[id(item)]
+        if not len(detections):
+            rows.append({**base, "status": "no_detections"})
         for k in range(len(detections)):
             row = {
                 **base,

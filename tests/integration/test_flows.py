@@ -184,6 +184,12 @@ def test_detect_crop_classify_flow(proxy: FaultProxy, inference_url: str, scenes
         "zz_empty.png": "image is empty (0 bytes)",
     }
     assert result.images == N_IMAGES + 2 and result.images_failed == 2
+    # every image has a row: an image the server finds nothing in has one saying so
+    assert set(per_image) == {p.name for p in scenes.iterdir()}
+    empty = sorted(r["image_ref"] for r in rows if r["status"] == "no_detections")
+    expected_empty = [str(p) for p, found in zip(sorted(scenes.glob("scene_*.png")), direct, strict=True) if not found]
+    assert expected_empty, "the seeded placeholder detector finds nothing in some scenes: this checks their rows"
+    assert empty == expected_empty and result.images_without_detections == len(expected_empty)
     annotated = sorted(p.name.split("-")[0] for p in Path(result.annotated_dir).iterdir())
     assert annotated == sorted(
         name[:-4] for name, found in per_image.items() if any(r["detection_index"] is not None for r in found)
