@@ -8,7 +8,7 @@ harness of ``tests/conftest.py`` is replaced by a no-op here (it would cost ~25 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,18 @@ from support.images import make_image
 def prefect_harness() -> Iterator[None]:
     """Replaces the session's ephemeral test harness: these tests use their own server."""
     yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test's report carries the Prefect server's log: a slow or failing API shows there."""
+    report = yield
+    server = getattr(item, "funcargs", {}).get("prefect_server")
+    if report.failed and isinstance(server, PrefectServer):
+        report.sections.append(("prefect server log", server.process.tail(60)))
+    return report
 
 
 @pytest.fixture(autouse=True)
