@@ -34,8 +34,9 @@ import webhook  # noqa: E402  (deployments/webhook.py)
 SECRET = "e2e-" + os.urandom(16).hex()
 DEPLOYMENT = "local"  # serve.py's default deployment name
 SCHEDULE_SECONDS = 10
-# A loaded 2-core CI machine has kept the SQLite-backed server busy past 30 s for a single
-# DELETE; a slow answer is not a failure, and every wait stays bounded.
+# Longer than the SQLite busy timeout (60 s) of `prefect server start`: on a loaded 2-core CI
+# machine a write has waited past 30 s for the lock. A slow answer is not a failure; every wait
+# stays bounded.
 API_TIMEOUT = 120.0
 T = TypeVar("T")
 
@@ -115,12 +116,38 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, *logs: Pr
         time.sleep(every)
 
 
+class RetryingTransport(httpx.HTTPTransport):
+    """Retries the answers Prefect's own client retries (429, 502, 503, 408) with backoff.
+
+    The SQLite-backed server answers 503 "database is locked" when two writers collide, which
+    a loaded CI machine makes likely; Prefect's clients retry it, so this one does too.
+    """
+
+    RETRY = frozenset({408, 429, 502, 503})
+
+    def __init__(self, attempts: int = 6, backoff: float = 0.5) -> None:
+        super().__init__()
+        self.attempts, self.backoff = attempts, backoff
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        for attempt in range(1, self.attempts):
+            if response.status_code not in self.RETRY:
+                break
+            response.read()
+            response.close()
+            retry_after = response.headers.get("retry-after", "")
+            time.sleep(float(retry_after) if retry_after.isdigit() else self.backoff * 2**attempt)
+            response = super().handle_request(request)
+        return response
+
+
 class PrefectApi:
     """Just enough of the Prefect REST API, over plain HTTP."""
 
     def __init__(self, api_url: str) -> None:
         self.url = api_url
-        self.http = httpx.Client(base_url=api_url, timeout=API_TIMEOUT)
+        self.http = httpx.Client(base_url=api_url, timeout=API_TIMEOUT, transport=RetryingTransport())
 
     def post(self, path: str, body: Any = None) -> Any:
         response = self.http.post(path, json=body if body is not None else {})

@@ -161,7 +161,8 @@ def first_scheduled_run(served: Served, prefect_server: PrefectServer) -> dict[s
             ) from exc
         raise
     for schedule in deployment["schedules"]:
-        api.http.patch(f"/deployments/{deployment['id']}/schedules/{schedule['id']}", json={"active": False})
+        path = f"/deployments/{deployment['id']}/schedules/{schedule['id']}"
+        api.http.patch(path, json={"active": False}).raise_for_status()  # else later runs race the tests
     return run
 
 
