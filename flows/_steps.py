@@ -25,7 +25,7 @@ from prefect_roboflow.blocks.tasks import model_label, retry_if_retryable
 
 from ._cache import ContentCache, TextContentPolicy, content_key
 from ._common import BatchReport, batch_label, model_identity
-from ._sources import ImageItem, read_item
+from ._sources import ImageItem, read_items
 
 #: One item to process: the sha256 of its content, and the content (encoded bytes or URL).
 Content = tuple[str, bytes]
@@ -113,7 +113,7 @@ def embed_submitter(
 
     def submit(batch: tuple[int, list[str]]) -> tuple[list[ImageItem], PrefectFuture[Any]]:
         index, refs = batch
-        items = [read_item(ref) for ref in refs]
+        items = read_items(refs)
         contents = [item.content for item in items if item.ok]
         return items, embed_batch.submit(model, contents, cache, batch=batch_label(index, total_batches))
 

@@ -44,7 +44,7 @@ from ._common import (
     resolve_server,
 )
 from ._output import ParquetSink, embedding_type
-from ._sources import ImageItem, ImageSource, count_images, iter_batches, read_item
+from ._sources import ImageItem, ImageSource, count_images, iter_batches, read_item, read_items
 from ._steps import (
     BATCH_TASK_OPTIONS,
     _run_name,
@@ -262,7 +262,7 @@ def detect_crop_classify(
     with ParquetSink(out / "detections.parquet", DETECTIONS_SCHEMA) as sink:
         for index, refs in enumerate(iter_batches(images, batch_size)):
             batch = batch_label(index, total_batches)
-            items = [read_item(ref) for ref in refs]
+            items = read_items(refs)
             readable = [item for item in items if item.ok]
             found, report = detect_batch(
                 detector, [i.content for i in readable], reference, references_sha, confidence, cache, batch

@@ -35,7 +35,27 @@ class HttpsFolder:
     ca_file: Path
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves the folder, and records how many downloads were ever in flight at once."""
+
+    lock = threading.Lock()
+    in_flight = most_in_flight = 0
+    overlapped = threading.Event()
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+            if cls.in_flight > 1:
+                cls.overlapped.set()
+        cls.overlapped.wait(timeout=5)  # a second concurrent download releases this at once
+        try:
+            super().do_GET()
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
@@ -76,7 +96,7 @@ def https_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsFold
     for i in range(3):
         (folder / f"photo_{i}.png").write_bytes(make_image(800 + i))
     cert_file, key_file = _self_signed(tls)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(folder)))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -106,6 +126,7 @@ def test_embed_images_downloads_urls_and_caches_them_by_content(
     assert [r["image_ref"] for r in rows] == urls
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
     assert "download failed" in rows[3]["error"] and "404" in rows[3]["error"]
+    assert _Handler.most_in_flight > 1  # a batch's URLs are downloaded concurrently
     # the server got the downloaded bytes, not the URL, and embedded the same pictures as from disk
     assert proxy.count("/clip/embed_image") == 3
     assert not any(base.encode() in r.body for r in proxy.requests)
