@@ -102,6 +102,14 @@ class Process:
                 return
 
 
+def answers(url: str) -> bool:
+    """Whether a GET of ``url`` answers 200 now."""
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, *logs: Process, every: float = 0.5) -> T:
     """Poll ``check`` until it returns something truthy; on timeout fail with the processes' logs."""
     deadline = time.monotonic() + timeout

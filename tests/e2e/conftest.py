@@ -12,7 +12,6 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 # _e2e.py and _browser.py here; webhook.py and serve.py in deployments/
@@ -30,6 +29,7 @@ from _e2e import (
     Served,
     TriggeredRun,
     WebhookReceiver,
+    answers,
     base_env,
     free_port,
     wait_for,
@@ -94,14 +94,8 @@ def prefect_server(e2e_root: Path) -> Iterator[PrefectServer]:
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     process = Process.start("prefect server", cmd, env, e2e_root / "prefect-server.log")
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, 180, "prefect server /api/health", process)
+        wait_for(lambda: answers(f"{url}/api/health"), 180, "prefect server /api/health", process)
         yield PrefectServer(url, home, process)
     finally:
         process.stop()
@@ -175,14 +169,8 @@ def webhook_receiver(prefect_server: PrefectServer, e2e_root: Path) -> Iterator[
     process = Process.start("webhook.py", cmd, env, e2e_root / "webhook.log")
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(up, 60, "the webhook receiver", process)
+        wait_for(lambda: answers(f"{url}/health"), 60, "the webhook receiver", process)
         yield WebhookReceiver(url, process)
     finally:
         process.stop()

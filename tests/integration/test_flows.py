@@ -227,15 +227,8 @@ def test_detect_crop_classify_flow(proxy: FaultProxy, inference_url: str, scenes
 
 
 def test_classify_and_search_flows(proxy: FaultProxy, inference_url: str, plain_images: Path, tmp_path: Path) -> None:
-    cache = str(tmp_path / "cache")
-    result = classify_images(
-        str(plain_images),
-        LABELS,
-        str(tmp_path / "out"),
-        server=proxy.url,
-        model="perception_encoder",
-        cache_storage=cache,
-    )
+    kwargs = {"server": proxy.url, "model": "perception_encoder", "cache_storage": str(tmp_path / "cache")}
+    result = classify_images(str(plain_images), LABELS, str(tmp_path / "out"), **kwargs)
     rows = _table(result.classifications_path)
     assert (result.images, result.succeeded, result.failed) == (N_IMAGES + 2, N_IMAGES, 2)
     assert proxy.count("/perception_encoder/embed_image") == 4  # 32 images, 8 per request
@@ -246,14 +239,7 @@ def test_classify_and_search_flows(proxy: FaultProxy, inference_url: str, plain_
     np.testing.assert_allclose([r["label_score"] for r in ok], scores.max(axis=1), atol=1e-6)
 
     proxy.clear()
-    again = classify_images(
-        str(plain_images),
-        LABELS,
-        str(tmp_path / "out"),
-        server=proxy.url,
-        model="perception_encoder",
-        cache_storage=cache,
-    )
+    again = classify_images(str(plain_images), LABELS, str(tmp_path / "out"), **kwargs)
     assert proxy.count() == 0 and _table(again.classifications_path) == rows
 
     # search: the text query embedded by the table's model; hits ranked by cosine similarity
