@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+
 from prefect_roboflow.blocks import Clip, InferenceServer, record_responses
 
 from .common import REPO, Run

@@ -6,6 +6,7 @@ first use. Tasks live in `prefect_roboflow.blocks.tasks`.
 """
 
 from ._http import ResponseInfo, record_responses
+from ._model import ModelBlock, model_class, model_families
 from .clip import CLIP_DIMENSIONS, Clip, ClipVersion
 from .exceptions import (
     InferenceClientError,
@@ -45,6 +46,7 @@ __all__ = [
     "InferenceTransportError",
     "InvalidImageError",
     "InvalidInputError",
+    "ModelBlock",
     "ModelNotFoundError",
     "OwlV2",
     "PerceptionEncoder",
@@ -53,5 +55,7 @@ __all__ = [
     "ReferenceExample",
     "ResponseInfo",
     "ServerUnavailableError",
+    "model_class",
+    "model_families",
     "record_responses",
 ]

@@ -1,34 +1,31 @@
 """What CLIP and Perception Encoder share: the same three routes, differing only in names,
-batch limits and text checks. `Clip` and `PerceptionEncoder` bind these to their routes."""
+batch limits and text checks. `Clip` and `PerceptionEncoder` bind these to their routes; the
+route prefix is the block's ``family``."""
 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._compat import async_dispatch
+from ._model import ModelBlock, Outcome, Prepared, require_items
 from .exceptions import InferenceError, InferenceResponseError, InferenceStatusError, InvalidInputError
 from .images import ImageInput, to_request_image
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ._http import InferenceHTTP
-    from .server import InferenceServer
-
 #: The server refuses more than this many images or prompts in one request (CLIP_MAX_BATCH_SIZE).
 SERVER_MAX_ITEMS = 8
-
-Outcome = Any  # a vector (np.ndarray) or the InferenceError that prevented it
 
 
 @dataclass(frozen=True)
 class Routes:
-    """How one model family is reached."""
+    """How one model family's routes take their inputs."""
 
-    family: str  # route prefix, e.g. "clip"
     version_field: str  # body field naming the version, e.g. "clip_version_id"
     images_per_request: int
     texts_per_request: int = SERVER_MAX_ITEMS
@@ -48,46 +45,30 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def require_items(items: Any, field: str, kind: str) -> list[Any]:
-    """A non-empty list from a sequence argument; a lone str/bytes/path is a mistake, not a list."""
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise InvalidInputError(field, f"expected a list of {kind}, got {type(items).__name__}")
-    if len(items) == 0:
-        raise InvalidInputError(
-            field, f"expected at least one {kind[:-1] if kind.endswith('s') else kind}, got an empty list"
-        )
-    return list(items)
+def _parse_vectors(answer: dict[str, Any], expected: int, endpoint: str) -> list[np.ndarray]:
+    """The answer's embeddings: ``expected`` finite vectors of one length, as float32."""
+    import numpy as np
 
-
-def prepare_images(images: Any, field: str = "images") -> list[dict[str, str] | InvalidInputError]:
-    """Each image of a non-empty list as the server's image object, or the error that makes it unsendable."""
-    prepared: list[dict[str, str] | InvalidInputError] = []
-    for i, image in enumerate(require_items(images, field, "images")):
-        try:
-            prepared.append(to_request_image(image, f"{field}[{i}]"))
-        except InvalidInputError as error:
-            prepared.append(error)
-    return prepared
-
-
-def _first_error(outcomes: Sequence[Outcome]) -> InferenceError | None:
-    return next((o for o in outcomes if isinstance(o, InferenceError)), None)
-
-
-def _vectors(answer: dict[str, Any], expected: int, endpoint: str) -> list[list[float]]:
     vectors = answer.get("embeddings")
     if not isinstance(vectors, list) or len(vectors) != expected:
         got = len(vectors) if isinstance(vectors, list) else type(vectors).__name__
         raise InferenceResponseError(f"expected {expected} embeddings, got {got}", endpoint=endpoint)
-    return vectors
+    try:
+        matrix = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InferenceResponseError("embeddings are not equal-length lists of numbers", endpoint=endpoint) from None
+    if matrix.ndim != 2 or matrix.shape[1] == 0:
+        raise InferenceResponseError(f"embeddings of shape {matrix.shape}, expected (n, dim)", endpoint=endpoint)
+    if not np.isfinite(matrix).all():
+        raise InferenceResponseError("embeddings hold NaN or infinite values", endpoint=endpoint)
+    return list(matrix)
 
 
-class EmbeddingMixin:
-    """Embed images and texts and compare them, batched within the server's limits."""
+class EmbeddingModel(ModelBlock, ABC):
+    """Base of the embedding blocks: embed images and texts and compare them, batched within the
+    server's limits."""
 
     routes: ClassVar[Routes]
-    server: InferenceServer
-    version: str
 
     # --- input checks, per model family -------------------------------------------------
 
@@ -106,20 +87,12 @@ class EmbeddingMixin:
     # --- payloads ------------------------------------------------------------------------
 
     def _endpoint(self, action: str) -> str:
-        return f"/{self.routes.family}/{action}"
+        return f"/{self.family}/{action}"
 
     def _body(self, **fields: Any) -> dict[str, Any]:
         return {**fields, self.routes.version_field: self.version}
 
-    def prepare_images(self, images: Any, field: str = "images") -> list[dict[str, str] | InvalidInputError]:
-        """Each image as the server's image object, or the error that makes it unsendable."""
-        return prepare_images(images, field)
-
     # --- the one implementation, run on the engine's loop -------------------------------
-
-    @property
-    def _engine(self) -> InferenceHTTP:
-        return self.server.engine
 
     async def _send_chunks(
         self, endpoint: str, items: Sequence[Any], per_request: int, make_body: Any, parse: Any
@@ -141,31 +114,27 @@ class EmbeddingMixin:
                     outcomes.extend([error] * len(chunk))
         return outcomes
 
-    async def _embed_prepared(self, prepared: Sequence[dict[str, str] | InvalidInputError]) -> list[Outcome]:
-        import numpy as np
-
+    async def _embed_prepared(self, prepared: Sequence[Prepared]) -> list[Outcome]:
         endpoint = self._endpoint("embed_image")
-        sendable = [p for p in prepared if not isinstance(p, InvalidInputError)]
-        sent = await self._send_chunks(
-            endpoint,
-            sendable,
-            self.routes.images_per_request,
-            lambda chunk: self._body(image=list(chunk)),
-            lambda answer, n: [np.asarray(v, dtype=np.float32) for v in _vectors(answer, n, endpoint)],
+        return await self._send_prepared(
+            prepared,
+            lambda sendable: self._send_chunks(
+                endpoint,
+                sendable,
+                self.routes.images_per_request,
+                lambda chunk: self._body(image=list(chunk)),
+                lambda answer, n: _parse_vectors(answer, n, endpoint),
+            ),
         )
-        results = iter(sent)
-        return [p if isinstance(p, InvalidInputError) else next(results) for p in prepared]
 
     async def _embed_texts(self, texts: Sequence[str]) -> list[Outcome]:
-        import numpy as np
-
         endpoint = self._endpoint("embed_text")
         return await self._send_chunks(
             endpoint,
             texts,
             self.routes.texts_per_request,
             lambda chunk: self._body(text=list(chunk)),
-            lambda answer, n: [np.asarray(v, dtype=np.float32) for v in _vectors(answer, n, endpoint)],
+            lambda answer, n: _parse_vectors(answer, n, endpoint),
         )
 
     async def _compare(self, subject: dict[str, str], prompts: Sequence[str]) -> list[Outcome]:
@@ -190,29 +159,18 @@ class EmbeddingMixin:
     def _stack(self, outcomes: Sequence[Outcome]) -> np.ndarray:
         import numpy as np
 
-        error = _first_error(outcomes)
-        if error is not None:
-            raise error
-        return np.vstack(outcomes).astype(np.float32, copy=False)
+        return np.vstack(self._raise_first(outcomes)).astype(np.float32, copy=False)
 
-    def _images_or_raise(self, images: Any) -> list[dict[str, str]]:
-        prepared = self.prepare_images(images)
-        error = _first_error(prepared)
-        if error is not None:
-            raise error
-        return prepared  # type: ignore[return-value]
+    def _images_or_raise(self, images: Any) -> list[Prepared]:
+        return self._raise_first(self.prepare_images(images))
 
     def _compare_inputs(self, image: ImageInput, prompts: Any) -> tuple[dict[str, str], list[str]]:
         return to_request_image(image, "image"), self._check_texts(prompts, "prompts")
 
-    @staticmethod
-    def _similarities(outcomes: Sequence[Outcome]) -> np.ndarray:
+    def _similarities(self, outcomes: Sequence[Outcome]) -> np.ndarray:
         import numpy as np
 
-        error = _first_error(outcomes)
-        if error is not None:
-            raise error
-        return np.asarray(outcomes, dtype=np.float32)
+        return np.asarray(self._raise_first(outcomes), dtype=np.float32)
 
     # --- public API: one async implementation each, and its sync twin -----------------
 

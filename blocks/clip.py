@@ -5,12 +5,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, ClassVar
 
-from prefect.blocks.core import Block
 from pydantic import Field
 
-from ._embedding import EmbeddingMixin, Routes
+from ._embedding import EmbeddingModel, Routes
 from .exceptions import InvalidInputError
-from .server import DOCS_URL, LOGO_URL, InferenceServer
+from .server import DOCS_URL, LOGO_URL
 
 __all__ = ["CLIP_DIMENSIONS", "Clip", "ClipVersion"]
 
@@ -43,7 +42,7 @@ CLIP_DIMENSIONS: dict[str, int] = {
 }
 
 
-class Clip(EmbeddingMixin, Block):
+class Clip(EmbeddingModel):
     """CLIP embeddings and image–text similarity from a Roboflow Inference server.
 
     Embeddings come back as the server computes them (not L2-normalised); `compare` gives
@@ -73,11 +72,11 @@ class Clip(EmbeddingMixin, Block):
     _logo_url = LOGO_URL  # type: ignore[assignment]
     _documentation_url = DOCS_URL  # type: ignore[assignment]
 
+    family: ClassVar[str] = "clip"
     # The 1.8.3 engine stacks a list of images into one tall image and answers one
     # embedding, so CLIP images go one per request.
-    routes: ClassVar[Routes] = Routes(family="clip", version_field="clip_version_id", images_per_request=1)
+    routes: ClassVar[Routes] = Routes(version_field="clip_version_id", images_per_request=1)
 
-    server: InferenceServer = Field(default_factory=InferenceServer, description="The inference server to call.")
     version: str = Field(
         default=ClipVersion.VIT_B_16.value,
         description="CLIP version, e.g. ViT-B-16 (512-d), ViT-L-14 (768-d) or RN50 (1024-d).",

@@ -3,7 +3,9 @@
 Accepted everywhere: a file path (``str`` or ``os.PathLike``), encoded bytes (JPEG, PNG, ...),
 a numpy array (``H×W×3`` BGR as OpenCV gives, ``H×W`` grayscale, ``H×W×4`` BGRA; ``uint8``,
 ``uint16`` or ``float`` in ``[0, 1]``), a PIL image, or an ``https://`` URL that the server
-downloads itself. Encoded bytes are sent as they are, never decoded and re-encoded.
+downloads itself. Encoded bytes are sent as they are, never decoded and re-encoded. Arrays and
+PIL images are encoded as JPEG q95 (lossy); `encode_array` with ``format="png"`` gives lossless
+bytes to send instead.
 
 numpy and PIL are imported only when such an input is given, to keep the package light.
 """
@@ -15,7 +17,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, Union
 from urllib.parse import urlsplit
 
 from .exceptions import InvalidImageError
@@ -168,8 +170,15 @@ def _to_uint8(array: np.ndarray, field: str) -> np.ndarray:
     raise InvalidImageError(field, f"unsupported array dtype {array.dtype}")
 
 
-def encode_array(array: np.ndarray, field: str = "image", quality: int = JPEG_QUALITY) -> bytes:
-    """Encode a BGR (OpenCV-ordered) array as JPEG bytes.
+def encode_array(
+    array: np.ndarray, field: str = "image", quality: int = JPEG_QUALITY, format: Literal["jpeg", "png"] = "jpeg"
+) -> bytes:
+    """Encode a BGR (OpenCV-ordered) array as JPEG (q95, what arrays given as images become) or
+    lossless PNG bytes.
+
+    JPEG is small and fast but lossy: OWLv2's scores near its threshold can change, and with them
+    the number of boxes found. For the exact pixels, pass ``encode_array(frame, format="png")``
+    as the image instead of the array.
 
     Grayscale (``H×W`` or ``H×W×1``) and BGRA (``H×W×4``, alpha dropped) are converted;
     ``uint16`` and ``[0, 1]`` floats are scaled to 8 bits.
@@ -179,8 +188,11 @@ def encode_array(array: np.ndarray, field: str = "image", quality: int = JPEG_QU
         import numpy as np
         jpeg = encode_array(np.zeros((240, 320, 3), dtype=np.uint8))
         jpeg[:3]  # b'\\xff\\xd8\\xff'
+        png = encode_array(frame, format="png")  # lossless: decodes to exactly ``frame``
         ```
     """
+    if format not in ("jpeg", "png"):
+        raise InvalidImageError(field, f"format must be 'jpeg' or 'png', got {format!r}")
     import numpy as np
     from PIL import Image
 
@@ -194,7 +206,10 @@ def encode_array(array: np.ndarray, field: str = "image", quality: int = JPEG_QU
     if pixels.ndim == 3:
         pixels = np.ascontiguousarray(pixels[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    if format == "png":
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    else:
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 

@@ -5,21 +5,18 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._compat import async_dispatch
-from ._embedding import Outcome, prepare_images, require_items
+from ._model import ModelBlock, Outcome, Prepared, require_items
 from .exceptions import InferenceError, InferenceResponseError, InvalidInputError
 from .images import ImageInput, image_size, to_request_image
-from .server import DOCS_URL, LOGO_URL, InferenceServer
+from .server import DOCS_URL, LOGO_URL
 
 if TYPE_CHECKING:
     import supervision as sv
-
-    from ._http import InferenceHTTP
 
 __all__ = ["Box", "OwlV2", "ReferenceExample"]
 
@@ -180,7 +177,16 @@ def to_detections(answer: dict[str, Any], class_names: Sequence[str]) -> sv.Dete
     return detections
 
 
-class OwlV2(Block):
+def _detections_or_error(answer: dict[str, Any] | InferenceError, class_names: Sequence[str]) -> Outcome:
+    if isinstance(answer, InferenceError):
+        return answer
+    try:
+        return to_detections(answer, class_names)
+    except InferenceError as error:
+        return error
+
+
+class OwlV2(ModelBlock):
     """Few-shot object detection with OWLv2: draw a few example boxes, find the rest.
 
     Each class needs at least one positive example box; ``negative`` boxes mark
@@ -207,7 +213,8 @@ class OwlV2(Block):
     _logo_url = LOGO_URL  # type: ignore[assignment]
     _documentation_url = DOCS_URL  # type: ignore[assignment]
 
-    server: InferenceServer = Field(default_factory=InferenceServer, description="The inference server to call.")
+    family: ClassVar[str] = "owlv2"
+
     version: str = Field(
         default="owlv2-large-patch14-ensemble",
         description="OWLv2 version, e.g. owlv2-large-patch14-ensemble or owlv2-base-patch16-ensemble.",
@@ -216,52 +223,30 @@ class OwlV2(Block):
         default=0.99, ge=0.0, le=1.0, description="Default score threshold; OWLv2 scores cluster near 1."
     )
 
-    @property
-    def _engine(self) -> InferenceHTTP:
-        return self.server.engine
-
     def prepare(
         self, images: Any, examples: Any, confidence: float | None
-    ) -> tuple[list[dict[str, str] | InvalidInputError], dict[str, Any], list[str]]:
+    ) -> tuple[list[Prepared], dict[str, Any], list[str]]:
         """Validate and encode everything once: query images (or their errors), the shared
         request body, and the sorted positive class names."""
         checked = check_examples(examples)
         threshold = check_confidence(self.confidence if confidence is None else confidence)
         body = {"training_data": training_data(checked), "confidence": threshold, "owlv2_version_id": self.version}
         class_names = sorted({b.cls for e in checked for b in e.boxes if not b.negative})
-        return prepare_images(images), body, class_names
+        return self.prepare_images(images), body, class_names
 
     async def _detect_prepared(
-        self, prepared: Sequence[dict[str, str] | InvalidInputError], body: dict[str, Any], class_names: list[str]
+        self, prepared: Sequence[Prepared], body: dict[str, Any], class_names: list[str]
     ) -> list[Outcome]:
-        # One query image per request: a list makes the 1.8.3 route fail its response validation.
-        sendable = [p for p in prepared if not isinstance(p, InvalidInputError)]
-        answers = iter(await self._engine.post_many(ENDPOINT, [{**body, "image": p} for p in sendable]))
-        outcomes: list[Outcome] = []
-        for p in prepared:
-            if isinstance(p, InvalidInputError):
-                outcomes.append(p)
-                continue
-            answer = next(answers)
-            try:
-                outcomes.append(answer if isinstance(answer, InferenceError) else to_detections(answer, class_names))
-            except InferenceError as error:
-                outcomes.append(error)
-        return outcomes
+        async def send(sendable: list[dict[str, str]]) -> list[Outcome]:
+            # One query image per request: a list makes the 1.8.3 route fail its response validation.
+            answers = await self._engine.post_many(ENDPOINT, [{**body, "image": p} for p in sendable])
+            return [_detections_or_error(answer, class_names) for answer in answers]
+
+        return await self._send_prepared(prepared, send)
 
     def _prepare_or_raise(self, images: Any, examples: Any, confidence: float | None) -> tuple[Any, ...]:
         prepared, body, class_names = self.prepare(images, examples, confidence)
-        for p in prepared:
-            if isinstance(p, InvalidInputError):
-                raise p
-        return prepared, body, class_names
-
-    @staticmethod
-    def _raise_first(outcomes: list[Outcome]) -> list[sv.Detections]:
-        for outcome in outcomes:
-            if isinstance(outcome, InferenceError):
-                raise outcome
-        return outcomes
+        return self._raise_first(prepared), body, class_names
 
     async def adetect_batch(
         self, images: Sequence[ImageInput], examples: Sequence[ReferenceExample], confidence: float | None = None

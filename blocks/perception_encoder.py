@@ -5,11 +5,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import ClassVar
 
-from prefect.blocks.core import Block
 from pydantic import Field
 
-from ._embedding import EmbeddingMixin, Routes
-from .server import DOCS_URL, LOGO_URL, InferenceServer
+from ._embedding import EmbeddingModel, Routes
+from .server import DOCS_URL, LOGO_URL
 
 __all__ = ["PE_DIMENSIONS", "PerceptionEncoder", "PerceptionEncoderVersion"]
 
@@ -26,7 +25,7 @@ class PerceptionEncoderVersion(str, Enum):
 PE_DIMENSIONS: dict[str, int] = {"PE-Core-B16-224": 1024, "PE-Core-L14-336": 1024, "PE-Core-G14-448": 1280}
 
 
-class PerceptionEncoder(EmbeddingMixin, Block):
+class PerceptionEncoder(EmbeddingModel):
     """Perception Encoder embeddings and image–text similarity from a Roboflow Inference server.
 
     Embeddings come back L2-normalised. Text longer than the model's context is truncated by
@@ -48,11 +47,9 @@ class PerceptionEncoder(EmbeddingMixin, Block):
     _logo_url = LOGO_URL  # type: ignore[assignment]
     _documentation_url = DOCS_URL  # type: ignore[assignment]
 
-    routes: ClassVar[Routes] = Routes(
-        family="perception_encoder", version_field="perception_encoder_version_id", images_per_request=8
-    )
+    family: ClassVar[str] = "perception_encoder"
+    routes: ClassVar[Routes] = Routes(version_field="perception_encoder_version_id", images_per_request=8)
 
-    server: InferenceServer = Field(default_factory=InferenceServer, description="The inference server to call.")
     version: str = Field(
         default=PerceptionEncoderVersion.PE_CORE_L14_336.value,
         description="Perception Encoder version, e.g. PE-Core-L14-336 (1024-d) or PE-Core-G14-448 (1280-d).",

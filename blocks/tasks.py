@@ -14,12 +14,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from ._embedding import EmbeddingModel
 from ._http import ResponseInfo, describe_responses, record_responses
-from .clip import Clip
 from .exceptions import InferenceError
 from .images import ImageInput
 from .owlv2 import OwlV2, ReferenceExample
-from .perception_encoder import PerceptionEncoder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,17 +36,8 @@ __all__ = [
     "detect",
     "embed_images",
     "embed_texts",
-    "model_label",
     "retry_if_retryable",
 ]
-
-EmbeddingModel = Clip | PerceptionEncoder
-
-
-def model_label(model: Any) -> str:
-    """A short name for a model block, e.g. ``clip ViT-B-16``."""
-    family = {Clip: "clip", PerceptionEncoder: "pe", OwlV2: "owlv2"}.get(type(model), type(model).__name__)
-    return f"{family} {model.version}"
 
 
 def _run_name(step: str, items: str) -> Any:
@@ -57,7 +47,7 @@ def _run_name(step: str, items: str) -> Any:
         params = task_run.parameters
         model = params.get("model") or params.get("detector")
         count = len(params.get(items) or ())
-        return f"{step}[{model_label(model)}] {count} {items}"
+        return f"{step}[{model.label}] {count} {items}"
 
     return name
 
@@ -105,7 +95,7 @@ def embed_images(model: EmbeddingModel, images: Sequence[ImageInput]) -> np.ndar
     """
     with record_responses() as infos:
         vectors = model.embed_images(images)
-    _log_responses(infos, f"embedded {len(images)} image(s) with {model_label(model)}")
+    _log_responses(infos, f"embedded {len(images)} image(s) with {model.label}")
     return vectors
 
 
@@ -114,7 +104,7 @@ async def aembed_images(model: EmbeddingModel, images: Sequence[ImageInput]) -> 
     """Async twin of `embed_images`, for async flows."""
     with record_responses() as infos:
         vectors = await model.aembed_images(images)
-    _log_responses(infos, f"embedded {len(images)} image(s) with {model_label(model)}")
+    _log_responses(infos, f"embedded {len(images)} image(s) with {model.label}")
     return vectors
 
 
@@ -123,7 +113,7 @@ def embed_texts(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray:
     """Embed a batch of texts with a `Clip` or `PerceptionEncoder` block: ``(len(texts), dim)``."""
     with record_responses() as infos:
         vectors = model.embed_texts(texts)
-    _log_responses(infos, f"embedded {len(texts)} text(s) with {model_label(model)}")
+    _log_responses(infos, f"embedded {len(texts)} text(s) with {model.label}")
     return vectors
 
 
@@ -132,7 +122,7 @@ async def aembed_texts(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarra
     """Async twin of `embed_texts`, for async flows."""
     with record_responses() as infos:
         vectors = await model.aembed_texts(texts)
-    _log_responses(infos, f"embedded {len(texts)} text(s) with {model_label(model)}")
+    _log_responses(infos, f"embedded {len(texts)} text(s) with {model.label}")
     return vectors
 
 
@@ -141,7 +131,7 @@ def compare(model: EmbeddingModel, image: ImageInput, prompts: Sequence[str]) ->
     """Similarity of one image to each prompt: float32 ``(len(prompts),)``."""
     with record_responses() as infos:
         similarities = model.compare(image, prompts)
-    _log_responses(infos, f"compared an image with {len(prompts)} prompt(s) using {model_label(model)}")
+    _log_responses(infos, f"compared an image with {len(prompts)} prompt(s) using {model.label}")
     return similarities
 
 
@@ -150,7 +140,7 @@ async def acompare(model: EmbeddingModel, image: ImageInput, prompts: Sequence[s
     """Async twin of `compare`, for async flows."""
     with record_responses() as infos:
         similarities = await model.acompare(image, prompts)
-    _log_responses(infos, f"compared an image with {len(prompts)} prompt(s) using {model_label(model)}")
+    _log_responses(infos, f"compared an image with {len(prompts)} prompt(s) using {model.label}")
     return similarities
 
 
@@ -184,4 +174,4 @@ async def adetect(
 
 def _log_detections(infos: Sequence[ResponseInfo], detections: Sequence[sv.Detections], detector: OwlV2) -> None:
     found = sum(len(d) for d in detections)
-    _log_responses(infos, f"found {found} object(s) in {len(detections)} image(s) with {model_label(detector)}")
+    _log_responses(infos, f"found {found} object(s) in {len(detections)} image(s) with {detector.label}")

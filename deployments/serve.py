@@ -26,6 +26,7 @@ from typing import Any
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
 from prefect.types.entrypoint import EntrypointType
+
 from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
 from prefect_roboflow.flows.demo import example_spec
 

@@ -7,23 +7,33 @@
 - `search_images`: a text or image query → the most similar rows of such a table.
 
 All take image references (a folder, a glob, or paths and https URLs), cache every result by
-content, write outputs atomically, and publish progress, tables, a summary and an event.
+content, write outputs atomically, and publish progress, tables, a summary and an event. They
+are short compositions of the public steps in `prefect_roboflow.flows.steps` (``detect``,
+``crop``, ``embed``, ``classify``, ``embed_labels``), which carry `ImageRecord` batches; compose
+your own flows from the same steps.
 """
 
+from . import steps
 from .classify_images import ClassifyImagesResult, classify_images
-from .detect_crop_classify import DetectCropClassifyResult, ExampleSpec, detect_crop_classify
+from .detect_crop_classify import DetectCropClassifyResult, detect_crop_classify
 from .embed_images import EmbedImagesResult, embed_images
+from .records import Batch, Failure, ImageRecord
 from .search_images import SearchHit, SearchImagesResult, search_images
+from .steps import ExampleSpec
 
 __all__ = [
+    "Batch",
     "ClassifyImagesResult",
     "DetectCropClassifyResult",
     "EmbedImagesResult",
     "ExampleSpec",
+    "Failure",
+    "ImageRecord",
     "SearchHit",
     "SearchImagesResult",
     "classify_images",
     "detect_crop_classify",
     "embed_images",
     "search_images",
+    "steps",
 ]

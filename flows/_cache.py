@@ -1,15 +1,10 @@
-"""Content-addressed result caches: an image the server has seen is never sent again.
+"""Content-addressed result cache: an item the server has seen is never sent again.
 
-Two granularities, one rule for keys — the sha256 of the content (image bytes, crop bytes or
-label texts) plus the model family, version and every parameter that changes the output;
-never the API key, the server URL or the run id:
-
-- `ContentCache` stores one result per item (an image's detections, a crop's embedding).
-  Batch tasks consult it before sending and fill it as answers arrive, so a rerun sends
-  nothing, a run over a superset sends only the new images, and a crash loses at most the
-  requests in flight.
-- `TextContentPolicy` is a Prefect cache policy for tasks whose whole input is content (the
-  label prompts): Prefect persists the result and skips the task run on a hit.
+One rule for keys — the sha256 of the content (image bytes, crop bytes or a label text) plus the
+model's family and version and every parameter that changes the output; never the API key, the
+server URL or the run id. Steps consult the cache before sending and fill it as answers arrive,
+so a rerun sends nothing, a run over a superset sends only the new items, and a crash loses at
+most the requests in flight.
 """
 
 from __future__ import annotations
@@ -17,18 +12,22 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from prefect.cache_policies import CachePolicy
 from prefect.filesystems import WritableFileSystem
 
-#: Bump when the stored format or the meaning of a result changes.
-CACHE_FORMAT = "1"
+from prefect_roboflow.blocks import InferenceError, ResponseInfo, record_responses
+
+from ._output import atomic_write_bytes
+
+__all__ = ["ContentCache", "content_key", "through_cache"]
+
+T = TypeVar("T")
+
+#: Bump when the stored format or the meaning of a result changes. 2: family names in keys.
+CACHE_FORMAT = "2"
 
 
 def content_key(step: str, content_sha256: str, model: dict[str, Any], params: dict[str, Any]) -> str:
@@ -37,8 +36,8 @@ def content_key(step: str, content_sha256: str, model: dict[str, Any], params: d
     Args:
         step: What was computed, e.g. ``"detect"`` or ``"embed"``.
         content_sha256: sha256 of the item's bytes.
-        model: Model identity, e.g. ``{"family": "clip", "version": "ViT-B-16"}``.
-        params: Every parameter that changes the result (confidence, examples, padding...).
+        model: Model identity (`ModelBlock.identity`), e.g. ``{"family": "clip", "version": "ViT-B-16"}``.
+        params: Every parameter that changes the result (confidence, examples...).
     """
     material = json.dumps(
         {"format": CACHE_FORMAT, "step": step, "content": content_sha256, "model": model, "params": params},
@@ -66,12 +65,6 @@ class ContentCache:
 
     def __init__(self, storage: Path | WritableFileSystem) -> None:
         self.storage = storage
-
-    def describe(self) -> str:
-        """Where entries go, for logs and summaries."""
-        if isinstance(self.storage, Path):
-            return str(self.storage)
-        return f"{type(self.storage).__name__} block"
 
     @staticmethod
     def _relative(key: str) -> str:
@@ -112,37 +105,33 @@ def _resolved(value: Any) -> Any:
     return value
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def through_cache(
+    cache: ContentCache,
+    keys: Sequence[str],
+    codec: tuple[Callable[[T], bytes], Callable[[bytes], T]],
+    compute: Callable[[list[int]], Sequence[T | InferenceError]],
+) -> tuple[list[T | InferenceError], int, list[ResponseInfo]]:
+    """A result per key: stored ones decoded, the rest computed and stored.
 
+    ``compute(indexes)`` answers a result or an `InferenceError` for each index it is given;
+    errors are returned, never stored. Also returns how many keys were computed and the
+    server's answers to those requests.
 
-@dataclass
-class TextContentPolicy(CachePolicy):
-    """Cache key from a task's text inputs and model identity, never its server block.
-
-    ``texts_arg`` names the task argument holding the texts, ``model_arg`` the model block;
-    only the block's family and ``version`` enter the key.
+    Examples:
+        ```python
+        outcomes, sent, infos = through_cache(cache, keys, (encode, decode), compute)
+        ```
     """
-
-    texts_arg: str = "texts"
-    model_arg: str = "model"
-
-    def compute_key(
-        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
-    ) -> str | None:
-        texts = inputs.get(self.texts_arg)
-        model = inputs.get(self.model_arg)
-        if texts is None or model is None:
-            return None
-        content = hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
-        identity = {"family": type(model).__name__, "version": getattr(model, "version", None)}
-        return content_key(f"texts:{task_ctx.task.name}", content, identity, {})
+    encode, decode = codec
+    found = cache.get_many(keys)
+    outcomes: list[Any] = [decode(found[key]) if key in found else None for key in keys]
+    misses = [i for i, key in enumerate(keys) if key not in found]
+    infos: list[ResponseInfo] = []
+    if misses:
+        with record_responses() as infos:
+            answers = compute(misses)
+        for i, answer in zip(misses, answers, strict=True):
+            if not isinstance(answer, InferenceError):
+                cache.put(keys[i], encode(answer))
+            outcomes[i] = answer
+    return outcomes, len(misses), infos

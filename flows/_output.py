@@ -1,13 +1,15 @@
 """Output files, written atomically: readers see the previous file or the whole new one.
 
-Parquet tables are streamed batch by batch into a hidden temp file in the output folder and
-renamed into place only when the flow has written every batch, so neither a crash nor a
-failed run ever leaves a half-written table under the final name.
+Every file is written to a hidden temp file beside its final name and renamed into place once
+complete, so neither a crash nor a failed run leaves a half-written file under the final name.
+Files get the permissions a plain ``open(path, "w")`` would give under the process umask (the
+temp file's private 0600 is not kept). Parquet tables stream batch by batch into their temp file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -16,9 +18,39 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._cache import atomic_write_bytes
-
 __all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type"]
+
+
+def _process_umask() -> int:
+    """The umask, read without changing it where Linux tells it (``os.umask`` sets it to read it)."""
+    try:
+        match = re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        match = None
+    if match:
+        return int(match.group(1), 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a finished temp file normal permissions and move it to its final name."""
+    os.chmod(tmp, 0o666 & ~_process_umask())
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        _publish(Path(tmp), path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def embedding_type(dim: int | None = None) -> pa.DataType:
@@ -79,7 +111,7 @@ class ParquetSink:
         assert self._writer is not None, "sink already closed"
         self._writer.close()
         self._writer = None
-        os.replace(self._tmp, self.path)
+        _publish(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -1,8 +1,8 @@
 """Where a flow's images come from: a folder, a glob, or a list of paths and https URLs.
 
-Flows take image *references* (Prefect refuses flow parameters over 512 KiB) and read each
-batch only when it is processed, so memory does not grow with the number of images. The
-sha256 of each image's bytes is computed once, here, and keys every cache downstream.
+Flows take image *references* (Prefect refuses flow parameters over 512 KiB) and the steps read
+each batch where they run, so memory does not grow with the number of images. The sha256 of
+each image's bytes is computed once, here, and keys every cache downstream.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.images import read_image_bytes, validate_encoded_image, validate_url
+
+from .records import Failure, ImageRecord
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -27,35 +29,6 @@ if TYPE_CHECKING:
 ImageSource = str | Sequence[str]
 #: URLs of one batch downloaded at once; they come from other servers than the inference one.
 DOWNLOAD_CONCURRENCY = 8
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One input image, read: its reference, content hash, and bytes (or URL), or why not.
-
-    Attributes:
-        ref: The path or URL as the user gave it (after folder/glob expansion).
-        sha256: Hex digest of the image bytes (for a URL, of the bytes it served).
-        data: The encoded bytes; None when the image could not be read.
-        error: Why the image cannot be processed, or None.
-    """
-
-    ref: str
-    sha256: str | None
-    data: bytes | None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether the image can be sent."""
-        return self.error is None
-
-    @property
-    def content(self) -> tuple[str, bytes]:
-        """``(sha256, bytes)`` of a readable image, as the batch tasks take it."""
-        if self.sha256 is None or self.data is None:
-            raise ValueError(f"{self.ref} is not readable: {self.error}")
-        return self.sha256, self.data
 
 
 def _is_url(ref: str) -> bool:
@@ -111,30 +84,45 @@ def _download(url: str, client: httpx.Client | None) -> bytes:
     return response.content
 
 
-def read_item(ref: str, client: httpx.Client | None = None) -> ImageItem:
-    """Read one image reference, catching every way it can be unusable.
+def read_bytes(ref: str, field: str = "image", client: httpx.Client | None = None) -> bytes:
+    """The bytes of a path or https URL, checked to be a whole encoded image.
 
     URLs are downloaded here rather than by the server, so that an image is known by its
     content: the same picture at a new URL is not sent again, a changed one is.
+
+    Raises:
+        InvalidInputError: naming ``field``, with why the image cannot be used.
     """
+    data = _download(ref, client) if _is_url(ref) else read_image_bytes(ref, field)
+    validate_encoded_image(data, field)
+    return data
+
+
+def load(record: ImageRecord, client: httpx.Client | None = None) -> ImageRecord:
+    """The record with its bytes and sha256, or failed at ``"read"`` with the reason.
+
+    Records already read, and failed ones, come back as they are.
+    """
+    if record.loaded or not record.ok:
+        return record
     try:
-        data = _download(ref, client) if _is_url(ref) else read_image_bytes(ref)
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            validate_encoded_image(data)
-        except InvalidInputError as error:
-            return ImageItem(ref, digest, None, error.reason)
-        return ImageItem(ref, digest, data)
+        data = _download(record.ref, client) if _is_url(record.ref) else read_image_bytes(record.ref)
     except InvalidInputError as error:
-        return ImageItem(ref, None, None, error.reason)
+        return record.failed(Failure.of("read", error))
+    loaded = replace(record, data=data, sha256=hashlib.sha256(data).hexdigest())
+    try:
+        validate_encoded_image(data)
+    except InvalidInputError as error:
+        return replace(loaded, data=None, failure=Failure.of("read", error))
+    return loaded
 
 
-def read_items(refs: Sequence[str]) -> list[ImageItem]:
-    """`read_item` for a batch, in order; its URLs downloaded concurrently over one pooled client."""
-    if not any(_is_url(ref) for ref in refs):
-        return [read_item(ref) for ref in refs]
+def load_all(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """`load` for a batch, in order; its URLs downloaded concurrently over one pooled client."""
+    if not any(_is_url(r.ref) and not r.loaded for r in records):
+        return [load(record) for record in records]
     with _download_client() as client, ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
-        return list(pool.map(lambda ref: read_item(ref, client), refs))
+        return list(pool.map(lambda record: load(record, client), records))
 
 
 def _download_client() -> httpx.Client:

@@ -12,14 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
 from prefect_roboflow.flows import detect_crop_classify, search_images
 
 EXAMPLES_DIR = Path(__file__).parent / "_examples"
-
-
-def example_images() -> list[Path]:
-    """The bundled example images, sorted."""
-    return sorted(EXAMPLES_DIR.glob("*.png"))
 
 
 def example_spec() -> tuple[list[dict[str, Any]], list[str]]:

@@ -8,17 +8,20 @@ import numpy as np
 import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect_roboflow.blocks import Clip, PerceptionEncoder
-from prefect_roboflow.blocks.exceptions import InvalidInputError
-from prefect_roboflow.blocks.tasks import model_label
 from pydantic import BaseModel
 
-from ._common import emit_completed, markdown_table, publish_summary, resolve_server
-from ._sources import read_item
-from ._steps import normalise
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+from ._config import embedding_model, resolve_server
+from ._operations import normalise
+from ._run import emit_completed, markdown_table, publish_summary
+from ._sources import read_bytes
+
+__all__ = ["SearchHit", "SearchImagesResult", "search_images"]
 
 FLOW_KEY = "search-images"
-_MODELS = {"Clip": Clip, "PerceptionEncoder": PerceptionEncoder}
+#: The ``model`` column of tables written before it held family names.
+LEGACY_FAMILIES = {"Clip": "clip", "PerceptionEncoder": "perception_encoder"}
 
 
 class SearchHit(BaseModel):
@@ -57,12 +60,9 @@ def _looks_like_image(query: str) -> bool:
 @task(name="embed_query", task_run_name="embed_query[{family} {version}]", cache_policy=NO_CACHE)
 def embed_query(query: str, family: str, version: str, server: str | None) -> np.ndarray:
     """The query's embedding, with the same model and version as the table."""
-    model = _MODELS[family](server=resolve_server(server), version=version)
+    model = embedding_model(family, version, resolve_server(server))
     if _looks_like_image(query):
-        item = read_item(query)
-        if not item.ok:
-            raise InvalidInputError("query", f"{query}: {item.error}")
-        return model.embed_images([item.data])[0]
+        return model.embed_images([read_bytes(query, "query")])[0]
     return model.embed_texts([query])[0]
 
 
@@ -95,6 +95,7 @@ def search_images(
     if len(pairs) != 1:
         raise InvalidInputError("embeddings_path", f"rows come from several models: {pairs.to_dict('records')}")
     family, version = str(pairs.iloc[0]["model"]), str(pairs.iloc[0]["version"])
+    family = LEGACY_FAMILIES.get(family, family)
     vector = embed_query(query, family, version, server)
     matrix = np.vstack(table["embedding"].to_numpy()).astype(np.float32)
     scores = normalise(matrix) @ normalise(vector[None, :])[0]
@@ -110,9 +111,7 @@ def search_images(
         )
         for rank, i in enumerate(order.tolist())
     ]
-    result = SearchImagesResult(
-        query=query, model=model_label(_MODELS[family](version=version)), searched_rows=len(table), hits=hits
-    )
+    result = SearchImagesResult(query=query, model=f"{family} {version}", searched_rows=len(table), hits=hits)
     publish_summary(
         FLOW_KEY,
         f"Top {len(hits)} of {len(table)} rows for {query!r}",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from prefect_roboflow.blocks import InferenceServer
 from prefect_roboflow.blocks._http import close_engines
 

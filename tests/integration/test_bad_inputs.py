@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from support.fault_proxy import FaultProxy
+from support.images import make_image
+
 from prefect_roboflow.blocks import (
     Box,
     Clip,
@@ -25,8 +28,6 @@ from prefect_roboflow.blocks import (
     PerceptionEncoder,
     ReferenceExample,
 )
-from support.fault_proxy import FaultProxy
-from support.images import make_image
 
 pytestmark = pytest.mark.server
 
@@ -40,6 +41,13 @@ def _example(*boxes: Box, image: Any = REFERENCE) -> list[ReferenceExample]:
 
 
 GOOD_BOX = Box(x=160, y=120, w=80, h=80, cls="thing")
+
+
+def same_embedding(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal as float32 batched math promises: the same image embedded in one batch twice may
+    differ from about the 6th significant digit (BLAS kernels differ by machine), so within 1e-4
+    of the vector's norm; different images differ by orders of magnitude more."""
+    return bool(np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a))
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,9 @@ def _catalogue(tmp: Path) -> list[tuple[str, Callable[[Models], Any], Rejected |
         (
             "duplicate images in one batch",
             lambda m: m["pe"].embed_images([PNG, PNG, JPEG]),
-            Converted(lambda r: r.shape == (3, 1024) and np.allclose(r[0], r[1]), 1),
+            Converted(
+                lambda r: r.shape == (3, 1024) and same_embedding(r[0], r[1]) and not same_embedding(r[0], r[2]), 1
+            ),
         ),
         # text
         (

@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import pytest
 import supervision as sv
+from support.images import make_image
+
 from prefect_roboflow.blocks import (
     Box,
     Clip,
@@ -22,7 +24,6 @@ from prefect_roboflow.blocks import (
     ReferenceExample,
     record_responses,
 )
-from support.images import make_image
 
 pytestmark = pytest.mark.server
 
@@ -84,7 +85,7 @@ def test_embed_texts_matches_the_server(server: InferenceServer, inference_url: 
     vectors = model.embed_texts(PROMPTS)
     dim = 512 if family is Clip else 1024
     assert vectors.shape == (9, dim)
-    route = f"/{model.routes.family}/embed_text"
+    route = f"/{model.family}/embed_text"
     raw = _raw(inference_url, route, {"text": PROMPTS[8:], model.routes.version_field: model.version})
     np.testing.assert_allclose(vectors[8:], raw["embeddings"], rtol=1e-4, atol=1e-4)
 
@@ -101,7 +102,7 @@ def test_compare_nine_prompts_gives_nine_similarities(
     assert np.all((similarities >= -1) & (similarities <= 1))
     raw = _raw(
         inference_url,
-        f"/{model.routes.family}/compare",
+        f"/{model.family}/compare",
         {"subject": _b64(image_paths[0]), "prompt": PROMPTS[:8], model.routes.version_field: model.version},
     )
     np.testing.assert_allclose(similarities[:8], raw["similarity"], rtol=1e-4, atol=1e-4)
@@ -197,3 +198,24 @@ def test_every_input_type_gives_the_same_embedding(server: InferenceServer, imag
     # arrays and PIL images are JPEG-encoded before sending, so they differ slightly
     assert np.allclose(vectors[3], vectors[0], atol=0.2 * float(np.abs(vectors[0]).max()))
     np.testing.assert_allclose(vectors[3], vectors[4], atol=1e-4)
+
+
+def test_an_array_sent_as_png_detects_exactly_as_its_lossless_original(
+    server: InferenceServer, image_paths: list[Path]
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from prefect_roboflow.blocks.images import encode_array
+
+    owl = OwlV2(server=server)
+    examples, _ = _owl_examples()
+    original = next(p for p in image_paths if p.suffix == ".png").read_bytes()
+    with Image.open(io.BytesIO(original)) as image:
+        bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
+    expected = owl.detect(original, examples, confidence=0.5)
+    lossless = owl.detect(encode_array(bgr, format="png"), examples, confidence=0.5)
+    assert len(expected) > 0
+    np.testing.assert_array_equal(lossless.xyxy, expected.xyxy)
+    np.testing.assert_array_equal(lossless.confidence, expected.confidence)

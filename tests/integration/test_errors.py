@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support.fault_proxy import Fault, FaultProxy
+from support.images import make_image
+
 from prefect_roboflow.blocks import (
     Box,
     Clip,
@@ -25,8 +28,6 @@ from prefect_roboflow.blocks import (
     ServerUnavailableError,
     record_responses,
 )
-from support.fault_proxy import Fault, FaultProxy
-from support.images import make_image
 
 pytestmark = pytest.mark.server
 

@@ -22,13 +22,15 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.events.worker import EventsWorker
+from support.fault_proxy import FaultProxy
+from support.images import make_image, make_scene
+
 from prefect_roboflow.blocks import Clip, InferenceServer, InvalidInputError, OwlV2, PerceptionEncoder
 from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
 from prefect_roboflow.flows.demo import example_spec
-from prefect_roboflow.flows.detect_crop_classify import DETECTIONS_SCHEMA, _examples
+from prefect_roboflow.flows.detect_crop_classify import DETECTIONS_SCHEMA
 from prefect_roboflow.flows.embed_images import EMBEDDINGS_SCHEMA
-from support.fault_proxy import FaultProxy
-from support.images import make_image, make_scene
+from prefect_roboflow.flows.steps import reference_examples
 
 pytestmark = pytest.mark.server
 
@@ -160,7 +162,7 @@ def test_detect_crop_classify_flow(proxy: FaultProxy, inference_url: str, scenes
 
     # detections per image are exactly what the server finds for it
     direct = OwlV2(server=InferenceServer(api_url=inference_url)).detect_batch(
-        sorted(str(p) for p in scenes.glob("scene_*.png")), _examples(examples), confidence=0.99
+        sorted(str(p) for p in scenes.glob("scene_*.png")), reference_examples(examples), confidence=0.99
     )
     per_image: dict[str, list[dict]] = {}
     for row in rows:
@@ -244,7 +246,9 @@ def test_classify_and_search_flows(proxy: FaultProxy, inference_url: str, plain_
 
     # search: the text query embedded by the table's model; hits ranked by cosine similarity
     found = search_images("a photo of a box", result.classifications_path, top_k=5, server=inference_url)
-    assert found.model == "pe PE-Core-L14-336" and found.searched_rows == N_IMAGES and len(found.hits) == 5
+    assert (
+        found.model == "perception_encoder PE-Core-L14-336" and found.searched_rows == N_IMAGES and len(found.hits) == 5
+    )
     query = PerceptionEncoder(server=InferenceServer(api_url=inference_url)).embed_texts(["a photo of a box"])[0]
     matrix = np.array([r["embedding"] for r in ok])
     expected = (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)) @ (query / np.linalg.norm(query))
@@ -257,7 +261,9 @@ def test_classify_and_search_flows(proxy: FaultProxy, inference_url: str, plain_
 
 def test_examples_must_be_readable(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"examples\[0\].image"):
-        _examples([{"image": str(tmp_path / "missing.png"), "boxes": [{"x": 1, "y": 1, "w": 2, "h": 2, "cls": "a"}]}])
+        reference_examples(
+            [{"image": str(tmp_path / "missing.png"), "boxes": [{"x": 1, "y": 1, "w": 2, "h": 2, "cls": "a"}]}]
+        )
 
 
 def test_record_responses_sees_the_requests_of_a_flow(proxy: FaultProxy, plain_images: Path, tmp_path: Path) -> None:

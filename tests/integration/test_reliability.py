@@ -17,10 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from prefect.settings import PREFECT_API_URL
-from prefect_roboflow.blocks import InferenceServer
-from prefect_roboflow.flows import embed_images
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image
+
+from prefect_roboflow.blocks import InferenceServer
+from prefect_roboflow.flows import embed_images
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

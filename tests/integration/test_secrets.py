@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME
-from prefect_roboflow.blocks import Box, Clip, InferenceError, InferenceServer, OwlV2, ReferenceExample
-from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
-from prefect_roboflow.flows.demo import example_spec
 from pydantic import SecretStr
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image, make_scene
+
+from prefect_roboflow.blocks import Box, Clip, InferenceError, InferenceServer, OwlV2, ReferenceExample
+from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
+from prefect_roboflow.flows.demo import example_spec
 
 pytestmark = pytest.mark.server
 

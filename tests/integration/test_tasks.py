@@ -10,9 +10,10 @@ import supervision as sv
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from support.images import make_image
+
 from prefect_roboflow.blocks import Box, Clip, InferenceServer, OwlV2, PerceptionEncoder, ReferenceExample
 from prefect_roboflow.blocks.tasks import compare, detect, embed_images, embed_texts
-from support.images import make_image
 
 pytestmark = pytest.mark.server
 
@@ -52,9 +53,9 @@ async def test_every_task_in_one_flow(server: InferenceServer, image_paths: list
     assert names == sorted(
         [
             "embed_images[clip ViT-B-16] 12 images",
-            "embed_images[pe PE-Core-L14-336] 12 images",
+            "embed_images[perception_encoder PE-Core-L14-336] 12 images",
             "embed_texts[clip ViT-B-16] 3 texts",
-            "compare[pe PE-Core-L14-336] 3 prompts",
+            "compare[perception_encoder PE-Core-L14-336] 3 prompts",
             "detect[owlv2 owlv2-large-patch14-ensemble] 4 images",
         ]
     )

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from prefect_roboflow.blocks import Clip, InferenceServer
-from prefect_roboflow.flows import embed_images
 from support.fault_proxy import FaultProxy
 from support.images import make_image
+
+from prefect_roboflow.blocks import Clip, InferenceServer
+from prefect_roboflow.flows import embed_images
 
 pytestmark = pytest.mark.server
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from prefect_roboflow.blocks._clip_tokenizer import (
     CLIP_CONTEXT_LENGTH,
     count_clip_tokens,

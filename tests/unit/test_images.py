@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support.images import make_image
+
 from prefect_roboflow.blocks import InvalidImageError
 from prefect_roboflow.blocks.images import (
     encode_array,
@@ -18,7 +20,6 @@ from prefect_roboflow.blocks.images import (
     validate_encoded_image,
     validate_url,
 )
-from support.images import make_image
 
 
 def _decode(payload: dict[str, str]) -> np.ndarray:
@@ -158,3 +159,16 @@ def test_format_and_size_come_from_the_header() -> None:
     assert image_format(make_image(4, fmt="JPEG")) == "jpeg"
     assert image_size(png) == (64, 48)
     assert image_size(b"garbage") is None
+
+
+def test_png_encoding_is_lossless_and_jpeg_is_not() -> None:
+    rng = np.random.default_rng(7)
+    frame = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)  # BGR, noisy: JPEG must change it
+    png = encode_array(frame, format="png")
+    with Image.open(io.BytesIO(png)) as decoded:
+        assert decoded.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(decoded)[:, :, ::-1], frame)
+    with Image.open(io.BytesIO(encode_array(frame))) as decoded:
+        assert decoded.format == "JPEG" and not np.array_equal(np.asarray(decoded)[:, :, ::-1], frame)
+    with pytest.raises(InvalidImageError, match="format"):
+        encode_array(frame, format="webp")  # type: ignore[arg-type]

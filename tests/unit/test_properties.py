@@ -7,6 +7,7 @@ import math
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from prefect_roboflow.blocks import Box
 from prefect_roboflow.blocks._embedding import SERVER_MAX_ITEMS, chunked
 from prefect_roboflow.blocks.owlv2 import to_detections

@@ -7,6 +7,8 @@ import math
 import httpx
 import numpy as np
 import pytest
+from support.images import make_image
+
 from prefect_roboflow.blocks import (
     Box,
     Clip,
@@ -23,7 +25,6 @@ from prefect_roboflow.blocks import (
 from prefect_roboflow.blocks._embedding import chunked, require_items
 from prefect_roboflow.blocks._http import HttpSettings, InferenceHTTP, status_error
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples, to_detections
-from support.images import make_image
 
 
 @pytest.mark.parametrize(("n", "size"), [(1, 8), (8, 8), (9, 8), (20, 8), (17, 1), (3, 5)])

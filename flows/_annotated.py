@@ -1,0 +1,46 @@
+"""Annotated copies of the images: boxes and labels drawn with supervision, written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import supervision as sv
+
+from ._operations import decode_rgb, encode_jpeg
+from ._output import atomic_write_bytes
+from .records import Batch, ImageRecord
+
+__all__ = ["AnnotatedImageSink", "annotated_name"]
+
+
+def annotated_name(image: ImageRecord) -> str:
+    """File name of an image's annotated copy: its stem plus a content prefix (refs may clash)."""
+    return f"{Path(image.ref.split('?')[0]).stem}-{(image.sha256 or '')[:10]}.jpg"
+
+
+class AnnotatedImageSink:
+    """Draws each image's detections, captioned with their crops' labels, into ``folder``.
+
+    Examples:
+        ```python
+        sink = AnnotatedImageSink(out / "annotated")
+        sink.write(labelled_crops)  # a batch from `classify` after `crop`
+        ```
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._boxes = sv.BoxAnnotator(thickness=2)
+        self._labels = sv.LabelAnnotator(text_scale=0.4)
+
+    def write(self, batch: Batch) -> None:
+        """One annotated JPEG per parent image of a crop batch that has detections."""
+        for parent, crops in batch.by_parent():
+            if not crops or parent.data is None or parent.detections is None:
+                continue
+            captions = [f"{c.label.name} {c.label.score:.2f}" if c.ok and c.label else "failed" for c in crops]
+            scene = decode_rgb(parent.data)[:, :, ::-1].copy()
+            scene = self._boxes.annotate(scene, parent.detections)
+            scene = self._labels.annotate(scene, parent.detections, labels=captions)
+            atomic_write_bytes(self.folder / annotated_name(parent), encode_jpeg(scene[:, :, ::-1].copy()))

@@ -1,0 +1,109 @@
+"""What a flow's parameters name, resolved and checked before any request: the server, the
+models, the cache and the output folder. Each check raises `InvalidInputError` naming the parameter."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal, get_args
+
+from prefect.blocks.core import Block
+from prefect.filesystems import WritableFileSystem
+from prefect.settings import PREFECT_HOME
+from prefect.utilities.dispatch import get_registry_for_type
+
+from prefect_roboflow.blocks import InferenceServer, OwlV2, model_class
+from prefect_roboflow.blocks._embedding import EmbeddingModel
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+from ._cache import ContentCache
+
+__all__ = [
+    "DEFAULT_SERVER_URL",
+    "EmbeddingFamily",
+    "detector_model",
+    "embedding_model",
+    "ensure_out_dir",
+    "resolve_cache",
+    "resolve_server",
+]
+
+#: The ``model`` parameter of the flows: the ``family`` of an embedding block.
+EmbeddingFamily = Literal["clip", "perception_encoder"]
+DEFAULT_SERVER_URL = "http://localhost:9001"
+CacheStorage = str | ContentCache | None
+
+
+def resolve_server(server: str | InferenceServer | None) -> InferenceServer:
+    """An `InferenceServer` from a block, a saved block name, or a URL.
+
+    ``None`` means the ``INFERENCE_SERVER_URL`` environment variable, then
+    ``http://localhost:9001``.
+    """
+    if isinstance(server, InferenceServer):
+        return server
+    if server is None:
+        server = os.environ.get("INFERENCE_SERVER_URL") or DEFAULT_SERVER_URL
+    if "://" in server:
+        return InferenceServer(api_url=server)
+    name = server.split("/", 1)[1] if server.startswith("roboflow-inference-server/") else server
+    return InferenceServer.load(name)
+
+
+def embedding_model(family: str, version: str | None, server: InferenceServer) -> EmbeddingModel:
+    """The embedding block of a family (``"clip"``, ``"perception_encoder"``), at its default version
+    unless one is given."""
+    if family not in get_args(EmbeddingFamily):
+        raise InvalidInputError("model", f"expected one of {list(get_args(EmbeddingFamily))}, got {family!r}")
+    cls = model_class(family)
+    model = cls(server=server) if version is None else cls(server=server, version=version)
+    assert isinstance(model, EmbeddingModel)
+    return model
+
+
+def detector_model(version: str | None, server: InferenceServer) -> OwlV2:
+    """The OWLv2 block, at its default version unless one is given."""
+    return OwlV2(server=server) if version is None else OwlV2(server=server, version=version)
+
+
+def _is_block_slug(value: str) -> bool:
+    """``"block-type/name"`` of a registered block type, and no path that exists."""
+    match = re.fullmatch(r"([a-z0-9-]+)/([\w-]+)", value)
+    if match is None or Path(value).expanduser().exists():
+        return False
+    return match.group(1) in (get_registry_for_type(Block) or {})
+
+
+def resolve_cache(cache_storage: CacheStorage) -> ContentCache:
+    """The per-item content cache of a flow.
+
+    ``cache_storage`` is a folder (absolute or relative, existing or not), or a saved
+    `WritableFileSystem` block as ``"block-type-slug/name"`` of a registered block type (e.g.
+    ``"s3-bucket/cache"``); ``None`` means ``$PREFECT_HOME/prefect-roboflow-cache``.
+    """
+    if isinstance(cache_storage, ContentCache):
+        return cache_storage
+    if cache_storage is not None and _is_block_slug(cache_storage):
+        block = Block.load(cache_storage)
+        if not isinstance(block, WritableFileSystem):
+            raise InvalidInputError("cache_storage", f"{cache_storage} is not a writable file system block")
+        return ContentCache(block)
+    folder = Path(cache_storage) if cache_storage else Path(PREFECT_HOME.value()) / "prefect-roboflow-cache"
+    return ContentCache(folder.expanduser().resolve())
+
+
+def ensure_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The output folder, created.
+
+    Raises:
+        InvalidInputError: naming ``out_dir``, when it is a file or cannot be created.
+    """
+    path = Path(out_dir).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InvalidInputError("out_dir", f"{out_dir} exists and is not a folder") from None
+    except OSError as exc:
+        raise InvalidInputError("out_dir", f"cannot create {out_dir}: {exc.strerror}") from None
+    return path

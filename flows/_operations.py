@@ -1,0 +1,261 @@
+"""What the steps do, without Prefect: each takes records and returns records and a `StepReport`.
+
+The tasks in `steps` wrap these one to one; plain functions can be read and tested on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import supervision as sv
+
+from prefect_roboflow.blocks import InferenceError, InvalidInputError, ModelBlock, OwlV2, ReferenceExample
+from prefect_roboflow.blocks._embedding import EmbeddingModel
+from prefect_roboflow.blocks.images import to_request_image
+from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
+
+from ._cache import ContentCache, content_key, through_cache
+from ._sources import load_all
+from .records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
+
+__all__ = [
+    "classify_records",
+    "crop_records",
+    "decode_rgb",
+    "detect_records",
+    "embed_label_texts",
+    "embed_records",
+    "encode_jpeg",
+    "normalise",
+]
+
+Codec = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
+
+VECTORS: Codec = (
+    lambda vector: np.asarray(vector, dtype=np.float32).tobytes(),
+    lambda stored: np.frombuffer(stored, dtype=np.float32),
+)
+
+
+def _detections_to_bytes(detections: sv.Detections) -> bytes:
+    return json.dumps(
+        {
+            "xyxy": detections.xyxy.tolist(),
+            "confidence": [] if detections.confidence is None else detections.confidence.tolist(),
+            "class_id": [] if detections.class_id is None else detections.class_id.tolist(),
+            "class_name": np.asarray(detections.data.get("class_name", [])).tolist(),
+        }
+    ).encode()
+
+
+def _detections_from_bytes(data: bytes) -> sv.Detections:
+    stored = json.loads(data)
+    return sv.Detections(
+        xyxy=np.asarray(stored["xyxy"], dtype=np.float32).reshape(-1, 4),
+        confidence=np.asarray(stored["confidence"], dtype=np.float32),
+        class_id=np.asarray(stored["class_id"], dtype=int),
+        data={"class_name": np.asarray(stored["class_name"], dtype=str)},
+    )
+
+
+DETECTIONS: Codec = (_detections_to_bytes, _detections_from_bytes)
+#: The record field each cached step fills.
+RESULT_FIELDS = {"embed": "embedding", "detect": "detections"}
+
+
+def _report(step: str, model: str, records: list[ImageRecord], started: float, **figures: Any) -> StepReport:
+    failed = sum(not r.ok for r in records)
+    return StepReport(step, model, len(records), failed=failed, seconds=time.monotonic() - started, **figures)
+
+
+def _cached_step(
+    step: str,
+    model: ModelBlock,
+    records: Sequence[ImageRecord],
+    cache: ContentCache,
+    params: dict[str, Any],
+    codec: Codec,
+    compute: Callable[[list[bytes]], Sequence[Any]],
+) -> tuple[list[ImageRecord], StepReport]:
+    """Read the records (if not yet), then fill ``step``'s result of every ok one from the cache,
+    sending the misses' bytes to ``compute``; an error fails its record."""
+    started = time.monotonic()
+    loaded = load_all(records)
+    todo = [i for i, r in enumerate(loaded) if r.ok]
+    identity = model.identity()
+    outcomes, sent, infos = through_cache(
+        cache,
+        [content_key(step, loaded[i].sha256 or "", identity, params) for i in todo],
+        codec,
+        lambda misses: compute([loaded[todo[m]].data or b"" for m in misses]),
+    )
+    done = list(loaded)
+    for i, outcome in zip(todo, outcomes, strict=True):
+        failure = Failure.of(step, outcome) if isinstance(outcome, InferenceError) else None
+        done[i] = loaded[i].failed(failure) if failure else loaded[i].with_result(**{RESULT_FIELDS[step]: outcome})
+    return done, _report(step, model.label, done, started, cached=len(todo) - sent, sent=sent, infos=infos)
+
+
+def embed_records(
+    model: EmbeddingModel, records: Sequence[ImageRecord], cache: ContentCache
+) -> tuple[list[ImageRecord], StepReport]:
+    """Records read (if not yet) and embedded; each image sent only if its content is not cached."""
+    return _cached_step("embed", model, records, cache, {}, VECTORS, model.embed_images_outcomes)
+
+
+def examples_digest(examples: Sequence[ReferenceExample]) -> str:
+    """sha256 over the reference examples' image contents and boxes: part of detection cache keys."""
+    parts = []
+    for i, example in enumerate(examples):
+        image = to_request_image(example.image, f"examples[{i}].image")
+        parts.append(
+            {
+                "image": hashlib.sha256(image["value"].encode()).hexdigest(),
+                "boxes": [b.to_request() for b in example.boxes],
+            }
+        )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def detect_records(
+    detector: OwlV2,
+    records: Sequence[ImageRecord],
+    examples: Sequence[ReferenceExample],
+    confidence: float | None,
+    cache: ContentCache,
+) -> tuple[list[ImageRecord], StepReport]:
+    """Records read (if not yet) with the objects OWLv2 finds like the examples; cached per image
+    by content, examples and confidence."""
+    checked = check_examples(examples)
+    threshold = check_confidence(detector.confidence if confidence is None else confidence)
+    params = {"examples": examples_digest(checked), "confidence": threshold}
+    return _cached_step(
+        "detect",
+        detector,
+        records,
+        cache,
+        params,
+        DETECTIONS,
+        lambda images: detector.detect_outcomes(images, checked, threshold),
+    )
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes as an RGB array, EXIF orientation applied as the server does."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def encode_jpeg(pixels: np.ndarray) -> bytes:
+    """RGB pixels as JPEG bytes (crops are encoded once, then hashed and sent as they are)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _crops_of(parent: ImageRecord, padding: int) -> list[ImageRecord]:
+    """One crop record per detection of ``parent``: the padded, clipped box as JPEG, or why not."""
+    found = parent.detections
+    assert parent.data is not None and parent.sha256 is not None and found is not None
+    origins = [
+        Crop(
+            parent_sha256=parent.sha256,
+            detection_index=k,
+            xyxy=tuple(float(v) for v in found.xyxy[k]),  # type: ignore[arg-type]
+            detector_class=str(found.data["class_name"][k]),
+            detector_confidence=None if found.confidence is None else float(found.confidence[k]),
+        )
+        for k in range(len(found))
+    ]
+    try:
+        pixels = decode_rgb(parent.data)
+    except (OSError, ValueError) as exc:
+        failure = Failure("crop", f"cannot decode the image: {exc}", type(exc).__name__)
+        return [ImageRecord(parent.ref, crop=origin, failure=failure) for origin in origins]
+    height, width = pixels.shape[:2]
+    boxes = sv.clip_boxes(sv.pad_boxes(found.xyxy, px=padding, py=padding), (width, height))
+    crops = []
+    for origin, box in zip(origins, boxes, strict=True):
+        x1, y1, x2, y2 = (round(float(v)) for v in box)
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            failure = Failure("crop", "empty crop: the box lies outside the image", "EmptyCrop")
+            crops.append(ImageRecord(parent.ref, crop=origin, failure=failure))
+            continue
+        data = encode_jpeg(sv.crop_image(pixels, (x1, y1, x2, y2)))
+        crops.append(ImageRecord(parent.ref, hashlib.sha256(data).hexdigest(), data, crop=origin))
+    return crops
+
+
+def crop_records(
+    records: Sequence[ImageRecord], padding: int
+) -> tuple[list[ImageRecord], list[ImageRecord], StepReport]:
+    """A crop record per detection of every ok image, in order (padded by ``padding`` pixels and
+    clipped to the image), an empty crop failed; and the images, read."""
+    started = time.monotonic()
+    parents = load_all(records)
+    crops = [
+        crop
+        for parent in parents
+        if parent.ok and parent.detections is not None and len(parent.detections)
+        for crop in _crops_of(parent, padding)
+    ]
+    return crops, parents, _report("crop", "", crops, started)
+
+
+def embed_label_texts(model: EmbeddingModel, labels: Sequence[str], cache: ContentCache) -> tuple[LabelSet, StepReport]:
+    """The label prompts embedded by ``model``, each cached by its text."""
+    started = time.monotonic()
+    identity = model.identity()
+    keys = [content_key("embed_text", hashlib.sha256(t.encode()).hexdigest(), identity, {}) for t in labels]
+    vectors, sent, infos = through_cache(
+        cache, keys, VECTORS, lambda misses: list(model.embed_texts([labels[i] for i in misses]))
+    )
+    label_set = LabelSet(model.label, tuple(labels), np.vstack(vectors).astype(np.float32))
+    report = StepReport("embed_labels", model.label, len(labels), len(labels) - sent, sent, 0, 0.0, infos)
+    report.seconds = time.monotonic() - started
+    return label_set, report
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms == 0, 1.0, norms)
+
+
+def classify_records(
+    records: Sequence[ImageRecord], labels: LabelSet, min_score: float | None
+) -> tuple[list[ImageRecord], StepReport]:
+    """Each embedded record labelled with the prompt it is most similar to (cosine similarity);
+    a best score under ``min_score`` gives ``"unknown"``."""
+    started = time.monotonic()
+    done = list(records)
+    missing = Failure("classify", "no embedding to classify: run the embed step first", "MissingEmbedding")
+    for i, record in enumerate(done):
+        if record.ok and record.embedding is None:
+            done[i] = record.failed(missing)
+    todo = [i for i, r in enumerate(done) if r.ok]
+    if todo:
+        embeddings = np.vstack([done[i].embedding for i in todo])  # type: ignore[misc]
+        if embeddings.shape[1] != labels.vectors.shape[1]:
+            raise InvalidInputError(
+                "labels",
+                f"{labels.vectors.shape[1]}-d label vectors ({labels.model}) cannot classify "
+                f"{embeddings.shape[1]}-d embeddings: embed both with the same model",
+            )
+        scores = (normalise(embeddings) @ normalise(labels.vectors).T).astype(np.float32)
+        best = scores.argmax(axis=1)
+        for row, i in enumerate(todo):
+            score = float(scores[row, best[row]])
+            name = "unknown" if min_score is not None and score < min_score else labels.names[best[row]]
+            done[i] = done[i].with_result(label=Label(name, score, tuple(scores[row].tolist())))
+    return done, _report("classify", labels.model, done, started)

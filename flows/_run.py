@@ -1,0 +1,258 @@
+"""The run skeleton every flow shares: batches, pipelining, progress, per-step figures, the
+summary and table artifacts, the completion event and the failure-rate rule.
+
+A flow says what to do with one batch (a chain of steps) and what rows it makes; `BatchRun`
+does the rest the same way for every flow::
+
+    run = BatchRun("embed-images", images, batch_size, f"Embedding images with {model.label}")
+    with ParquetSink(path, EMBEDDINGS_SCHEMA) as sink:
+        for batch in run.process(lambda b: steps.embed.submit(model, b, cache)):
+            run.write(sink, rows_of(batch))
+    return run.finish(result, title, sections, max_failure_rate)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.events import emit_event
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from ._output import ParquetSink
+from ._sources import ImageSource, count_images, iter_batches
+from .records import Batch, StepReport
+
+__all__ = [
+    "BatchRun",
+    "ImageCounts",
+    "RequestFigures",
+    "TooManyFailuresError",
+    "emit_completed",
+    "markdown_table",
+    "publish_summary",
+]
+
+T = TypeVar("T")
+F = TypeVar("F")
+R = TypeVar("R", bound=BaseModel)
+EVENT_PREFIX = "prefect_roboflow"
+SAMPLE_ROWS = 5
+
+
+@dataclass
+class StepStats(StepReport):
+    """What one step did over a run: its batches' reports added up, for the step table artifact."""
+
+    batches: int = 0
+    requests: int = 0
+    retries: int = 0
+    server_seconds: float = 0.0
+
+    def add(self, report: StepReport) -> None:
+        """Fold one batch's report in."""
+        self.batches += 1
+        self.items += report.items
+        self.cached += report.cached
+        self.sent += report.sent
+        self.failed += report.failed
+        self.seconds += report.seconds
+        self.requests += len(report.infos)
+        self.retries += sum(i.attempts - 1 for i in report.infos)
+        self.server_seconds += sum(i.server_time or 0.0 for i in report.infos)
+
+    def row(self) -> dict[str, Any]:
+        """The step's row of the table artifact."""
+        counts = ("batches", "items", "cached", "sent", "failed", "requests", "retries")
+        return {
+            "step": self.step,
+            "model": self.model,
+            **{name: getattr(self, name) for name in counts},
+            "server_seconds": round(self.server_seconds, 3),
+            "wall_seconds": round(self.seconds, 3),
+        }
+
+
+class RequestFigures(BaseModel):
+    """What a flow run asked of the server, summed over its steps."""
+
+    requests: int
+    retries: int
+    server_seconds: float
+    from_cache: int
+
+
+class ImageCounts(RequestFigures):
+    """A flow result's image counts: taken, with a result, failed."""
+
+    images: int
+    succeeded: int
+    failed: int
+
+
+class TooManyFailuresError(RuntimeError):
+    """More images failed than the flow's ``max_failure_rate`` allows (outputs are still written)."""
+
+
+class Progress:
+    """A progress artifact on the flow run, advanced per batch.
+
+    Updates go to the API at most once per ``interval`` seconds (and always at the end): a
+    cached rerun finishes a batch in milliseconds, and an API call per batch would dominate it.
+    """
+
+    def __init__(self, total_batches: int, description: str, interval: float = 1.0) -> None:
+        self.total = max(1, total_batches)
+        self.done = 0
+        self.interval = interval
+        self._sent_at = time.monotonic()
+        self._id: UUID | None = create_progress_artifact(0.0, description=description)  # type: ignore[assignment]
+
+    def advance(self) -> None:
+        """One more batch done."""
+        self.done += 1
+        now = time.monotonic()
+        if self._id is not None and (self.done >= self.total or now - self._sent_at >= self.interval):
+            update_progress_artifact(self._id, 100.0 * self.done / self.total)
+            self._sent_at = now
+
+
+def pipelined(batches: Iterable[T], submit: Callable[[T], F], window: int = 2) -> Iterator[tuple[T, F]]:
+    """Submit work for up to ``window`` batches ahead, yielding ``(batch, future)`` in order.
+
+    While one batch's tasks finish (their last requests, then ~0.1 s of Prefect bookkeeping),
+    the next is already reading its images and sending requests, so the server never idles
+    between batches. The engine's concurrency limit still bounds the requests in flight.
+    """
+    pending: deque[tuple[T, F]] = deque()
+    for batch in batches:
+        pending.append((batch, submit(batch)))
+        if len(pending) >= window:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+class BatchRun:
+    """One flow run over the batches of an image source.
+
+    Attributes:
+        steps: Per-step figures, in the order the steps first reported.
+        images: How many images (a crop batch's parents, else its records) the run took.
+        images_failed: How many of them some step failed.
+        statuses: Rows written, by ``status``.
+        labels: Rows written, by ``label``.
+        sample: The first rows written, for the summary.
+    """
+
+    def __init__(self, flow_key: str, images: ImageSource, batch_size: int, description: str) -> None:
+        self.flow_key = flow_key
+        self.source = images
+        self.batch_size = batch_size
+        self.total_batches = math.ceil(count_images(images) / batch_size)
+        self.progress = Progress(self.total_batches, description)
+        self.steps: dict[str, StepStats] = {}
+        self.images = self.images_failed = 0
+        self.statuses: Counter[str] = Counter()
+        self.labels: Counter[str] = Counter()
+        self.sample: list[dict[str, Any]] = []
+
+    def batches(self) -> Iterator[Batch]:
+        """The source's references in batches labelled ``"i/n"``, nothing read yet."""
+        for index, refs in enumerate(iter_batches(self.source, self.batch_size)):
+            yield Batch.of(refs, f"{index + 1}/{self.total_batches}")
+
+    def process(self, submit: Callable[[Batch], PrefectFuture[Batch]], window: int = 2) -> Iterator[Batch]:
+        """Each batch after the steps ``submit`` chains for it, pipelined ``window`` batches deep.
+
+        The step reports of each batch are accounted; progress advances once the caller is done with it.
+        """
+        for _, future in pipelined(self.batches(), submit, window):
+            batch = future.result()
+            self.account(batch)
+            yield batch
+            self.progress.advance()
+
+    def account(self, batch: Batch) -> None:
+        """Fold a finished batch's step reports and image counts into the run's figures."""
+        for report in batch.reports:
+            self.steps.setdefault(report.step, StepStats(report.step, report.model)).add(report)
+        images = batch.parents or batch.records
+        self.images += len(images)
+        self.images_failed += sum(not r.ok for r in images)
+
+    def write(self, sink: ParquetSink, rows: list[dict[str, Any]]) -> None:
+        """Write rows to the run's table, counting their statuses and labels."""
+        self.statuses.update(row["status"] for row in rows)
+        self.labels.update(row["label"] for row in rows if row.get("label") is not None)
+        self.sample.extend(rows[: max(0, SAMPLE_ROWS - len(self.sample))])
+        sink.write(rows)
+
+    def figures(self) -> dict[str, Any]:
+        """The run's `RequestFigures`, as keyword arguments for a result model."""
+        steps = self.steps.values()
+        return {
+            "requests": sum(s.requests for s in steps),
+            "retries": sum(s.retries for s in steps),
+            "server_seconds": round(sum(s.server_seconds for s in steps), 6),
+            "from_cache": sum(s.cached for s in steps),
+        }
+
+    def counts(self) -> dict[str, Any]:
+        """The run's `ImageCounts` (with its `RequestFigures`), as keyword arguments for a result model."""
+        return {
+            "images": self.images,
+            "succeeded": self.statuses["ok"],
+            "failed": self.statuses["failed"],
+            **self.figures(),
+        }
+
+    def finish(self, result: R, title: str, sections: Sequence[str], max_failure_rate: float) -> R:
+        """Publish the step table and summary, emit the completion event, then apply the failure rule."""
+        description = f"Per-step figures of this {self.flow_key} run."
+        rows = [s.row() for s in self.steps.values()]
+        create_table_artifact(rows, key=f"{self.flow_key}-steps", description=description)
+        publish_summary(self.flow_key, title, sections)
+        emit_completed(self.flow_key, result.model_dump())
+        if self.images and self.images_failed / self.images > max_failure_rate:
+            raise TooManyFailuresError(
+                f"{self.images_failed} of {self.images} images failed ({self.images_failed / self.images:.0%}), "
+                f"above max_failure_rate={max_failure_rate:.0%}"
+            )
+        return result
+
+
+def publish_summary(flow_key: str, title: str, sections: Sequence[str]) -> None:
+    """The run's markdown summary artifact."""
+    create_markdown_artifact("\n\n".join([f"# {title}", *sections]), key=f"{flow_key}-summary", description=title)
+
+
+def emit_completed(flow_key: str, summary: dict[str, Any]) -> None:
+    """``prefect_roboflow.<flow>.completed``, for automations to match."""
+    run_id = flow_run.get_id() or "unknown"
+    emit_event(
+        event=f"{EVENT_PREFIX}.{flow_key.replace('-', '_')}.completed",
+        resource={"prefect.resource.id": f"{EVENT_PREFIX}.flow-run.{run_id}", "prefect.resource.name": flow_key},
+        payload=summary,
+    )
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A small markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
