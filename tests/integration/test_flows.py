@@ -275,3 +275,20 @@ def test_record_responses_sees_the_requests_of_a_flow(proxy: FaultProxy, plain_i
         )
     assert len(infos) == result.requests == proxy.count() == N_IMAGES
     assert sum(i.server_time or 0 for i in infos) == pytest.approx(result.server_seconds, abs=1e-3)
+
+
+def test_tables_name_the_model_family_and_bad_outputs_fail_before_any_request(
+    proxy: FaultProxy, plain_images: Path, tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "cache")
+    result = embed_images(str(plain_images), str(tmp_path / "out"), server=proxy.url, cache_storage=cache)
+    assert {(r["model"], r["version"]) for r in _table(result.embeddings_path)} == {("clip", "ViT-B-16")}
+
+    proxy.clear()
+    (tmp_path / "taken").write_text("a file where the output folder should be")
+    examples, _ = example_spec()
+    with pytest.raises(InvalidInputError, match="out_dir"):
+        detect_crop_classify(str(plain_images), examples, LABELS, str(tmp_path / "taken"), server=proxy.url)
+    with pytest.raises(InvalidInputError, match="out_dir"):
+        classify_images(str(plain_images), LABELS, str(tmp_path / "taken"), server=proxy.url, cache_storage=cache)
+    assert proxy.count() == 0

@@ -201,7 +201,8 @@ class FaultProxy:
     # ----------------------------------------------------------- event loop side
     async def _astart(self) -> None:
         self._closing = False
-        self._client = httpx.AsyncClient(timeout=30.0, trust_env=False)
+        # As long as the blocks wait (InferenceServer.timeout_seconds): CPU-bound PE requests queue for a while.
+        self._client = httpx.AsyncClient(timeout=60.0, trust_env=False)
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
