@@ -5,6 +5,7 @@
 - `embed_images`: images → a parquet table of embeddings.
 - `classify_images`: whole-image zero-shot classification.
 - `search_images`: a text or image query → the most similar rows of such a table.
+- `auto_label`: detection + zero-shot classes → a COCO/YOLO dataset, a review table and gallery.
 
 All take image references (a folder, a glob, or paths and https URLs), cache every result by
 content, write outputs atomically, and publish progress, tables, a summary and an event. They
@@ -14,6 +15,7 @@ your own flows from the same steps.
 """
 
 from . import steps
+from .auto_label import AutoLabelResult, auto_label
 from .classify_images import ClassifyImagesResult, classify_images
 from .detect_crop_classify import DetectCropClassifyResult, detect_crop_classify
 from .embed_images import EmbedImagesResult, embed_images
@@ -22,6 +24,7 @@ from .search_images import SearchHit, SearchImagesResult, search_images
 from .steps import ExampleSpec
 
 __all__ = [
+    "AutoLabelResult",
     "Batch",
     "ClassifyImagesResult",
     "DetectCropClassifyResult",
@@ -31,6 +34,7 @@ __all__ = [
     "ImageRecord",
     "SearchHit",
     "SearchImagesResult",
+    "auto_label",
     "classify_images",
     "detect_crop_classify",
     "embed_images",

@@ -32,6 +32,7 @@ __all__ = [
     "embed_label_texts",
     "embed_records",
     "encode_jpeg",
+    "image_size",
     "normalise",
 ]
 
@@ -152,6 +153,16 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of encoded image bytes as the server sees them: after EXIF orientation."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def encode_jpeg(pixels: np.ndarray) -> bytes:

@@ -15,7 +15,14 @@ from prefect_roboflow.blocks import ModelBlock
 from ._output import embedding_type
 from .records import Batch, ImageRecord
 
-__all__ = ["CLASSIFICATIONS_SCHEMA", "DETECTIONS_SCHEMA", "EMBEDDINGS_SCHEMA", "detection_rows", "record_rows"]
+__all__ = [
+    "CLASSIFICATIONS_SCHEMA",
+    "DETECTIONS_SCHEMA",
+    "EMBEDDINGS_SCHEMA",
+    "REVIEW_SCHEMA",
+    "detection_rows",
+    "record_rows",
+]
 
 Columns = list[tuple[str, pa.DataType]]
 
@@ -39,6 +46,10 @@ OUTCOME: Columns = [
 EMBEDDINGS_SCHEMA = pa.schema(IMAGE + OUTCOME)
 CLASSIFICATIONS_SCHEMA = pa.schema(IMAGE + LABEL + OUTCOME)
 DETECTIONS_SCHEMA = pa.schema(IMAGE + DETECTION + LABEL + OUTCOME)
+#: `auto_label`'s detections left unlabelled, with their best guesses, best first.
+REVIEW_SCHEMA = pa.schema(
+    IMAGE + DETECTION[:2] + [("guesses", pa.list_(pa.string())), ("guess_scores", pa.list_(pa.float32()))]
+)
 
 
 def _values(record: ImageRecord, model: ModelBlock, status: str | None) -> dict[str, Any]:

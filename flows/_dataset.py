@@ -1,0 +1,191 @@
+"""A labelled detection dataset out of crop batches: COCO and YOLO through supervision's
+`DetectionDataset`, and an HTML review gallery. Every output appears whole or not at all."""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import supervision as sv
+
+from ._annotated import annotated_name
+from ._operations import decode_rgb
+from ._output import atomic_write_bytes
+from .records import ImageRecord
+
+__all__ = ["EXPORT_FORMATS", "GallerySink", "LabelledImage", "ReviewItem", "write_datasets"]
+
+EXPORT_FORMATS = ("coco", "yolo")
+THUMBNAIL_WIDTH = 320
+THUMBNAILS_PER_CLASS = 24
+
+
+@dataclass
+class LabelledImage:
+    """An image and its kept detections (boxes clipped to it, class ids into the class list)."""
+
+    image: ImageRecord
+    xyxy: list[list[float]] = field(default_factory=list)
+    class_ids: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    def detections(self) -> sv.Detections:
+        """The kept boxes as `sv.Detections`."""
+        if not self.xyxy:
+            return sv.Detections.empty()
+        return sv.Detections(
+            xyxy=np.asarray(self.xyxy, dtype=np.float32),
+            class_id=np.asarray(self.class_ids, dtype=int),
+            confidence=np.asarray(self.scores, dtype=np.float32),
+        )
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """A detection left unlabelled: its image, box and best guesses, best first."""
+
+    image_ref: str
+    detection_index: int
+    guesses: tuple[tuple[str, float], ...]
+
+
+def _replace_dir(staged: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing an older one (kept aside until the move is done)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    staged.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _stage_images(images: Sequence[LabelledImage], folder: Path) -> dict[str, str]:
+    """Each image under a unique file name in ``folder`` (linked where it is a local file, else
+    written), as supervision reads images from paths; ref → staged path."""
+    folder.mkdir(parents=True)
+    staged = {}
+    for labelled in images:
+        image = labelled.image
+        suffix = Path(image.ref.split("?")[0]).suffix.lower() or ".jpg"
+        target = folder / f"{Path(annotated_name(image)).stem}{suffix}"
+        source = Path(image.ref)
+        if "://" not in image.ref and source.is_file():
+            target.symlink_to(source.resolve())
+        else:
+            assert image.data is not None, "a labelled image was read"
+            target.write_bytes(image.data)
+        staged[image.ref] = str(target)
+    return staged
+
+
+def write_datasets(
+    images: Sequence[LabelledImage], classes: Sequence[str], formats: Sequence[str], out: Path
+) -> dict[str, str]:
+    """Export the images and their kept boxes in each format to ``out/<format>/``; the paths written."""
+    work = Path(tempfile.mkdtemp(dir=out, prefix=".auto-label-"))
+    try:
+        staged = _stage_images(images, work / "staged")
+        dataset = sv.DetectionDataset(
+            classes=list(classes),
+            images=[staged[i.image.ref] for i in images],
+            annotations={staged[i.image.ref]: i.detections() for i in images},
+        )
+        written = {}
+        for fmt in formats:
+            target = work / fmt
+            if fmt == "coco":
+                dataset.as_coco(str(target / "images"), str(target / "annotations.json"))
+            else:
+                dataset.as_yolo(str(target / "images"), str(target / "labels"), str(target / "data.yaml"))
+            _replace_dir(target, out / fmt)
+            written[fmt] = str(out / fmt)
+        return written
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _thumbnail(labelled: LabelledImage, classes: Sequence[str]) -> bytes:
+    from PIL import Image
+
+    assert labelled.image.data is not None
+    scene = decode_rgb(labelled.image.data)[:, :, ::-1].copy()
+    found = labelled.detections()
+    captions = [f"{classes[c]} {s:.2f}" for c, s in zip(labelled.class_ids, labelled.scores, strict=True)]
+    scene = sv.BoxAnnotator(thickness=2).annotate(scene, found)
+    scene = sv.LabelAnnotator(text_scale=0.4).annotate(scene, found, labels=captions)
+    image = Image.fromarray(np.ascontiguousarray(scene[:, :, ::-1]))
+    image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+class GallerySink:
+    """The review gallery, filled as batches arrive: an annotated thumbnail per labelled image,
+    then ``index.html`` with per-class counts, a thumbnail grid per class and the review list."""
+
+    def __init__(self, folder: Path, classes: Sequence[str]) -> None:
+        self.folder, self.classes = folder, list(classes)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.per_class: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, labelled: LabelledImage) -> None:
+        """Draw an image's kept boxes into its thumbnail (the first few images of each class)."""
+        if not labelled.class_ids:
+            return
+        names = sorted({self.classes[c] for c in labelled.class_ids})
+        for class_id in set(labelled.class_ids):
+            self.counts[self.classes[class_id]] += labelled.class_ids.count(class_id)
+        if all(len(self.per_class[n]) >= THUMBNAILS_PER_CLASS for n in names):
+            return
+        name = f"thumbs/{annotated_name(labelled.image)}"
+        atomic_write_bytes(self.folder / name, _thumbnail(labelled, self.classes))
+        for class_name in names:
+            self.per_class[class_name].append(name)
+
+    def finish(self, review: Sequence[ReviewItem]) -> Path:
+        """Write the page; its path."""
+        page = _page(self.classes, self.counts, self.per_class, review)
+        atomic_write_bytes(self.folder / "index.html", page.encode())
+        return self.folder / "index.html"
+
+
+def _page(
+    classes: Sequence[str], counts: dict[str, int], per_class: dict[str, list[str]], review: Sequence[ReviewItem]
+) -> str:
+    esc = html.escape
+    rows = "".join(f"<tr><td>{esc(c)}</td><td>{counts.get(c, 0)}</td></tr>" for c in classes)
+    grids = "".join(
+        f'<h2 id="class-{i}">{esc(c)} ({counts.get(c, 0)})</h2><div class="grid">'
+        + "".join(f'<img src="{esc(src)}" alt="{esc(c)}">' for src in per_class.get(c, [])[:THUMBNAILS_PER_CLASS])
+        + "</div>"
+        for i, c in enumerate(classes)
+    )
+    review_rows = "".join(
+        f"<tr><td>{esc(item.image_ref)}</td><td>{item.detection_index}</td><td>"
+        + ", ".join(f"{esc(name)} {score:.2f}" for name, score in item.guesses)
+        + "</td></tr>"
+        for item in review
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>auto_label review</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}} .grid{{display:flex;flex-wrap:wrap;gap:8px}}
+.grid img{{width:{THUMBNAIL_WIDTH}px;border:1px solid #999}}</style></head>
+<body><h1>auto_label review</h1>
+<h2>Detections per class</h2><table><tr><th>class</th><th>detections</th></tr>{rows}</table>
+{grids}
+<h2 id="review">Low confidence: left for review ({len(review)})</h2>
+<table><tr><th>image</th><th>detection</th><th>best guesses</th></tr>{review_rows}</table>
+</body></html>
+"""

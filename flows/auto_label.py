@@ -1,0 +1,250 @@
+"""`auto_label`: images + OWLv2 reference examples + class prompts → a labelled detection dataset.
+
+OWLv2 finds objects like the examples (`detect`), each is cropped (`crop`) and embedded (`embed`),
+and gets the class whose prompts it is most similar to (`classify` against each class's prompt
+ensemble: several prompts per class are averaged in embedding space). A detection's score is the
+zero-shot probability of its class (softmax of 100 × cosine similarity over the classes, as CLIP
+computes it); under ``min_score`` it is not labelled but listed for review with its best guesses.
+The kept boxes, clipped to their images, are exported as COCO and/or YOLO through supervision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import numpy as np
+from prefect import flow
+from prefect.futures import PrefectFuture
+
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+from . import steps
+from ._config import EmbeddingFamily, detector_model, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
+from ._operations import image_size, normalise
+from ._output import ParquetSink
+from ._run import BatchRun, ImageCounts, markdown_table
+from ._sources import ImageSource
+from ._tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
+from .records import Batch, ImageRecord, LabelSet
+from .steps import ExampleSpec
+
+__all__ = ["AutoLabelResult", "auto_label", "class_prompts"]
+
+FLOW_KEY = "auto-label"
+#: CLIP's logit scale: zero-shot probabilities are softmax(100 × cosine similarity).
+LOGIT_SCALE = 100.0
+ExportFormat = Literal["coco", "yolo"]
+Classes = list[str] | dict[str, str | list[str]]
+
+
+class AutoLabelResult(ImageCounts):
+    """What an `auto_label` run labelled and where the dataset is."""
+
+    detections: int
+    labelled: int
+    review: int
+    class_counts: dict[str, int]
+    datasets: dict[str, str]
+    labels_path: str
+    review_path: str
+    gallery_path: str
+
+
+def class_prompts(classes: Classes | Mapping[str, Any]) -> dict[str, list[str]]:
+    """Class name → its prompts, from a list of prompts (each its own class) or a mapping.
+
+    Raises:
+        InvalidInputError: naming ``classes``: empty, a class without a prompt, a duplicate name.
+    """
+    if isinstance(classes, str) or not classes:
+        raise InvalidInputError("classes", "give a list of prompts or a mapping of class name to prompts")
+    if not isinstance(classes, Mapping):
+        names = list(classes)
+        if len(set(names)) != len(names):
+            duplicated = sorted({n for n in names if names.count(n) > 1})
+            raise InvalidInputError("classes", f"duplicate class names: {duplicated}")
+        classes = {name: [name] for name in names}
+    prompts = {}
+    for name, given in classes.items():
+        listed = [given] if isinstance(given, str) else list(given)
+        if not str(name).strip() or not listed or any(not isinstance(p, str) or not p.strip() for p in listed):
+            raise InvalidInputError(f"classes[{name!r}]", "each class needs a name and at least one non-empty prompt")
+        prompts[str(name)] = listed
+    return prompts
+
+
+def ensemble(prompt_set: LabelSet, prompts: dict[str, list[str]]) -> LabelSet:
+    """One vector per class: the mean of its prompts' unit vectors (the prompt-ensemble technique)."""
+    vectors = normalise(prompt_set.vectors)
+    index = {p: i for i, p in enumerate(prompt_set.names)}
+    means = [vectors[[index[p] for p in listed]].mean(axis=0) for listed in prompts.values()]
+    return LabelSet(prompt_set.model, tuple(prompts), normalise(np.vstack(means)).astype(np.float32))
+
+
+def _probabilities(crop: ImageRecord) -> np.ndarray:
+    assert crop.label is not None
+    logits = LOGIT_SCALE * np.asarray(crop.label.scores, dtype=np.float64)
+    odds = np.exp(logits - logits.max())
+    return (odds / odds.sum()).astype(np.float32)
+
+
+class _Labeller:
+    """Sorts each crop batch into kept boxes (for the datasets and the gallery) and review items."""
+
+    def __init__(self, classes: Sequence[str], min_score: float, gallery: GallerySink) -> None:
+        self.classes, self.min_score, self.gallery = list(classes), min_score, gallery
+        self.images: list[LabelledImage] = []
+        self.review: list[ReviewItem] = []
+
+    def rows(self, batch: Batch, model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The batch's label rows (every image and detection) and review rows."""
+        rows: list[dict[str, Any]] = []
+        review_rows: list[dict[str, Any]] = []
+        for parent, crops in batch.by_parent():
+            if not parent.ok or not crops:
+                status = "failed" if not parent.ok else "no_detections"
+                rows.extend({**r, "status": status} for r in record_rows([parent], model, DETECTIONS_SCHEMA))
+            if not parent.ok:
+                continue
+            labelled = LabelledImage(parent)
+            width, height = image_size(parent.data or b"")
+            for crop, row in zip(crops, record_rows(crops, model, DETECTIONS_SCHEMA), strict=True):
+                rows.append(row)
+                if not crop.ok or crop.crop is None:
+                    continue
+                box = np.clip(np.asarray(crop.crop.xyxy, dtype=np.float32), 0, [width, height, width, height])
+                probabilities = _probabilities(crop)
+                best = int(probabilities.argmax())
+                row.update(box_xyxy=box.tolist(), label_score=float(probabilities[best]))
+                row.update(label_scores=probabilities.tolist())
+                if probabilities[best] >= self.min_score:
+                    row.update(status="labelled", label=self.classes[best])
+                    labelled.xyxy.append(box.tolist())
+                    labelled.class_ids.append(best)
+                    labelled.scores.append(float(probabilities[best]))
+                else:
+                    row.update(status="review", label=None)  # its best guesses are in the review table
+                    review_rows.append(self._review(crop, row, probabilities))
+            self.gallery.add(labelled)
+            # keep the bytes only where the dataset export cannot read the image again from its path
+            self.images.append(
+                replace(labelled, image=replace(parent, data=None)) if "://" not in parent.ref else labelled
+            )
+        return rows, review_rows
+
+    def _review(self, crop: ImageRecord, row: dict[str, Any], probabilities: np.ndarray) -> dict[str, Any]:
+        order = np.argsort(-probabilities, kind="stable")[:3]
+        guesses = tuple((self.classes[i], float(probabilities[i])) for i in order)
+        assert crop.crop is not None
+        self.review.append(ReviewItem(crop.ref, crop.crop.detection_index, guesses))
+        return {
+            "image_ref": crop.ref,
+            "image_sha256": row["image_sha256"],
+            "detection_index": crop.crop.detection_index,
+            "box_xyxy": row["box_xyxy"],
+            "guesses": [g for g, _ in guesses],
+            "guess_scores": [s for _, s in guesses],
+        }
+
+
+def _check(min_score: float, formats: Sequence[str]) -> None:
+    if not 0.0 <= min_score <= 1.0:
+        raise InvalidInputError("min_score", f"must lie in [0, 1], got {min_score}")
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise InvalidInputError("formats", f"expected some of {list(EXPORT_FORMATS)}, got {list(formats)}")
+
+
+@flow(name="auto-label", flow_run_name="auto-label[{model}]", validate_parameters=True)
+def auto_label(
+    images: ImageSource,
+    examples: list[ExampleSpec],
+    classes: Classes,
+    out_dir: str,
+    formats: Sequence[str] = EXPORT_FORMATS,
+    min_score: float = 0.5,
+    server: str | None = None,
+    model: EmbeddingFamily = "clip",
+    version: str | None = None,
+    detector_version: str | None = None,
+    confidence: float = 0.99,
+    batch_size: int = 32,
+    cache_storage: str | None = None,
+    max_failure_rate: float = 0.5,
+) -> AutoLabelResult:
+    """Find objects like the examples, label each with a class, and write a detection dataset.
+
+    Args:
+        images: A folder, a glob, or a list of paths and https URLs.
+        examples: Reference images with example boxes (see `detect_crop_classify`).
+        classes: Class prompts: a list (each prompt is a class), or class name → prompt or prompts.
+        out_dir: Folder for ``labels.parquet``, ``review.parquet``, ``coco/``, ``yolo/``, ``gallery/``.
+        formats: ``"coco"`` and/or ``"yolo"``.
+        min_score: Detections whose class probability is below this go to review, unlabelled.
+        server: A saved `InferenceServer` block name or a URL.
+        model: ``"clip"`` or ``"perception_encoder"`` for the crops and prompts.
+        version: Version of that model; detector_version: OWLv2's; their defaults when omitted.
+        confidence: OWLv2 score threshold.
+        batch_size: Images per task run.
+        cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
+        max_failure_rate: The run fails (after writing its outputs) above this share of failed images.
+    """
+    _check(min_score, formats)
+    prompts = class_prompts(classes)
+    srv = resolve_server(server)
+    detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
+    reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), ensure_out_dir(out_dir)
+    run = BatchRun(FLOW_KEY, images, batch_size, f"Auto-labelling with {detector.label} and {embedder.label}")
+    all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
+    class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
+    labeller = _Labeller(list(prompts), min_score, GallerySink(out / "gallery", list(prompts)))
+
+    def submit(batch: Batch) -> PrefectFuture[Batch]:
+        found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
+        cropped: Any = steps.crop.submit(found)
+        embedded: Any = steps.embed.submit(embedder, cropped, cache)
+        return steps.classify.submit(embedded, class_set)
+
+    with (
+        ParquetSink(out / "labels.parquet", DETECTIONS_SCHEMA) as sink,
+        ParquetSink(out / "review.parquet", REVIEW_SCHEMA) as review,
+    ):
+        for batch in run.process(submit):
+            rows, review_rows = labeller.rows(batch, embedder)
+            run.write(sink, rows)
+            review.write(review_rows)
+    datasets = write_datasets(labeller.images, list(prompts), formats, out)
+    gallery = labeller.gallery.finish(labeller.review)
+    return run.finish(*_outcome(run, datasets, str(sink.path), str(review.path), str(gallery)), max_failure_rate)
+
+
+def _outcome(
+    run: BatchRun, datasets: dict[str, str], labels: str, review: str, gallery: str
+) -> tuple[AutoLabelResult, str, list[str]]:
+    counts = run.counts()
+    result = AutoLabelResult(
+        **{**counts, "succeeded": counts["images"] - run.images_failed, "failed": run.images_failed},
+        detections=run.statuses["labelled"] + run.statuses["review"],
+        labelled=run.statuses["labelled"],
+        review=run.statuses["review"],
+        class_counts={k: v for k, v in run.labels.most_common()},
+        datasets=datasets,
+        labels_path=labels,
+        review_path=review,
+        gallery_path=gallery,
+    )
+    counts_table = markdown_table(
+        [{"class": k, "labelled": v} for k, v in result.class_counts.items()], ["class", "labelled"]
+    )
+    sections = [
+        f"## Classes\n\n{counts_table}",
+        f"## Review\n\n{result.review} detection(s) under min_score, with their best guesses: `{review}`",
+        f"## Outputs\n\n- review gallery: [{gallery}](file://{gallery})\n"
+        + "".join(f"- {fmt.upper()}: `{path}`\n" for fmt, path in datasets.items())
+        + f"- table: `{labels}`",
+    ]
+    title = f"{result.labelled} objects labelled in {result.images} images ({result.review} for review)"
+    return result, title, sections
