@@ -221,8 +221,9 @@ class DeliveryGuard:
     """Refuses stale and replayed deliveries: a timestamp window, and the ids accepted within it.
 
     An id is held until its timestamp leaves the window (``timestamp + tolerance``); after that the
-    timestamp alone refuses the same request. At most ``max_ids`` are held; a new delivery beyond
-    that is refused with 503 (retry later) rather than forgetting an id early.
+    timestamp alone refuses the same request. At most ``max_ids`` entries are kept (a released id's
+    entry counts until its timestamp leaves the window); a new delivery beyond that is refused with
+    503 (retry later) rather than forgetting an id early.
 
     Example:
         >>> now = [1_700_000_000.0]
@@ -258,7 +259,7 @@ class DeliveryGuard:
         self._forget_expired(now)
         if delivery_id in self._expires:
             raise Rejected(401, f"delivery {delivery_id} was already received", f"delivery {delivery_id} replayed")
-        if len(self._expires) >= self.max_ids:
+        if len(self._queue) >= self.max_ids:
             raise Rejected(503, "too many deliveries, try again later", f"{self.max_ids} delivery ids held")
         expires = int(timestamp) + self.tolerance
         self._expires[delivery_id] = expires
