@@ -11,11 +11,24 @@ Request: ``POST /webhooks/images`` with a JSON body ::
      "flow": "embed_images",                 # or "detect_crop_classify"; embed_images if omitted
      "parameters": {"model": "clip"}}        # optional; keys from OVERRIDES below
 
-and the header ``X-Signature-256: sha256=<hex HMAC-SHA256 of the raw body with the shared secret>``.
+and three headers (the scheme of Stripe's and the Standard Webhooks signatures)::
+
+    X-Webhook-Id: <the sender's unique id for this delivery: 1-128 of A-Z a-z 0-9 _ ->
+    X-Webhook-Timestamp: <unix seconds when the sender signed it>
+    X-Signature-256: sha256=<hex HMAC-SHA256, with the shared secret, of "<id>.<timestamp>." + the raw body>
+
+(``signature_headers`` makes all three). A request whose timestamp is more than the tolerance
+(300 s, ``PREFECT_ROBOFLOW_WEBHOOK_TOLERANCE``) away from the receiver's clock is refused, and so
+is a delivery id already accepted within that window: a captured request cannot be replayed.
+Accepted ids are kept in this process's memory until their timestamp leaves the window; several
+receiver replicas each keep their own, so across replicas the timestamp window is what bounds a
+replay.
 
 Answers: 202 ``{"event_id": ...}`` once Prefect has the event; 413 for a body over the size
-limit, 401 for a missing or wrong signature, 422 for a body that is not the schema above, 503
-when Prefect cannot be reached. Nothing is emitted unless the answer is 202.
+limit; 401 for missing or malformed headers, a wrong signature, a timestamp outside the window
+or a replayed delivery id; 422 for a body that is not the schema above; 503 when Prefect cannot
+be reached (retry: the same delivery id is accepted again) or when too many deliveries are held
+in the window. Nothing is emitted unless the answer is 202.
 
 Run it (the secret from an env var, or from a Prefect ``Secret`` block)::
 
@@ -30,9 +43,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import hmac
 import logging
 import os
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -46,12 +62,19 @@ EVENT = "prefect_roboflow.images.arrived"
 RESOURCE_ID = "prefect_roboflow.webhook.images"
 FLOW_LABEL = "prefect_roboflow.flow"  # resource label the deployment triggers match on
 SIGNATURE_HEADER = "X-Signature-256"
+ID_HEADER = "X-Webhook-Id"
+TIMESTAMP_HEADER = "X-Webhook-Timestamp"
 SECRET_ENV = "PREFECT_ROBOFLOW_WEBHOOK_SECRET"
 SECRET_BLOCK_ENV = "PREFECT_ROBOFLOW_WEBHOOK_SECRET_BLOCK"
 MAX_BYTES_ENV = "PREFECT_ROBOFLOW_WEBHOOK_MAX_BYTES"
+TOLERANCE_ENV = "PREFECT_ROBOFLOW_WEBHOOK_TOLERANCE"
+DEFAULT_TOLERANCE = 300  # seconds a signed request stays valid, either side of the receiver's clock
+MAX_DELIVERIES = 100_000  # accepted ids held at once (the window's worth); more → 503, try later
 DEFAULT_MAX_BYTES = 256 * 1024  # flow-run parameters must stay under 512 KiB
 MAX_IMAGES = 2000
 MIN_SECRET_LENGTH = 16
+DELIVERY_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no "." so that "<id>.<timestamp>." is unambiguous
+TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 EmbeddingFamily = Literal["clip", "perception_encoder"]
 
@@ -148,16 +171,132 @@ def parse_body(body: bytes) -> ImagesArrived:
     return arrived
 
 
-def sign(body: bytes, secret: str) -> str:
-    """The signature header value for ``body``: ``sha256=<hex>``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(body: bytes, secret: str, delivery_id: str, timestamp: int | str) -> str:
+    """The ``X-Signature-256`` value: ``sha256=<hex>`` of ``"<delivery_id>.<timestamp>."`` + ``body``.
+
+    Example:
+        >>> sign(b"{}", "s" * 32, "d1", 1700000000)[:15]
+        'sha256=a55f297b'
+    """
+    content = f"{delivery_id}.{timestamp}.".encode() + body
+    return "sha256=" + hmac.new(secret.encode(), content, hashlib.sha256).hexdigest()
 
 
-def signature_ok(body: bytes, header: str | None, secret: str) -> bool:
-    """Whether ``header`` is the body's signature (compared in constant time)."""
+def signature_ok(body: bytes, header: str | None, secret: str, delivery_id: str, timestamp: int | str) -> bool:
+    """Whether ``header`` signs this body, delivery id and timestamp (compared in constant time)."""
     if not header:
         return False
-    return hmac.compare_digest(header.strip().encode(), sign(body, secret).encode())
+    expected = sign(body, secret, delivery_id, timestamp)
+    return hmac.compare_digest(header.strip().encode(), expected.encode())
+
+
+def signature_headers(
+    body: bytes, secret: str, delivery_id: str | None = None, timestamp: int | None = None
+) -> dict[str, str]:
+    """The three headers a sender adds: a new delivery id (uuid4) and the time now, unless given.
+
+    Example:
+        >>> headers = signature_headers(b'{"images": ["a.png"]}', "s" * 32)
+        >>> sorted(headers)
+        ['X-Signature-256', 'X-Webhook-Id', 'X-Webhook-Timestamp']
+    """
+    delivery_id = delivery_id or uuid4().hex
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    return {
+        ID_HEADER: delivery_id,
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: sign(body, secret, delivery_id, timestamp),
+    }
+
+
+class Rejected(Exception):
+    """A request refused before anything is emitted: ``status``, the answer's ``detail``, the logged ``reason``."""
+
+    def __init__(self, status: int, detail: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.detail, self.reason = status, detail, reason
+
+
+class DeliveryGuard:
+    """Refuses stale and replayed deliveries: a timestamp window, and the ids accepted within it.
+
+    An id is held until its timestamp leaves the window (``timestamp + tolerance``); after that the
+    timestamp alone refuses the same request. At most ``max_ids`` entries are kept (a released id's
+    entry counts until its timestamp leaves the window); a new delivery beyond that is refused with
+    503 (retry later) rather than forgetting an id early.
+
+    Example:
+        >>> now = [1_700_000_000.0]
+        >>> guard = DeliveryGuard(tolerance=300, clock=lambda: now[0])
+        >>> guard.admit("d1", "1700000000")
+        >>> guard.admit("d1", "1700000000")
+        Traceback (most recent call last):
+        ...
+        webhook.Rejected: delivery d1 replayed
+    """
+
+    def __init__(self, tolerance: int, clock: Callable[[], float] = time.time, max_ids: int = MAX_DELIVERIES) -> None:
+        if tolerance <= 0 or max_ids <= 0:
+            raise ValueError("tolerance and max_ids must be positive")
+        self.tolerance, self.clock, self.max_ids = tolerance, clock, max_ids
+        self._expires: dict[str, int] = {}  # delivery id -> the second its timestamp leaves the window
+        self._queue: list[tuple[int, str]] = []  # the same, soonest first (may hold released ids)
+
+    def __len__(self) -> int:
+        return len(self._expires)
+
+    def admit(self, delivery_id: str, timestamp: str) -> None:
+        """Hold ``delivery_id`` if its timestamp is in the window and it is new.
+
+        Raises:
+            Rejected: 401 outside the window or for an id already held; 503 when ``max_ids`` are held.
+        """
+        now = self.clock()
+        skew = now - int(timestamp)
+        if abs(skew) > self.tolerance:
+            when = f"{skew:.0f} s old" if skew > 0 else f"{-skew:.0f} s in the future"
+            raise Rejected(401, "timestamp outside the tolerance window", f"timestamp {when}, over {self.tolerance} s")
+        self._forget_expired(now)
+        if delivery_id in self._expires:
+            raise Rejected(401, f"delivery {delivery_id} was already received", f"delivery {delivery_id} replayed")
+        if len(self._queue) >= self.max_ids:
+            raise Rejected(503, "too many deliveries, try again later", f"{self.max_ids} delivery ids held")
+        expires = int(timestamp) + self.tolerance
+        self._expires[delivery_id] = expires
+        heapq.heappush(self._queue, (expires, delivery_id))
+
+    def release(self, delivery_id: str) -> None:
+        """Forget a held id whose request was not accepted after all, so the sender can retry it."""
+        self._expires.pop(delivery_id, None)
+
+    def _forget_expired(self, now: float) -> None:
+        while self._queue and self._queue[0][0] < now:
+            expires, delivery_id = heapq.heappop(self._queue)
+            if self._expires.get(delivery_id) == expires:
+                del self._expires[delivery_id]
+
+
+def _one_header(request: Request, name: str, pattern: re.Pattern[str] | None = None) -> str:
+    values = request.headers.getlist(name)
+    if len(values) != 1 or (pattern is not None and not pattern.fullmatch(values[0])):
+        what = "missing" if not values else "malformed"
+        raise Rejected(401, "missing or invalid signature headers", f"{what} {name}")
+    return values[0]
+
+
+def check_signed(request: Request, body: bytes, secret: str, guard: DeliveryGuard) -> str:
+    """The request's delivery id, now held by ``guard``, if the request is signed, fresh and new.
+
+    Raises:
+        Rejected: a header missing, repeated or malformed, a wrong signature, or what ``guard`` refuses.
+    """
+    delivery_id = _one_header(request, ID_HEADER, DELIVERY_ID)
+    timestamp = _one_header(request, TIMESTAMP_HEADER, TIMESTAMP)
+    signature = _one_header(request, SIGNATURE_HEADER)
+    if not signature_ok(body, signature, secret, delivery_id, timestamp):
+        raise Rejected(401, "missing or invalid signature headers", f"bad {SIGNATURE_HEADER}")
+    guard.admit(delivery_id, timestamp)
+    return delivery_id
 
 
 async def load_secret(secret: str | None = None, secret_block: str | None = None) -> str:
@@ -202,14 +341,40 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _event(arrived: ImagesArrived) -> Any:
+    from prefect.events import Event, Resource
+
+    return Event(
+        id=uuid4(),
+        event=EVENT,
+        resource=Resource(
+            {
+                "prefect.resource.id": RESOURCE_ID,
+                "prefect.resource.name": "images webhook",
+                FLOW_LABEL: arrived.flow,
+            }
+        ),
+        payload=arrived.model_dump(),
+    )
+
+
 def create_app(
     secret: str | None = None,
     secret_block: str | None = None,
     max_body_bytes: int | None = None,
     emit: Callable[[Any], Awaitable[None]] = emit_to_prefect,
+    tolerance_seconds: int | None = None,
+    clock: Callable[[], float] = time.time,
+    max_deliveries: int = MAX_DELIVERIES,
 ) -> FastAPI:
-    """The webhook app. The secret is loaded once, at start-up, and never logged or returned."""
+    """The webhook app. The secret is loaded once, at start-up, and never logged or returned.
+
+    ``tolerance_seconds`` (else ``$PREFECT_ROBOFLOW_WEBHOOK_TOLERANCE``, else 300) is how far a
+    request's timestamp may be from ``clock()``; ``app.state.deliveries`` is its ``DeliveryGuard``.
+    """
     limit = max_body_bytes or int(os.environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_BYTES)
+    tolerance = tolerance_seconds or int(os.environ.get(TOLERANCE_ENV) or DEFAULT_TOLERANCE)
+    deliveries = DeliveryGuard(tolerance, clock, max_deliveries)
     state: dict[str, str] = {}
 
     @asynccontextmanager
@@ -218,6 +383,7 @@ def create_app(
         yield
 
     app = FastAPI(title="prefect-roboflow images webhook", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.deliveries = deliveries
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -231,38 +397,30 @@ def create_app(
         except _TooLarge:
             logger.warning("rejected a request from %s: body over %d bytes", client, limit)
             return JSONResponse({"detail": f"body over {limit} bytes"}, status_code=413)
-        if not signature_ok(body, request.headers.get(SIGNATURE_HEADER), state["secret"]):
-            logger.warning("rejected a request from %s: missing or bad %s", client, SIGNATURE_HEADER)
-            return JSONResponse({"detail": f"missing or invalid {SIGNATURE_HEADER} signature"}, status_code=401)
+        try:
+            delivery_id = check_signed(request, body, state["secret"], deliveries)
+        except Rejected as rejected:
+            logger.warning("rejected a request from %s: %s", client, rejected.reason)
+            return JSONResponse({"detail": rejected.detail}, status_code=rejected.status)
         try:
             arrived = parse_body(body)
         except ValidationError as exc:
+            deliveries.release(delivery_id)
             errors = exc.errors(include_url=False, include_input=False, include_context=False)
             return JSONResponse({"detail": errors}, status_code=422)
-
-        from prefect.events import Event, Resource
-
-        event = Event(
-            id=uuid4(),
-            event=EVENT,
-            resource=Resource(
-                {
-                    "prefect.resource.id": RESOURCE_ID,
-                    "prefect.resource.name": "images webhook",
-                    FLOW_LABEL: arrived.flow,
-                }
-            ),
-            payload=arrived.model_dump(),
-        )
+        event = _event(arrived)
         try:
             await emit(event)
-        except Exception as exc:  # the sender should retry later
+        except Exception as exc:  # the sender should retry later, with the same delivery id
+            deliveries.release(delivery_id)
             logger.error("could not emit %s to Prefect: %s", EVENT, type(exc).__name__)
             return JSONResponse({"detail": "Prefect is unavailable, try again later"}, status_code=503)
-        logger.info("emitted %s %s: %d image(s) for %s", EVENT, event.id, len(arrived.images), arrived.flow)
+        images = len(arrived.images)
+        logger.info(
+            "emitted %s %s (delivery %s): %d image(s) for %s", EVENT, event.id, delivery_id, images, arrived.flow
+        )
         return JSONResponse(
-            {"event_id": str(event.id), "event": EVENT, "flow": arrived.flow, "images": len(arrived.images)},
-            status_code=202,
+            {"event_id": str(event.id), "event": EVENT, "flow": arrived.flow, "images": images}, status_code=202
         )
 
     return app
@@ -277,9 +435,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("WEBHOOK_PORT", "8787")))
     parser.add_argument("--secret-block", help=f"Prefect Secret block holding the secret (else ${SECRET_ENV})")
     parser.add_argument("--max-bytes", type=int, help=f"body size limit (default {DEFAULT_MAX_BYTES})")
+    parser.add_argument(
+        "--tolerance", type=int, help=f"seconds a signed request stays valid (default {DEFAULT_TOLERANCE})"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(secret_block=args.secret_block, max_body_bytes=args.max_bytes)
+    app = create_app(secret_block=args.secret_block, max_body_bytes=args.max_bytes, tolerance_seconds=args.tolerance)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -250,19 +250,19 @@ class WebhookReceiver:
     url: str
     process: Process
 
-    def post(self, body: bytes, signature: str | None = None, **headers: str) -> httpx.Response:
+    def post(
+        self, body: bytes, signature: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        """POST ``body`` with ``headers`` (and ``signature`` as ``X-Signature-256``, if given)."""
+        sent = {"content-type": "application/json", **(headers or {})}
         if signature is not None:
-            headers[webhook.SIGNATURE_HEADER] = signature
-        return httpx.post(
-            f"{self.url}/webhooks/images",
-            content=body,
-            headers={"content-type": "application/json", **headers},
-            timeout=API_TIMEOUT,
-        )
+            sent[webhook.SIGNATURE_HEADER] = signature
+        return httpx.post(f"{self.url}/webhooks/images", content=body, headers=sent, timeout=API_TIMEOUT)
 
     def post_signed(self, payload: dict[str, Any], secret: str = SECRET) -> httpx.Response:
+        """POST ``payload`` as a sender does: a new delivery id, the time now, and their signature."""
         body = json.dumps(payload).encode()
-        return self.post(body, webhook.sign(body, secret))
+        return self.post(body, headers=webhook.signature_headers(body, secret))
 
 
 @dataclass
