@@ -21,7 +21,10 @@ Sources, and the references they expand to:
   ``bucket_folder``), ``block://remote-file-system/name/...``, ``block://local-file-system/name/...``;
   `block_source` builds it from a block object. Task processes load the block by name.
 
-``http(s)://`` references pass through unchanged (downloaded elsewhere). Order is stable: full-path
+In a list of sources, an element is expanded when it ends with ``/`` or holds a wildcard (or is a
+local folder) and is otherwise taken as one object without a request, so a vanished one becomes a
+failed row; a single source string is checked (a missing object or bucket is an error). ``http(s)://``
+references pass through unchanged (downloaded elsewhere). Order is stable: full-path
 (key) order, as S3 lists. Outputs (`write_bytes`, `AtomicParquetWriter`) appear whole or not at
 all: a local temp file renamed into place (mode from the umask), one S3 PUT or completed multipart
 upload, one object upload elsewhere.
@@ -446,16 +449,20 @@ def block_source(block: Any, path: str = "", field: str = "images") -> str:
 def _expand(ref: str, field: str, credentials: Any, probe: bool, page_size: int) -> Iterator[str]:
     """The references one source string names (the string itself for a plain file)."""
     store, rel = _locate(ref, field, credentials)
+    remote = bool(_split_url(ref)[0])
     try:
         magic = _MAGIC.search(rel)
         if magic:
             yield from _expand_glob(store, rel, magic.start(), field, page_size)
-        elif rel in {"", "/"} or rel.endswith("/") or ((probe or not _split_url(ref)[0]) and _is_dir(store, rel)):
-            folder = rel if rel.endswith("/") or not rel else rel + "/"
+            return
+        # a local path is looked at (as before); a remote one only when it is the whole source
+        kind = store.kind(rel) if rel and not rel.endswith("/") and (probe or not remote) else None
+        if not rel or rel.endswith("/") or kind == "dir":
+            folder = rel + "/" if kind == "dir" else rel
             for path in store.list(folder, recursive=False, page_size=page_size):
                 if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
                     yield store.ref(path)
-        elif probe and _split_url(ref)[0] and store.kind(rel) == "missing":
+        elif remote and kind == "missing":
             raise InvalidInputError(field, f"nothing found at {ref}")
         else:
             yield ref  # a missing file becomes a failed row, not a crash
@@ -466,10 +473,6 @@ def _expand(ref: str, field: str, credentials: Any, probe: bool, page_size: int)
         if reason is None:
             raise
         raise InvalidInputError(field, f"{reason} (listing {ref})") from None
-
-
-def _is_dir(store: _Store, rel: str) -> bool:
-    return store.kind(rel) == "dir"
 
 
 def _expand_glob(store: _Store, rel: str, first_magic: int, field: str, page_size: int) -> Iterator[str]:

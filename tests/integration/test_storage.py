@@ -159,6 +159,12 @@ def test_a_saved_s3_bucket_block_plus_a_path(s3: MotoBucket, monkeypatch: pytest
     # and written to: keys land under the block's folder
     write_bytes(join(source, "out/copy.png"), PNG)
     assert s3.get("photos/out/copy.png") == PNG
+    # and its credentials block alone serves plain s3:// URLs
+    url_refs = list(iter_refs(f"s3://{s3.bucket}/photos/", credentials=block.credentials))
+    assert url_refs == [f"s3://{s3.bucket}/photos/a.jpg", f"s3://{s3.bucket}/photos/b.PNG"]
+    assert read_bytes(url_refs[0], credentials=block.credentials) == JPEG
+    with pytest.raises(InvalidInputError, match="no AWS credentials found"):
+        list(iter_refs(f"s3://{s3.bucket}/photos/"))  # without it, the environment has none
 
 
 def test_parquet_written_to_a_bucket_appears_whole_and_reads_from_there(s3: MotoBucket) -> None:  # noqa: F811
