@@ -1,4 +1,4 @@
-"""Where a flow's images come from: a folder, a glob, or a list of paths and https URLs.
+"""Where a flow's images come from: folders, globs, paths, https URLs, object stores, blocks.
 
 Flows take image *references* (Prefect refuses flow parameters over 512 KiB) and the steps read
 each batch where they run, so memory does not grow with the number of images. The sha256 of
@@ -7,21 +7,18 @@ each image's bytes is computed once, here, and keys every cache downstream.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.images import read_image_bytes, validate_encoded_image, validate_url
 
+from ._storage import count_refs, iter_refs
+from ._storage import read_bytes as storage_read_bytes
 from .records import Failure, ImageRecord
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 if TYPE_CHECKING:
     import httpx
@@ -31,42 +28,30 @@ ImageSource = str | Sequence[str]
 DOWNLOAD_CONCURRENCY = 8
 
 
-def _is_url(ref: str) -> bool:
-    return "://" in ref
+def _is_web(ref: str) -> bool:
+    """An http(s) URL: downloaded here (not by the server), to know the image by its content."""
+    return ref.split("://", 1)[0].lower() in ("http", "https") and "://" in ref
 
 
 def iter_image_refs(images: ImageSource) -> Iterator[str]:
-    """Expand a folder (its image files, sorted, not recursive), a glob, a single path or URL,
-    or a list of paths and URLs, into image references in a stable order.
+    """Image references in a stable order, lazily, from a folder (its image files, not recursive),
+    a glob (``**`` recursive), a path, an https URL, an object-store prefix or glob
+    (``s3://bucket/photos/``, ``s3://bucket/**/*.jpg``, any fsspec URL), a saved file-system block
+    and a path (``block://s3-bucket/name/photos/``), or a list of those (see `_storage`).
 
     Raises:
-        InvalidInputError: the source names nothing (empty list, empty folder, no glob match).
+        InvalidInputError: naming ``images``, when the source names nothing or cannot be listed.
     """
-    refs = [images] if isinstance(images, str) else list(images)
-    if not refs:
-        raise InvalidInputError("images", "no images given")
-    found = False
-    for ref in refs:
-        if not isinstance(ref, str):
-            raise InvalidInputError("images", f"expected paths or URLs as strings, got {type(ref).__name__}")
-        if _is_url(ref):
-            found = True
-            yield ref
-        elif os.path.isdir(ref):
-            for path in sorted(Path(ref).iterdir()):
-                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    found = True
-                    yield str(path)
-        elif glob.has_magic(ref):
-            for match in sorted(glob.glob(ref, recursive=True)):
-                if os.path.isfile(match):
-                    found = True
-                    yield match
-        else:
-            found = True
-            yield ref  # a missing file becomes a failed row, not a crash
-    if not found:
-        raise InvalidInputError("images", f"no image files found in {images!r}")
+    return iter_refs(images)
+
+
+def _read(ref: str, field: str, client: httpx.Client | None) -> bytes:
+    """The bytes behind a reference: downloaded, read from an object store, or from a file."""
+    if _is_web(ref):
+        return _download(ref, client)
+    if "://" in ref:
+        return storage_read_bytes(ref, field=field)
+    return read_image_bytes(ref, field)
 
 
 def _download(url: str, client: httpx.Client | None) -> bytes:
@@ -93,7 +78,7 @@ def read_bytes(ref: str, field: str = "image", client: httpx.Client | None = Non
     Raises:
         InvalidInputError: naming ``field``, with why the image cannot be used.
     """
-    data = _download(ref, client) if _is_url(ref) else read_image_bytes(ref, field)
+    data = _read(ref, field, client)
     validate_encoded_image(data, field)
     return data
 
@@ -106,7 +91,7 @@ def load(record: ImageRecord, client: httpx.Client | None = None) -> ImageRecord
     if record.loaded or not record.ok:
         return record
     try:
-        data = _download(record.ref, client) if _is_url(record.ref) else read_image_bytes(record.ref)
+        data = _read(record.ref, "image", client)
     except InvalidInputError as error:
         return record.failed(Failure.of("read", error))
     loaded = replace(record, data=data, sha256=hashlib.sha256(data).hexdigest())
@@ -118,8 +103,9 @@ def load(record: ImageRecord, client: httpx.Client | None = None) -> ImageRecord
 
 
 def load_all(records: Sequence[ImageRecord]) -> list[ImageRecord]:
-    """`load` for a batch, in order; its URLs downloaded concurrently over one pooled client."""
-    if not any(_is_url(r.ref) and not r.loaded for r in records):
+    """`load` for a batch, in order; its URLs and stored objects read concurrently (one pooled
+    client for the downloads)."""
+    if not any("://" in r.ref and not r.loaded for r in records):
         return [load(record) for record in records]
     with _download_client() as client, ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
         return list(pool.map(lambda record: load(record, client), records))
@@ -147,5 +133,5 @@ def iter_batches(images: ImageSource, batch_size: int) -> Iterator[list[str]]:
 
 
 def count_images(images: ImageSource) -> int:
-    """How many images a source holds (cheap: references only, nothing is read)."""
-    return sum(1 for _ in iter_image_refs(images))
+    """How many images a source holds (references streamed and counted, nothing read)."""
+    return count_refs(images)

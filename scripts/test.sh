@@ -4,12 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-# The UI test drives Debian's chromium headless; a fresh machine does not have it.
-if ! command -v chromium >/dev/null 2>&1; then
-    echo "installing Debian's chromium for the UI test" >&2
+# Debian packages a fresh machine lacks: chromium (the UI and gallery tests drive it headless) and
+# postgresql (the tests start a throw-away cluster of their own; nothing else uses it).
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing Debian's ${missing[*]} for the tests" >&2
     if [ "$(id -u)" = 0 ]; then sudo_cmd=(); else sudo_cmd=(sudo); fi
     "${sudo_cmd[@]}" apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq chromium >&2
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >&2
 fi
 ruff check .
 ruff format --check .

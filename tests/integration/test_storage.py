@@ -21,6 +21,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.images import make_image
+from support.s3 import ACCESS_KEY, REGION, MotoBucket, s3, s3_server  # noqa: F401
+
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 from prefect_roboflow.flows import _storage
 from prefect_roboflow.flows._storage import (
@@ -33,8 +36,6 @@ from prefect_roboflow.flows._storage import (
     read_bytes,
     write_bytes,
 )
-from support.images import make_image
-from support.s3 import ACCESS_KEY, REGION, MotoBucket, s3, s3_server  # noqa: F401
 
 JPEG = make_image(1, fmt="JPEG")
 PNG = make_image(2, fmt="PNG")
