@@ -48,7 +48,7 @@ def resolve_server(server: str | InferenceServer | None) -> InferenceServer:
     if "://" in server:
         return InferenceServer(api_url=server)
     name = server.split("/", 1)[1] if server.startswith("roboflow-inference-server/") else server
-    return InferenceServer.load(name)
+    return InferenceServer.load(name, _sync=True)  # sync even inside an async flow
 
 
 def embedding_model(family: str, version: str | None, server: InferenceServer) -> EmbeddingModel:
@@ -85,7 +85,7 @@ def resolve_cache(cache_storage: CacheStorage) -> ContentCache:
     if isinstance(cache_storage, ContentCache):
         return cache_storage
     if cache_storage is not None and _is_block_slug(cache_storage):
-        block = Block.load(cache_storage)
+        block = Block.load(cache_storage, _sync=True)  # type: ignore[call-arg]
         if not isinstance(block, WritableFileSystem):
             raise InvalidInputError("cache_storage", f"{cache_storage} is not a writable file system block")
         return ContentCache(block)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from prefect.futures import PrefectFuture
 
 from . import steps
 from ._config import EmbeddingFamily, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
@@ -26,8 +26,8 @@ class ClassifyImagesResult(ImageCounts):
     classifications_path: str
 
 
-@flow(name="classify-images", flow_run_name="classify-images[{model}]", validate_parameters=True)
-def classify_images(
+@roboflow_flow(name="classify-images", flow_run_name="classify-images[{model}]", validate_parameters=True)
+async def classify_images(
     images: ImageSource,
     labels: list[str],
     out_dir: str,

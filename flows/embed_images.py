@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from prefect import flow
-
 from . import steps
 from ._config import EmbeddingFamily, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
@@ -22,8 +21,8 @@ class EmbedImagesResult(ImageCounts):
     embeddings_path: str
 
 
-@flow(name="embed-images", flow_run_name="embed-images[{model}]", validate_parameters=True)
-def embed_images(
+@roboflow_flow(name="embed-images", flow_run_name="embed-images[{model}]", validate_parameters=True)
+async def embed_images(
     images: ImageSource,
     out_dir: str,
     server: str | None = None,

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from ._config import embedding_model, resolve_server
+from ._flow import roboflow_flow
 from ._operations import normalise
 from ._run import emit_completed, markdown_table, publish_summary
 from ._sources import read_bytes
@@ -66,8 +67,8 @@ def embed_query(query: str, family: str, version: str, server: str | None) -> np
     return model.embed_texts([query])[0]
 
 
-@flow(name="search-images", flow_run_name="search-images", validate_parameters=True)
-def search_images(
+@roboflow_flow(name="search-images", flow_run_name="search-images", validate_parameters=True)
+async def search_images(
     query: str,
     embeddings_path: str,
     top_k: int = 10,
