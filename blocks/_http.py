@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._limiter import AdaptiveLimiter, Outcome
+from ._limiter import AdaptiveLimiter, Signal
 from .exceptions import (
     InferenceClientError,
     InferenceConnectionError,
@@ -204,13 +204,13 @@ def _response_info(
     )
 
 
-def _load_outcome(status: int) -> Outcome:
+def _load_signal(status: int) -> Signal:
     """What an answer's status says about the server's load, for the concurrency limiter."""
     if status < 400:
-        return Outcome.OK
+        return Signal.OK
     if status in (429, 502, 503, 504):
-        return Outcome.OVERLOAD
-    return Outcome.IGNORE  # a 4xx or 500 is about the request, and often comes back fast
+        return Signal.OVERLOAD
+    return Signal.IGNORE  # a 4xx or 500 is about the request, and often comes back fast
 
 
 def client_options(settings: HttpSettings) -> dict[str, Any]:
@@ -341,9 +341,9 @@ class InferenceHTTP:
             try:
                 response = await self._client.request(method, endpoint, content=content, headers=headers)
             except httpx.TimeoutException:
-                slot.outcome = Outcome.OVERLOAD
+                slot.signal = Signal.OVERLOAD
                 raise
-            slot.outcome = _load_outcome(response.status_code)
+            slot.signal = _load_signal(response.status_code)
         if self._limiter.limit != before:
             logger.debug(
                 "concurrency limit %d -> %d (%s %d)", before, self._limiter.limit, endpoint, response.status_code

@@ -41,7 +41,7 @@ Examples:
     limiter = AdaptiveLimiter(cap=64)
     async with limiter.slot("/clip/embed_image") as slot:
         response = await client.post(...)
-        slot.outcome = Outcome.OK if response.is_success else Outcome.IGNORE
+        slot.signal = Signal.OK if response.is_success else Signal.IGNORE
     limiter.limit  # 8 after a round in which latency held
     ```
 """
@@ -58,7 +58,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveLimiter", "Outcome", "Slot"]
+__all__ = ["AdaptiveLimiter", "Signal", "Slot"]
 
 #: Latencies below this (seconds) are not told apart: a fake clock's zero latency is not infinitely fast.
 _RESOLUTION = 1e-4
@@ -66,7 +66,7 @@ _RESOLUTION = 1e-4
 _MAX_STRIKES = 5
 
 
-class Outcome(enum.Enum):
+class Signal(enum.Enum):
     """What an answer says about the server's load."""
 
     OK = "ok"  # an answer: a latency sample
@@ -76,12 +76,12 @@ class Outcome(enum.Enum):
 
 @dataclass
 class Slot:
-    """One request's place in flight; set `outcome` before the slot is released."""
+    """One request's place in flight; set `signal` before the slot is released."""
 
     key: Hashable
     started: float
     epoch: int
-    outcome: Outcome = Outcome.IGNORE
+    signal: Signal = Signal.IGNORE
 
 
 class AdaptiveLimiter:
@@ -145,7 +145,7 @@ class AdaptiveLimiter:
 
     @contextlib.asynccontextmanager
     async def slot(self, key: Hashable) -> AsyncIterator[Slot]:
-        """Wait for room, hold a place while the body runs, then learn from ``slot.outcome``.
+        """Wait for room, hold a place while the body runs, then learn from ``slot.signal``.
 
         Args:
             key: What kind of request this is (endpoint and size): latencies are compared per key.
@@ -176,9 +176,9 @@ class AdaptiveLimiter:
 
     def release(self, slot: Slot) -> None:
         """Give the place back and adjust the limit from what the request met."""
-        if slot.outcome is Outcome.OK:
+        if slot.signal is Signal.OK:
             self._sample(slot)
-        elif slot.outcome is Outcome.OVERLOAD:
+        elif slot.signal is Signal.OVERLOAD:
             self._overload(slot)
         self.in_flight -= 1
         self._wake()

@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 
 import pytest
-from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Outcome, Slot
+from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Signal, Slot
 
 
 @dataclass
@@ -38,18 +38,18 @@ class Server:
     in_service: list[float] = field(default_factory=list)  # finish times of admitted requests
     rejected: int = 0
 
-    def answer(self, sent: float) -> tuple[float, Outcome]:
+    def answer(self, sent: float) -> tuple[float, Signal]:
         """When the answer to a request sent at ``sent`` reaches the client, and what it is."""
         arrives = sent + self.latency
         self.in_service = [t for t in self.in_service if t > arrives]
         if self.admit is not None and len(self.in_service) >= self.admit:
             self.rejected += 1
-            return arrives + self.latency, Outcome.OVERLOAD
+            return arrives + self.latency, Signal.OVERLOAD
         start = arrives if len(self.free_at) < self.workers else max(arrives, heapq.heappop(self.free_at))
         done = start + self.service
         heapq.heappush(self.free_at, done)
         self.in_service.append(done)
-        return done + self.latency, Outcome.OK
+        return done + self.latency, Signal.OK
 
 
 @dataclass
@@ -67,7 +67,7 @@ def simulate(limiter: AdaptiveLimiter, clock: Clock, server: Server, answers: in
     """Keep the limiter full for ``answers`` answers (overloads are retried, as the engine does)."""
 
     async def run() -> Trace:
-        pending: list[tuple[float, int, Slot, Outcome]] = []
+        pending: list[tuple[float, int, Slot, Signal]] = []
         limits: list[int] = []
         sequence = 0
         while len(limits) < answers:
@@ -78,13 +78,13 @@ def simulate(limiter: AdaptiveLimiter, clock: Clock, server: Server, answers: in
                 heapq.heappush(pending, (at, sequence, slot, outcome))
             at, _, slot, outcome = heapq.heappop(pending)
             clock.now = at
-            slot.outcome = outcome
+            slot.signal = outcome
             limiter.release(slot)
             limits.append(limiter.limit)
         seconds = clock.now
         while pending:  # the backlog ends: answers still under way come in
             at, _, slot, outcome = heapq.heappop(pending)
-            clock.now, slot.outcome = at, outcome
+            clock.now, slot.signal = at, outcome
             limiter.release(slot)
         return Trace(limits, server.rejected, seconds)
 
@@ -121,7 +121,7 @@ def test_a_caller_that_never_fills_the_limit_does_not_grow_it() -> None:
             slots = [await limiter.acquire("k") for _ in range(3)]
             clock.now += 0.01
             for slot in slots:
-                slot.outcome = Outcome.OK
+                slot.signal = Signal.OK
                 limiter.release(slot)
 
     asyncio.run(three_at_a_time())
@@ -165,7 +165,7 @@ def test_latencies_are_compared_per_kind_of_request() -> None:
         for latency, kind in ((0.001, "light"), (0.03, "heavy")):
             clock.now = start + latency
             for slot in (s for s in slots if s.key == kind):
-                slot.outcome = Outcome.OK
+                slot.signal = Signal.OK
                 limiter.release(slot)
     assert limiter.limit == 64
 
@@ -220,14 +220,14 @@ def test_one_decrease_per_round_trip() -> None:
     limiter, _ = make(cap=64, initial=16)
     slots = _acquire(limiter, 16)
     for slot in slots[:8]:  # eight 503s to requests sent together: one decrease
-        slot.outcome = Outcome.OVERLOAD
+        slot.signal = Signal.OVERLOAD
         limiter.release(slot)
     assert limiter.limit == 8 and limiter.overloads == 8 and limiter.in_flight == 8
     for slot in slots[8:]:
-        slot.outcome = Outcome.OK
+        slot.signal = Signal.OK
         limiter.release(slot)
     late = _acquire(limiter, 1)[0]  # sent after the decrease: its overload counts
-    late.outcome = Outcome.OVERLOAD
+    late.signal = Signal.OVERLOAD
     limiter.release(late)
     assert limiter.limit == 4
 
@@ -236,17 +236,17 @@ def test_never_below_the_floor_when_everything_fails() -> None:
     limiter, _ = make(cap=64, floor=2)
     for _ in range(20):
         slot = _acquire(limiter, 1)[0]
-        slot.outcome = Outcome.OVERLOAD
+        slot.signal = Signal.OVERLOAD
         limiter.release(slot)
     assert limiter.limit == 2
 
 
-def test_ignored_outcomes_change_nothing() -> None:
+def test_ignored_signals_change_nothing() -> None:
     limiter, clock = make(cap=64)
     for _ in range(50):
         slot = _acquire(limiter, 1)[0]
         clock.now += 5.0 if _ % 2 else 0.0  # a fast 400 and a slow reset say nothing
-        limiter.release(slot)  # outcome defaults to IGNORE
+        limiter.release(slot)  # signal defaults to IGNORE
     assert limiter.limit == 4 and limiter.in_flight == 0
 
 
