@@ -388,8 +388,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-n", type=int, default=200, help="images per point of the other sweeps")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the throughput runs")
     parser.add_argument("--scenes", type=int, default=32, help="scenes for detect_crop_classify")
-    parser.add_argument("--adaptive-n", type=int, default=150, help="images per run of the adaptive section")
-    parser.add_argument("--adaptive-rounds", type=int, default=2, help="interleaved rounds of the adaptive section")
+    parser.add_argument("--adaptive-n", type=int, default=100, help="images per run of the adaptive section")
+    parser.add_argument("--adaptive-rounds", type=int, default=3, help="interleaved rounds of the adaptive section")
     parser.add_argument(
         "--memory-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000], help="e.g. 1000,10000"
     )
