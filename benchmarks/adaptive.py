@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 from prefect_roboflow.blocks import Clip, InferenceError, InferenceServer, _http, record_responses
+from prefect_roboflow.blocks._limiter import Signal, Slot
 
 from .clients import bare_httpx
 from .common import Run, Table, ratio
@@ -47,6 +48,7 @@ def blocks_run(url: str, paths: Sequence[Path], fixed: int | None) -> tuple[Run,
         settings = server.http_settings()
         _http._engines[settings] = _http.InferenceHTTP(replace(settings, adaptive_concurrency=False))
     clip = Clip(server=server)
+    answers = _time_answers(server.engine)
     started = time.perf_counter()
     with record_responses() as infos:
         vectors = clip.embed_images([str(p) for p in paths])
@@ -56,7 +58,23 @@ def blocks_run(url: str, paths: Sequence[Path], fixed: int | None) -> tuple[Run,
     setting = "adaptive (defaults)" if fixed is None else f"fixed {fixed}"
     server_seconds = sum(i.server_time or 0.0 for i in infos)
     run = Run("blocks client", setting, len(paths), seconds, len(infos), server_seconds, fixed)
-    return run, [(i.concurrency_limit, i.elapsed) for i in infos]
+    return run, answers
+
+
+def _time_answers(engine: _http.InferenceHTTP) -> list[tuple[int, float]]:
+    """(limit, seconds in flight) of each good answer, as the engine's limiter measures them
+    (`ResponseInfo.elapsed` also counts the wait for a place, and retries)."""
+    limiter = engine._limiter
+    answers: list[tuple[int, float]] = []
+    release = limiter.release
+
+    def timed(slot: Slot) -> None:
+        if slot.signal is Signal.OK:
+            answers.append((limiter.limit, time.monotonic() - slot.started))
+        release(slot)
+
+    limiter.release = timed
+    return answers
 
 
 def adaptive(bench: Bench) -> None:
@@ -160,9 +178,9 @@ def _limit_profile(where: str, limits: Sequence[Sequence[tuple[int, float]]]) ->
     table = Table(
         f"Adaptive runs' profile, {where}: answers by the limit they came back under",
         ["limit", "answers", "median latency ms", "× fastest answer", "limit ÷ latency (Little), req/s"],
-        note="Latency: the client's, first attempt to answer. Little's law: with the limit full, throughput "
-        "is limit ÷ latency; where it stops rising with the limit, the server is saturated and more in "
-        "flight only queue.",
+        note="Latency: from a request's place in flight to its answer (the limiter's own measure). "
+        "Little's law: with the limit full, throughput is limit ÷ latency; where it stops rising with "
+        "the limit, the server is saturated and more in flight only queue.",
     )
     for limit in sorted(by_limit):
         latency = statistics.median(by_limit[limit])
