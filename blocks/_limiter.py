@@ -8,13 +8,15 @@ own limit. `AdaptiveLimiter` finds the number while requests run, so nobody has 
 The algorithm is TCP Vegas's (and Netflix concurrency-limits' ``VegasLimit``), measured in rounds,
 with AIMD for overload signals:
 
-- **Queue estimate (Little's law).** ``rtt_noload`` is the fastest answer seen for a kind of request
-  (its endpoint and payload size). With ``n`` requests in flight and a round's median latency ``rtt``,
+- **Queue estimate (Little's law).** ``rtt_noload`` is the fastest answer ever seen for a kind of
+  request (its endpoint and payload size, within 2x; never forgotten, so that a long busy stretch does
+  not pass for the norm). With ``n`` requests in flight and a round's median latency ``rtt``,
   the server and the link hold ``n * rtt_noload / rtt`` requests without queueing (the
   bandwidth-delay product) and the other ``queue = n * (1 - rtt_noload / rtt)`` wait. Throughput is
   ``n / rtt``: while latency holds, a larger ``n`` is more throughput; once the server is saturated
   latency grows in step with ``n`` and only the queue grows.
-- **Rounds.** Every ``limit`` answers (about one round trip) the limiter decides once: queue below
+- **Rounds.** Every ``limit`` answers (about one round trip; only answers to requests sent since the
+  last decrease count, as the others measured a load that is gone) the limiter decides once: queue below
   ``alpha`` (latency holds, throughput still rises) → grow, doubling in the initial slow start and by
   one afterwards, but only when the limit was actually reached (a caller with three requests does
   not earn a limit of 64); queue above ``beta`` (latency rising) → shrink to what the path holds plus
