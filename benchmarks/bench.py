@@ -13,7 +13,9 @@ the whole report goes to ``--results`` (markdown). Sections:
 - cache: the same flow rerun over the same images (requests counted at a proxy);
 - memory: peak RSS of ``embed_images`` at two sizes, each in a fresh process;
 - concurrency: throughput against ``InferenceServer.max_concurrency``, direct and through the proxy;
-- batch: the flow's ``batch_size`` through the proxy.
+- batch: the flow's ``batch_size`` through the proxy;
+- adaptive: the blocks' adaptive concurrency limit against every fixed concurrency, direct and
+  through the proxy (``benchmarks/adaptive.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import httpx
 
+from .adaptive import adaptive  # noqa: F401 -- a section, called by name like the others
 from .clients import bare_httpx, blocks_client, detect_flow, embed_flow, inference_sdk
 from .common import (
     NETWORK_LATENCY,
@@ -48,7 +51,7 @@ from .common import (
     verdict,
 )
 
-SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch")
+SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "adaptive")
 HTTPX_CONCURRENCY = (1, 2, 4, 8, 16)
 SDK_CONCURRENCY = (2, 4, 8, 16)  # 1, the default, is measured on all images
 MAX_CONCURRENCY = (1, 2, 4, 8, 16, 32)
@@ -385,6 +388,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-n", type=int, default=200, help="images per point of the other sweeps")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the throughput runs")
     parser.add_argument("--scenes", type=int, default=32, help="scenes for detect_crop_classify")
+    parser.add_argument("--adaptive-n", type=int, default=100, help="images per run of the adaptive section")
+    parser.add_argument("--adaptive-rounds", type=int, default=3, help="interleaved rounds of the adaptive section")
     parser.add_argument(
         "--memory-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000], help="e.g. 1000,10000"
     )
@@ -398,6 +403,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     args.sweep_n = min(args.sweep_n, args.n)
     args.pick_n = min(args.pick_n, args.n)
+    args.adaptive_n = min(args.adaptive_n, args.n)
     return args
 
 
