@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+
 from prefect_roboflow.blocks import Clip, InferenceError, InferenceServer, _http, record_responses
 from prefect_roboflow.blocks._limiter import Signal, Slot
 

@@ -61,6 +61,8 @@ class StepStats(StepReport):
     requests: int = 0
     retries: int = 0
     server_seconds: float = 0.0
+    concurrency_limit: int = 0  # the server's adaptive limit at the step's last answer
+    concurrency_peak: int = 0
 
     def add(self, report: StepReport) -> None:
         """Fold one batch's report in."""
@@ -73,16 +75,20 @@ class StepStats(StepReport):
         self.requests += len(report.infos)
         self.retries += sum(i.attempts - 1 for i in report.infos)
         self.server_seconds += sum(i.server_time or 0.0 for i in report.infos)
+        if report.infos:
+            self.concurrency_limit = report.infos[-1].concurrency_limit
+            self.concurrency_peak = max(self.concurrency_peak, *(i.concurrency_limit for i in report.infos))
 
     def row(self) -> dict[str, Any]:
         """The step's row of the table artifact."""
-        counts = ("batches", "items", "cached", "sent", "failed", "requests", "retries")
+        counts = ("batches", "items", "cached", "sent", "failed", "requests", "retries", "concurrency_limit")
         return {
             "step": self.step,
             "model": self.model,
             **{name: getattr(self, name) for name in counts},
             "server_seconds": round(self.server_seconds, 3),
             "wall_seconds": round(self.seconds, 3),
+            "concurrency_peak": self.concurrency_peak,
         }
 
 

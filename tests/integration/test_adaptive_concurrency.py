@@ -7,10 +7,11 @@ import statistics
 from pathlib import Path
 
 import pytest
-from prefect_roboflow.blocks import Clip, InferenceServer, record_responses
-from prefect_roboflow.blocks._http import describe_responses
 from support.fault_proxy import FaultProxy
 from support.images import make_image
+
+from prefect_roboflow.blocks import Clip, InferenceServer, record_responses
+from prefect_roboflow.blocks._http import describe_responses
 
 pytestmark = pytest.mark.server
 

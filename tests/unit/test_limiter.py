@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 
 import pytest
+
 from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Signal, Slot
 
 
