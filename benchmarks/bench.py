@@ -301,7 +301,7 @@ def concurrency(bench: Bench) -> None:
         table = Table(
             f"Concurrency sweep, {where}: {len(images)} images",
             ["max_concurrency", "client images/s", "flow images/s", "flow / client"],
-            note="Default today: max_concurrency 8.",
+            note="Default today: adaptive, capped at max_concurrency 64 (this sweep sets that cap).",
         )
         for c in MAX_CONCURRENCY:
             client = blocks_client(url, images, max_concurrency=c)
