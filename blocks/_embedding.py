@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._compat import async_dispatch
+from ._resize import ResizePlan, plan_for, prepare_image, resize_settings
+from ._resize import prepare_images as prepare_resized
 from .exceptions import InferenceError, InferenceResponseError, InferenceStatusError, InvalidInputError
-from .images import ImageInput, to_request_image
+from .images import ImageInput
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,15 +61,13 @@ def require_items(items: Any, field: str, kind: str) -> list[Any]:
     return list(items)
 
 
-def prepare_images(images: Any, field: str = "images") -> list[dict[str, str] | InvalidInputError]:
-    """Each image of a non-empty list as the server's image object, or the error that makes it unsendable."""
-    prepared: list[dict[str, str] | InvalidInputError] = []
-    for i, image in enumerate(require_items(images, field, "images")):
-        try:
-            prepared.append(to_request_image(image, f"{field}[{i}]"))
-        except InvalidInputError as error:
-            prepared.append(error)
-    return prepared
+def prepare_images(
+    images: Any, field: str = "images", plan: ResizePlan | None = None
+) -> list[dict[str, str] | InvalidInputError]:
+    """Each image of a non-empty list as the server's image object (resized per ``plan`` when big),
+    or the error that makes it unsendable."""
+    prepared = prepare_resized(require_items(images, field, "images"), field, plan)
+    return [p if isinstance(p, InvalidInputError) else p.image for p in prepared]
 
 
 def _first_error(outcomes: Sequence[Outcome]) -> InferenceError | None:
@@ -88,6 +88,7 @@ class EmbeddingMixin:
     routes: ClassVar[Routes]
     server: InferenceServer
     version: str
+    client_resize: bool
 
     # --- input checks, per model family -------------------------------------------------
 
@@ -111,9 +112,17 @@ class EmbeddingMixin:
     def _body(self, **fields: Any) -> dict[str, Any]:
         return {**fields, self.routes.version_field: self.version}
 
+    def resize_plan(self) -> ResizePlan | None:
+        """How images are resized on the client before sending; None when they go untouched."""
+        return plan_for(self.routes.family, self.version) if self.client_resize else None
+
+    def output_settings(self) -> dict[str, Any]:
+        """Settings besides family and version that change results: part of a cache key."""
+        return resize_settings(self.client_resize)
+
     def prepare_images(self, images: Any, field: str = "images") -> list[dict[str, str] | InvalidInputError]:
         """Each image as the server's image object, or the error that makes it unsendable."""
-        return prepare_images(images, field)
+        return prepare_images(images, field, self.resize_plan())
 
     # --- the one implementation, run on the engine's loop -------------------------------
 
@@ -203,7 +212,7 @@ class EmbeddingMixin:
         return prepared  # type: ignore[return-value]
 
     def _compare_inputs(self, image: ImageInput, prompts: Any) -> tuple[dict[str, str], list[str]]:
-        return to_request_image(image, "image"), self._check_texts(prompts, "prompts")
+        return prepare_image(image, "image", self.resize_plan()).image, self._check_texts(prompts, "prompts")
 
     @staticmethod
     def _similarities(outcomes: Sequence[Outcome]) -> np.ndarray:

@@ -82,6 +82,11 @@ class Clip(EmbeddingMixin, Block):
         default=ClipVersion.VIT_B_16.value,
         description="CLIP version, e.g. ViT-B-16 (512-d), ViT-L-14 (768-d) or RN50 (1024-d).",
     )
+    client_resize: bool = Field(
+        default=True,
+        description="Resize photos larger than the model needs on the client before sending them "
+        "(far fewer bytes, much faster); off sends every image's bytes untouched.",
+    )
 
     def _check_text(self, text: Any, field: str) -> str:
         from ._clip_tokenizer import CLIP_CONTEXT_LENGTH, count_clip_tokens

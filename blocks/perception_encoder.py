@@ -57,3 +57,8 @@ class PerceptionEncoder(EmbeddingMixin, Block):
         default=PerceptionEncoderVersion.PE_CORE_L14_336.value,
         description="Perception Encoder version, e.g. PE-Core-L14-336 (1024-d) or PE-Core-G14-448 (1280-d).",
     )
+    client_resize: bool = Field(
+        default=True,
+        description="Resize photos larger than the model needs on the client before sending them "
+        "(far fewer bytes, much faster); off sends every image's bytes untouched.",
+    )
