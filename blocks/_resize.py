@@ -197,6 +197,8 @@ def header_size(data: bytes, field: str = "image") -> tuple[int, int] | None:
 
 
 def _orientation(img: PILImage.Image) -> int:
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1  # no eXIf chunk before the pixels; PIL's getexif() would decode the image to look after them
     try:
         return int(img.getexif().get(_EXIF_ORIENTATION, 1))
     except (OSError, ValueError, SyntaxError, TypeError):
@@ -229,9 +231,9 @@ def resize_encoded(data: bytes, plan: ResizePlan, field: str = "image") -> Resiz
                 # Both sides of the decode stay at least the size needed (rotation does not matter).
                 img.draft("RGB", plan.scaled_size(*img.size))
             decoded_size = img.size
+            turned = img.format in _ORIENTED_FORMATS and _orientation(img) != 1  # read before decoding
             img.load()
-            upright = _upright(img)
-            out = _apply(_to_8bit(upright), plan)
+            out = _apply(_to_8bit(_upright(img) if turned else img), plan)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(field, f"cannot decode the image to resize it: {exc}") from None
     buffer = io.BytesIO()
@@ -242,8 +244,6 @@ def resize_encoded(data: bytes, plan: ResizePlan, field: str = "image") -> Resiz
 def _upright(img: PILImage.Image) -> PILImage.Image:
     from PIL import ImageOps
 
-    if img.format not in _ORIENTED_FORMATS:
-        return img
     return ImageOps.exif_transpose(img)
 
 
@@ -332,7 +332,9 @@ def _plan_one(image: ImageInput, field: str, plan: ResizePlan | None) -> tuple[P
     target = None if plan is None or size is None else plan.output_size(*size)
     if plan is not None and size is None:
         raise InvalidImageError(field, "cannot read the image header")
-    return PreparedImage(_base64(data), size, size if target is None else target), data if target else None
+    if target is not None:
+        return PreparedImage({}, size, target), data  # the image object comes with the resize
+    return PreparedImage(_base64(data), size, size), None
 
 
 def prepare_image(image: ImageInput, field: str = "image", plan: ResizePlan | None = None) -> PreparedImage:
