@@ -16,6 +16,8 @@ the whole report goes to ``--results`` (markdown). Sections:
 - batch: the flow's ``batch_size`` through the proxy;
 - adaptive: the blocks' adaptive concurrency limit against every fixed concurrency, direct and
   through the proxy (``benchmarks/adaptive.py``).
+- big_photos: camera-sized photos with client-side resize, on loopback and through a 100 Mbit/s
+  link (`benchmarks.big_photos`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from .common import (
     verdict,
 )
 
-SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "adaptive")
+SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "adaptive", "big_photos")
 HTTPX_CONCURRENCY = (1, 2, 4, 8, 16)
 SDK_CONCURRENCY = (2, 4, 8, 16)  # 1, the default, is measured on all images
 MAX_CONCURRENCY = (1, 2, 4, 8, 16, 32)
@@ -324,6 +326,17 @@ def batch(bench: Bench) -> None:
     bench.show(table)
 
 
+def big_photos(bench: Bench) -> None:
+    """Camera-sized photos: the flow with client-side resize against bare httpx and inference-sdk."""
+    from .big_photos import section
+
+    tables, verdicts = section(bench.url, bench.args.sdk_python, bench.work, bench.args.photos)
+    for table in tables:
+        bench.show(table)
+    for verdict_row in verdicts:
+        bench.judge(*verdict_row)
+
+
 # --- set-up and report ------------------------------------------------------------------------
 
 
@@ -390,6 +403,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenes", type=int, default=32, help="scenes for detect_crop_classify")
     parser.add_argument("--adaptive-n", type=int, default=100, help="images per run of the adaptive section")
     parser.add_argument("--adaptive-rounds", type=int, default=3, help="interleaved rounds of the adaptive section")
+    parser.add_argument("--photos", type=int, default=32, help="camera photos for big_photos")
     parser.add_argument(
         "--memory-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000], help="e.g. 1000,10000"
     )

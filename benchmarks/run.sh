@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The performance benchmarks (issue 5), end to end, from a fresh clone:
 #
-#   bash benchmarks/run.sh [--n 500] [--sweep-n 200] [--memory-sizes 1000,10000] [--only throughput,memory,...]
+#   bash benchmarks/run.sh [--n 500] [--sweep-n 200] [--memory-sizes 1000,10000] [--photos 32] [--only throughput,memory,big_photos,...]
 #
 # 1. the project venv (.venv) through scripts/setup.sh;
 # 2. the local inference server through deployments/inference_server/up (started, or reused);
