@@ -141,7 +141,7 @@ def _union_near(index: VectorIndex, first_of: np.ndarray, is_rep: np.ndarray, th
     neighbours = min(index.rows, k + 1)
     for start in range(0, len(reps), QUERY_BATCH):
         rows = reps[start : start + QUERY_BATCH]
-        scores, found = index.knn(index.vectors(rows), neighbours, nprobe=_dedup_nprobe(index), refine=4)
+        scores, found = index.knn(index.vectors(rows), neighbours, nprobe=_dedup_nprobe(index), refine=2)
         close = (scores >= threshold) & (found >= 0)
         for a, b in zip(np.repeat(rows, neighbours)[close.ravel()], found[close], strict=True):
             _union(parent, int(a), int(first_of[b]))

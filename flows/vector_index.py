@@ -37,6 +37,7 @@ Examples:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -54,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect_roboflow.blocks import Clip, InferenceServer, PerceptionEncoder
+from prefect_roboflow.blocks._compat import async_dispatch
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from pydantic import BaseModel
 
@@ -78,6 +80,8 @@ MIN_EXACT_BELOW = 10_000
 SEGMENT_ROWS = 100_000
 #: Rows scored at once by an exact scan (bounds the scan's memory to block × queries floats).
 SCAN_BLOCK = 32_768
+#: Up to this many rows at once are read with ``pread`` (a query's re-ranking); more go through the map.
+PREAD_MAX_ROWS = 2_048
 #: Retrain the IVF-PQ once the index holds this many times the rows it was trained on.
 RETRAIN_GROWTH = 4
 _FAMILIES = {
@@ -443,16 +447,24 @@ class VectorIndex:
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored (normalised) vectors of these row numbers, in order.
 
-        Read with ``pread``, not through the memory map: a mapped page read once stays in the
-        process's RSS (with the kernel's read-ahead around it), so re-ranking through the map
-        would grow a long-lived searcher towards the whole vectors file.
+        A query's few rows are read with ``pread``, not through the memory map: a mapped page read
+        once stays in the process's RSS (with the kernel's read-ahead around it), so re-ranking
+        through the map would grow a long-lived searcher towards the whole vectors file. Large
+        batches (dedup, training) gather through the map.
         """
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim or 0), dtype=np.float32)
         seg_of = np.searchsorted(self._offsets, rows, side="right") - 1
         for s in np.unique(seg_of):
             mask = seg_of == s
-            out[mask] = _pread_rows(self._files[s], self._vectors[s], rows[mask] - self._offsets[s])
+            local = rows[mask] - self._offsets[s]
+            if len(local) <= PREAD_MAX_ROWS:
+                out[mask] = _pread_rows(self._files[s], self._vectors[s], local)
+            else:  # batch work (dedup, training): one vectorised gather through the map
+                order = np.argsort(local, kind="stable")
+                picked = np.empty((len(local), out.shape[1]), dtype=np.float32)
+                picked[order] = self._vectors[s][local[order]]
+                out[mask] = picked
         return out
 
     def iter_vectors(self, chunk: int = SCAN_BLOCK) -> Iterator[tuple[int, np.ndarray]]:
@@ -484,6 +496,24 @@ class VectorIndex:
 
     # -- searching ------------------------------------------------------------------------------
 
+    async def asearch(
+        self,
+        query: Any,
+        top_k: int = 10,
+        *,
+        server: str | InferenceServer | None = None,
+        nprobe: int | None = None,
+    ) -> list[IndexHit]:
+        """Async twin of `search`: the query's embedding awaited, the search in a worker thread."""
+        _check_top_k(top_k)
+        vector, model, subject = self._query(query, server)
+        if model is not None:
+            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            embedded = await (model.aembed_texts([subject]) if texts else model.aembed_images([subject]))
+            vector = self._checked_embedding(embedded)
+        return await asyncio.to_thread(self._hits, vector, top_k, nprobe)
+
+    @async_dispatch(asearch)
     def search(
         self,
         query: Any,
@@ -506,11 +536,21 @@ class VectorIndex:
         Raises:
             InvalidInputError: ``top_k`` < 1, a vector of another dimension, an empty index, a
                 bad ``nprobe`` — all before any request.
+
+        Examples:
+            ```python
+            hits = VectorIndex.open("out/index").search("a red car", top_k=5)
+            [(h.rank, round(h.score, 3), h.image_ref) for h in hits]
+            ```
         """
         _check_top_k(top_k)
-        if self.rows == 0:
-            raise InvalidInputError("query", f"the index at {self.path} is empty")
-        vector = self._embed_query(query, server)
+        vector, model, subject = self._query(query, server)
+        if model is not None:
+            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            vector = self._checked_embedding(model.embed_texts([subject]) if texts else model.embed_images([subject]))
+        return self._hits(vector, top_k, nprobe)
+
+    def _hits(self, vector: np.ndarray, top_k: int, nprobe: int | None) -> list[IndexHit]:
         scores, rows = self.knn(vector[None, :], top_k, nprobe=nprobe)
         meta = self.metadata(rows[0][rows[0] >= 0]).to_pylist()
         return [
@@ -563,17 +603,22 @@ class VectorIndex:
             )
         return _normalise(array, "query")
 
-    def _embed_query(self, query: Any, server: str | InferenceServer | None) -> np.ndarray:
+    def _query(
+        self, query: Any, server: str | InferenceServer | None
+    ) -> tuple[np.ndarray, Clip | PerceptionEncoder | None, Any]:
+        """``(vector, None, None)`` for a vector; ``(empty, model, text-or-image)`` to embed — checked first."""
+        if self.rows == 0:
+            raise InvalidInputError("query", f"the index at {self.path} is empty")
         if isinstance(query, (np.ndarray, list, tuple)):
-            return self._check_queries(np.asarray(query, dtype=np.float32).reshape(1, -1))[0]
+            return self._check_queries(np.asarray(query, dtype=np.float32).reshape(1, -1))[0], None, None
         if not isinstance(query, (str, bytes, Path)):
             raise InvalidInputError("query", f"expected a vector, a text or an image, got {type(query).__name__}")
         assert self.family is not None and self.version is not None
+        subject = query if isinstance(query, str) and not _looks_like_image(query) else _image_input(query)
         model = _BLOCKS[self.family](server=_resolve_server(server), version=self.version)
-        if isinstance(query, str) and not _looks_like_image(query):
-            embedded = model.embed_texts([query])
-        else:
-            embedded = model.embed_images([_image_input(query)])
+        return np.empty(0, dtype=np.float32), model, subject
+
+    def _checked_embedding(self, embedded: np.ndarray) -> np.ndarray:
         if embedded.shape != (1, self.dim):  # the server's answer is input too
             raise InvalidInputError("query", f"the server's embedding has shape {embedded.shape}, index dim {self.dim}")
         return self._check_queries(embedded)[0]
@@ -934,9 +979,9 @@ def _written_ann(
     else:
         assert old is not None
         ann, first, info = faiss.clone_index(current), int(old["rows"]), dict(old)
-    for start, vectors in _from_row(staged.iter_vectors(), first):
+    for start in range(first, total, SCAN_BLOCK):
         assert ann.ntotal == start, "IVF-PQ ids must be row numbers"
-        ann.add(np.ascontiguousarray(vectors))
+        ann.add(staged.vectors(np.arange(start, min(total, start + SCAN_BLOCK))))
     name = _new_name("ann", manifest.generation) + ".faiss"
     with store.scratch(name) as tmp:
         faiss.write_index(ann, str(tmp))

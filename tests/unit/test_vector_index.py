@@ -3,6 +3,7 @@ incremental adds, refusal of other models and dimensions, typed errors, crash sa
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -95,6 +96,16 @@ def test_rerun_over_a_superset_adds_only_new_rows_without_retraining(ann_index: 
     assert [h.rank for h in hits] == [1, 2, 3]
     again = reopened.add(batch(vectors), family="clip", version="ViT-B-16")
     assert (again.added, again.skipped) == (0, ROWS)
+
+
+def test_the_async_twin_answers_as_search_does(ann_index: VectorIndex, queries: np.ndarray):
+    async def in_async_code() -> tuple[list, list]:
+        awaited = await ann_index.asearch(queries[3], top_k=5)
+        dispatched = await ann_index.search(queries[3], top_k=5)  # in async code: the twin's coroutine
+        return awaited, dispatched
+
+    awaited, dispatched = asyncio.run(in_async_code())
+    assert awaited == dispatched == ann_index.search(queries[3], top_k=5)
 
 
 def test_below_the_threshold_search_is_exact(tmp_path: Path, vectors: np.ndarray, queries: np.ndarray):
