@@ -80,8 +80,9 @@ MIN_EXACT_BELOW = 10_000
 SEGMENT_ROWS = 100_000
 #: Rows scored at once by an exact scan (bounds the scan's memory to block × queries floats).
 SCAN_BLOCK = 32_768
-#: Up to this many rows at once are read with ``pread`` (a query's re-ranking); more go through the map.
-PREAD_MAX_ROWS = 2_048
+#: Reads of up to this many runs of adjacent rows use ``pread`` (a query's re-ranking, a block of
+#: rows); more scattered ones gather through the memory map.
+PREAD_MAX_RUNS = 2_048
 #: Retrain the IVF-PQ once the index holds this many times the rows it was trained on.
 RETRAIN_GROWTH = 4
 _FAMILIES = {
@@ -450,7 +451,7 @@ class VectorIndex:
         A query's few rows are read with ``pread``, not through the memory map: a mapped page read
         once stays in the process's RSS (with the kernel's read-ahead around it), so re-ranking
         through the map would grow a long-lived searcher towards the whole vectors file. Large
-        batches (dedup, training) gather through the map.
+        scattered batches (dedup's re-ranking) gather through the map.
         """
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim or 0), dtype=np.float32)
@@ -458,9 +459,10 @@ class VectorIndex:
         for s in np.unique(seg_of):
             mask = seg_of == s
             local = rows[mask] - self._offsets[s]
-            if len(local) <= PREAD_MAX_ROWS:
+            runs = 1 + int(np.count_nonzero(np.diff(np.sort(local)) != 1)) if len(local) else 0
+            if runs <= PREAD_MAX_RUNS:  # a query's candidates, or a contiguous block
                 out[mask] = _pread_rows(self._files[s], self._vectors[s], local)
-            else:  # batch work (dedup, training): one vectorised gather through the map
+            else:  # scattered batch reads (dedup's re-ranking): one vectorised gather through the map
                 order = np.argsort(local, kind="stable")
                 picked = np.empty((len(local), out.shape[1]), dtype=np.float32)
                 picked[order] = self._vectors[s][local[order]]
