@@ -107,6 +107,7 @@ class ImageCounts(RequestFigures):
     images: int
     succeeded: int
     failed: int
+    indexed: int = 0  # rows this run added to its vector index (``index_path``)
 
 
 class TooManyFailuresError(RuntimeError):
