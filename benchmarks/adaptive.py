@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from prefect_roboflow.blocks import Clip, InferenceError, InferenceServer, _http, record_responses
+from prefect_roboflow.blocks import Clip, InferenceError, InferenceServer, _http
 from prefect_roboflow.blocks._limiter import Signal, Slot
 
-from .clients import bare_httpx
+from .clients import bare_httpx, timed_embed
 from .common import Run, Table, ratio
 
 if TYPE_CHECKING:
@@ -50,16 +50,8 @@ def blocks_run(url: str, paths: Sequence[Path], fixed: int | None) -> tuple[Run,
         _http._engines[settings] = _http.InferenceHTTP(replace(settings, adaptive_concurrency=False))
     clip = Clip(server=server)
     answers = _time_answers(server.engine)
-    started = time.perf_counter()
-    with record_responses() as infos:
-        vectors = clip.embed_images([str(p) for p in paths])
-    seconds = time.perf_counter() - started
-    if vectors.shape[0] != len(paths):
-        raise RuntimeError(f"expected {len(paths)} embeddings, got {vectors.shape[0]}")
     setting = "adaptive (defaults)" if fixed is None else f"fixed {fixed}"
-    server_seconds = sum(i.server_time or 0.0 for i in infos)
-    run = Run("blocks client", setting, len(paths), seconds, len(infos), server_seconds, fixed)
-    return run, answers
+    return timed_embed(clip, paths, setting, fixed), answers
 
 
 def _time_answers(engine: _http.InferenceHTTP) -> list[tuple[int, float]]:

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from prefect_roboflow.blocks import Clip, InferenceServer, record_responses
+from prefect_roboflow.blocks import Clip, InferenceServer
 
-from .clients import bare_httpx, embed_flow, inference_sdk
+from .clients import bare_httpx, embed_flow, inference_sdk, timed_embed
 from .common import Run, Table, ratio
 from .throttle_proxy import ThrottleProxy
 
@@ -74,15 +74,8 @@ def block(url: str, paths: Sequence[Path], client_resize: bool) -> tuple[Run, fl
     started = time.perf_counter()
     clip.prepare_images([str(p) for p in paths])
     prepare_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    with record_responses() as infos:
-        vectors = clip.embed_images([str(p) for p in paths])
-    seconds = time.perf_counter() - started
-    if vectors.shape[0] != len(paths):
-        raise RuntimeError(f"expected {len(paths)} embeddings, got {vectors.shape[0]}")
-    server_seconds = sum(i.server_time or 0.0 for i in infos)
     setting = "client_resize on" if client_resize else "client_resize off (files as they are)"
-    return Run("blocks client", setting, len(paths), seconds, len(infos), server_seconds), prepare_seconds
+    return timed_embed(clip, paths, setting), prepare_seconds
 
 
 def measure(

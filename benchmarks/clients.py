@@ -62,9 +62,8 @@ def bare_httpx(url: str, paths: Sequence[Path], concurrency: int) -> Run:
 # --- (b) the blocks' client -------------------------------------------------------------
 
 
-def blocks_client(url: str, paths: Sequence[Path], max_concurrency: int = 8) -> Run:
-    """``Clip(...).embed_images(paths)``: the pooled engine, validation, chunking, retries."""
-    clip = Clip(server=InferenceServer(api_url=url, max_concurrency=max_concurrency))
+def timed_embed(clip: Clip, paths: Sequence[Path], setting: str, concurrency: int | None = None) -> Run:
+    """One ``clip.embed_images(paths)``, timed, with the server's own model time summed."""
     started = time.perf_counter()
     with record_responses() as infos:
         vectors = clip.embed_images([str(p) for p in paths])
@@ -72,7 +71,13 @@ def blocks_client(url: str, paths: Sequence[Path], max_concurrency: int = 8) -> 
     if vectors.shape[0] != len(paths):
         raise RuntimeError(f"expected {len(paths)} embeddings, got {vectors.shape[0]}")
     server_seconds = sum(i.server_time or 0.0 for i in infos)
-    return Run("blocks client", f"max_concurrency {max_concurrency}", len(paths), seconds, len(infos), server_seconds)
+    return Run("blocks client", setting, len(paths), seconds, len(infos), server_seconds, concurrency)
+
+
+def blocks_client(url: str, paths: Sequence[Path], max_concurrency: int = 8) -> Run:
+    """``Clip(...).embed_images(paths)``: the pooled engine, validation, chunking, retries."""
+    clip = Clip(server=InferenceServer(api_url=url, max_concurrency=max_concurrency))
+    return timed_embed(clip, paths, f"max_concurrency {max_concurrency}")
 
 
 # --- (a) the flows ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "tests") not in sys.path:
@@ -66,19 +66,21 @@ class Run:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
-class LatencyProxy:
-    """`tests/support/fault_proxy.FaultProxy` in its own process, so its event loop never
-    competes for the GIL of the client being measured. Counts the requests it forwards."""
+class ProxyProcess:
+    """A benchmark proxy in its own process (its event loop never competes for the GIL of the
+    client being measured), driven by one-line commands on its stdin; ``url`` once started."""
 
-    def __init__(self, upstream: str, latency: float) -> None:
-        self.upstream = upstream
-        self.latency = latency
+    module = ""
+    name = "proxy"
+
+    def __init__(self, *args: str) -> None:
+        self.args = list(args)
         self._process: subprocess.Popen[str] | None = None
         self.url = ""
 
-    def __enter__(self) -> LatencyProxy:
+    def __enter__(self: P) -> P:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.proxy_process", self.upstream, str(self.latency)],
+            [sys.executable, "-m", self.module, *self.args],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -94,15 +96,11 @@ class LatencyProxy:
         self._process.stdin.flush()
         answer = self._process.stdout.readline().strip()
         if not answer:
-            raise RuntimeError(f"latency proxy exited (code {self._process.poll()})")
+            raise RuntimeError(f"{self.name} exited (code {self._process.poll()})")
         return answer
 
-    def count(self) -> int:
-        """Requests forwarded since the last `clear`."""
-        return int(self._ask("count"))
-
     def clear(self) -> None:
-        """Forget the recorded requests (the proxy keeps their bodies)."""
+        """Restart the proxy's counts."""
         self._ask("clear")
 
     def __exit__(
@@ -116,6 +114,24 @@ class LatencyProxy:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+
+
+P = TypeVar("P", bound=ProxyProcess)
+
+
+class LatencyProxy(ProxyProcess):
+    """`tests/support/fault_proxy.FaultProxy` waiting ``latency`` seconds before each request,
+    counting the requests it forwards."""
+
+    module, name = "benchmarks.proxy_process", "latency proxy"
+
+    def __init__(self, upstream: str, latency: float) -> None:
+        super().__init__(upstream, str(latency))
+        self.upstream, self.latency = upstream, latency
+
+    def count(self) -> int:
+        """Requests forwarded since the last `clear`."""
+        return int(self._ask("count"))
 
 
 class Table:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
 import sys
 import time
-from types import TracebackType
+
+from .common import ProxyProcess
 
 __all__ = ["ThrottleProxy"]
 
@@ -101,59 +100,19 @@ async def serve(upstream: str, mbit: float, delay_ms: float) -> None:
     server.close()
 
 
-class ThrottleProxy:
-    """The throttling proxy in its own process (its event loop never competes with the client
-    being measured for the GIL)."""
+class ThrottleProxy(ProxyProcess):
+    """The throttling proxy in its own process, counting the bytes clients send through it."""
+
+    module, name = "benchmarks.throttle_proxy", "throttle proxy"
 
     def __init__(self, upstream_url: str, mbit: float, delay_ms: float) -> None:
         self.upstream = upstream_url.split("://", 1)[-1].rstrip("/")
-        self.mbit = mbit
-        self.delay_ms = delay_ms
-        self.url = ""
-        self._process: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> ThrottleProxy:
-        from .common import REPO
-
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.throttle_proxy", self.upstream, str(self.mbit), str(self.delay_ms)],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        self.url = self._ask("url")
-        return self
-
-    def _ask(self, command: str) -> str:
-        assert self._process is not None and self._process.stdin and self._process.stdout
-        self._process.stdin.write(command + "\n")
-        self._process.stdin.flush()
-        answer = self._process.stdout.readline().strip()
-        if not answer:
-            raise RuntimeError(f"throttle proxy exited (code {self._process.poll()})")
-        return answer
+        super().__init__(self.upstream, str(mbit), str(delay_ms))
+        self.mbit, self.delay_ms = mbit, delay_ms
 
     def sent_bytes(self) -> int:
         """Bytes clients sent through the proxy since the last `clear`."""
         return int(self._ask("bytes"))
-
-    def clear(self) -> None:
-        """Restart the byte count."""
-        self._ask("clear")
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._process is not None:
-            assert self._process.stdin is not None
-            self._process.stdin.close()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
 
 
 if __name__ == "__main__":
