@@ -95,12 +95,15 @@ def test_real_server_errors_are_mapped(server: InferenceServer) -> None:
         Clip(server=server, version="ViT-L-14").embed_texts(["a"])
     assert "ViT-L-14" in unknown.value.server_message
     assert unknown.value.endpoint == "/clip/embed_text"
-    # bytes that pass the client's header checks but do not decode: the server answers 400
+    # bytes that pass the client's cheap checks but do not decode: sent untouched (client_resize
+    # off), the server answers 400; with the client's resize on, they fail on the client, unsent
     fake_png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64 + b"IEND\xaeB`\x82"
     with pytest.raises(InferenceClientError) as undecodable:
-        PerceptionEncoder(server=server).embed_images([fake_png])
+        PerceptionEncoder(server=server, client_resize=False).embed_images([fake_png])
     assert undecodable.value.status_code == 400
     assert "Could not load input image" in undecodable.value.server_message
+    with pytest.raises(InvalidImageError, match=r"images\[0\]"):
+        PerceptionEncoder(server=server).embed_images([fake_png])
 
 
 def test_retryable_statuses_are_retried_until_success(proxy: FaultProxy, proxied: InferenceServer) -> None:
@@ -169,7 +172,7 @@ def test_one_bad_image_in_a_chunk_fails_alone(
 ) -> None:
     fake_png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64 + b"IEND\xaeB`\x82"
     images: list[Any] = [*image_paths[:5], fake_png, *image_paths[5:7]]
-    outcomes = PerceptionEncoder(server=proxied).embed_images_outcomes(images)
+    outcomes = PerceptionEncoder(server=proxied, client_resize=False).embed_images_outcomes(images)  # as sent
     assert [type(o).__name__ for o in outcomes].count("ndarray") == 7
     assert isinstance(outcomes[5], InferenceClientError) and outcomes[5].status_code == 400
     # one chunk of 8 refused as a whole, then each image alone
