@@ -13,7 +13,9 @@ the whole report goes to ``--results`` (markdown). Sections:
 - cache: the same flow rerun over the same images (requests counted at a proxy);
 - memory: peak RSS of ``embed_images`` at two sizes, each in a fresh process;
 - concurrency: throughput against ``InferenceServer.max_concurrency``, direct and through the proxy;
-- batch: the flow's ``batch_size`` through the proxy.
+- batch: the flow's ``batch_size`` through the proxy;
+- latency: a signed webhook POST → the row in the output table, through serve.py, split into its
+  parts; and a warm small run beside empty flows (``benchmarks/latency.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,8 +49,9 @@ from .common import (
     ratio,
     verdict,
 )
+from .latency import keep_section
 
-SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch")
+SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "latency")
 HTTPX_CONCURRENCY = (1, 2, 4, 8, 16)
 SDK_CONCURRENCY = (2, 4, 8, 16)  # 1, the default, is measured on all images
 MAX_CONCURRENCY = (1, 2, 4, 8, 16, 32)
@@ -321,6 +324,14 @@ def batch(bench: Bench) -> None:
     bench.show(table)
 
 
+def latency(bench: Bench) -> None:
+    """Webhook → row through serve.py, and the warm small run (their own Prefect server)."""
+    from . import latency as webhook_latency
+
+    for table in webhook_latency.measure(bench.url, bench.args.latency_n):
+        bench.show(table)
+
+
 # --- set-up and report ------------------------------------------------------------------------
 
 
@@ -373,7 +384,10 @@ def write_results(bench: Bench, header: Sequence[str], minutes: float) -> None:
     lines += ["", "## Figures", ""]
     for table in bench.tables:
         lines += [table.markdown(), ""]
-    Path(bench.args.results).write_text("\n".join(lines))
+    results = Path(bench.args.results)
+    if "latency" not in bench.args.only and results.exists():  # a section `python -m benchmarks.latency` wrote
+        lines.append(keep_section(results.read_text()))
+    results.write_text("\n".join(lines))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -385,6 +399,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-n", type=int, default=200, help="images per point of the other sweeps")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the throughput runs")
     parser.add_argument("--scenes", type=int, default=32, help="scenes for detect_crop_classify")
+    parser.add_argument("--latency-n", type=int, default=20, help="webhook deliveries of the latency section")
     parser.add_argument(
         "--memory-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000], help="e.g. 1000,10000"
     )
@@ -408,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     work = Path(tempfile.mkdtemp(prefix="prefect-roboflow-bench-"))
     try:
-        with ExitStack() as stack, prefect_api():
+        harness = prefect_api() if set(args.only) - {"latency"} else nullcontext()  # latency starts its own
+        with ExitStack() as stack, harness:
             images = generate_images(work / "images", args.n)
             bench = Bench(args=args, work=work, images=images, stack=stack)
             bare_httpx(args.server, images[:4], 1)  # the model is loaded before anything is timed
