@@ -14,6 +14,10 @@ the whole report goes to ``--results`` (markdown). Sections:
 - memory: peak RSS of ``embed_images`` at two sizes, each in a fresh process;
 - concurrency: throughput against ``InferenceServer.max_concurrency``, direct and through the proxy;
 - batch: the flow's ``batch_size`` through the proxy;
+- adaptive: the blocks' adaptive concurrency limit against every fixed concurrency, direct and
+  through the proxy (``benchmarks/adaptive.py``).
+- big_photos: camera-sized photos with client-side resize, on loopback and through a 100 Mbit/s
+  link (`benchmarks.big_photos`);
 - latency: a signed webhook POST → the row in the output table, through serve.py, split into its
   parts; and a warm small run beside empty flows (``benchmarks/latency.py``).
 """
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import httpx
 
+from .adaptive import adaptive  # noqa: F401 -- a section, called by name like the others
 from .clients import bare_httpx, blocks_client, detect_flow, embed_flow, inference_sdk
 from .common import (
     NETWORK_LATENCY,
@@ -51,7 +56,7 @@ from .common import (
 )
 from .latency import keep_section
 
-SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "latency")
+SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "adaptive", "big_photos", "latency")
 HTTPX_CONCURRENCY = (1, 2, 4, 8, 16)
 SDK_CONCURRENCY = (2, 4, 8, 16)  # 1, the default, is measured on all images
 MAX_CONCURRENCY = (1, 2, 4, 8, 16, 32)
@@ -301,7 +306,7 @@ def concurrency(bench: Bench) -> None:
         table = Table(
             f"Concurrency sweep, {where}: {len(images)} images",
             ["max_concurrency", "client images/s", "flow images/s", "flow / client"],
-            note="Default today: max_concurrency 8.",
+            note="Default today: adaptive, capped at max_concurrency 64 (this sweep sets that cap).",
         )
         for c in MAX_CONCURRENCY:
             client = blocks_client(url, images, max_concurrency=c)
@@ -322,6 +327,17 @@ def batch(bench: Bench) -> None:
         run = embed_flow(url, bench.images, bench.fresh_cache(), batch_size=size)
         table.add(size, -(-run.images // size), run.seconds, run.rate)
     bench.show(table)
+
+
+def big_photos(bench: Bench) -> None:
+    """Camera-sized photos: the flow with client-side resize against bare httpx and inference-sdk."""
+    from .big_photos import section
+
+    tables, verdicts = section(bench.url, bench.args.sdk_python, bench.work, bench.args.photos)
+    for table in tables:
+        bench.show(table)
+    for verdict_row in verdicts:
+        bench.judge(*verdict_row)
 
 
 def latency(bench: Bench) -> None:
@@ -399,6 +415,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-n", type=int, default=200, help="images per point of the other sweeps")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the throughput runs")
     parser.add_argument("--scenes", type=int, default=32, help="scenes for detect_crop_classify")
+    parser.add_argument("--adaptive-n", type=int, default=100, help="images per run of the adaptive section")
+    parser.add_argument("--adaptive-rounds", type=int, default=3, help="interleaved rounds of the adaptive section")
+    parser.add_argument("--photos", type=int, default=32, help="camera photos for big_photos")
     parser.add_argument("--latency-n", type=int, default=20, help="webhook deliveries of the latency section")
     parser.add_argument(
         "--memory-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000], help="e.g. 1000,10000"
@@ -413,6 +432,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     args.sweep_n = min(args.sweep_n, args.n)
     args.pick_n = min(args.pick_n, args.n)
+    args.adaptive_n = min(args.adaptive_n, args.n)
     return args
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The performance benchmarks (issue 5), end to end, from a fresh clone:
 #
-#   bash benchmarks/run.sh [--n 500] [--sweep-n 200] [--memory-sizes 1000,10000] [--only throughput,memory,...]
+#   bash benchmarks/run.sh [--n 500] [--sweep-n 200] [--memory-sizes 1000,10000] [--photos 32] [--only throughput,memory,big_photos,...]
+#   bash benchmarks/run.sh --only index [--sizes 100000,1000000]   # the vector index (no server needed)
 #
 # 1. the project venv (.venv) through scripts/setup.sh;
 # 2. the local inference server through deployments/inference_server/up (started, or reused);
@@ -15,6 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+
+if [ "${1:-}" = "--only" ] && [ "${2:-}" = "index" ]; then
+    exec python -m benchmarks.index_bench "${@:3}"
+fi
 
 url="$(deployments/inference_server/up | tail -n 1)"
 

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._compat import async_dispatch
 from ._model import ModelBlock, Outcome, Prepared, require_items
+from ._resize import prepare_image
 from .exceptions import InferenceError, InferenceResponseError, InferenceStatusError, InvalidInputError
-from .images import ImageInput, to_request_image
+from .images import ImageInput
 
 if TYPE_CHECKING:
     import numpy as np
@@ -165,7 +166,7 @@ class EmbeddingModel(ModelBlock, ABC):
         return self._raise_first(self.prepare_images(images))
 
     def _compare_inputs(self, image: ImageInput, prompts: Any) -> tuple[dict[str, str], list[str]]:
-        return to_request_image(image, "image"), self._check_texts(prompts, "prompts")
+        return prepare_image(image, "image", self.resize_plan()).image, self._check_texts(prompts, "prompts")
 
     def _similarities(self, outcomes: Sequence[Outcome]) -> np.ndarray:
         import numpy as np

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from ._limiter import AdaptiveLimiter, Signal
 from .exceptions import (
     InferenceClientError,
     InferenceConnectionError,
@@ -56,7 +57,8 @@ class HttpSettings:
     retry_backoff: float = 0.5
     retry_max_backoff: float = 10.0
     retry_budget: float = 120.0
-    max_concurrency: int = 8
+    max_concurrency: int = 64
+    adaptive_concurrency: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class ResponseInfo:
         cold_start: Whether the server loaded the model for this request.
         elapsed: Client-side seconds from the first attempt to the answer.
         attempts: How many attempts the request took.
+        concurrency_limit: The engine's adaptive concurrency limit when the answer came (0: unknown).
     """
 
     endpoint: str
@@ -84,6 +87,7 @@ class ResponseInfo:
     cold_start: bool
     elapsed: float
     attempts: int
+    concurrency_limit: int = 0
 
 
 # Recorders nest (a flow's around its tasks'), so every active one gets each ResponseInfo.
@@ -110,11 +114,23 @@ def record_responses() -> Iterator[list[ResponseInfo]]:
 
 
 def describe_responses(infos: Sequence[ResponseInfo]) -> str:
-    """One line on what the server reported for some requests, for logs."""
+    """One line on what the server reported for some requests, for logs.
+
+    Examples:
+        ```python
+        describe_responses(infos)
+        # '40 request(s), server model time 0.412s, engine inference-models, 0 retries,
+        #  concurrency limit 9 (peak 12)'
+        ```
+    """
     retries = sum(i.attempts - 1 for i in infos)
     engines = "/".join(sorted({i.engine for i in infos if i.engine})) or "unknown"
     server_time = sum(i.server_time or 0.0 for i in infos)
-    return f"{len(infos)} request(s), server model time {server_time:.3f}s, engine {engines}, {retries} retries"
+    line = f"{len(infos)} request(s), server model time {server_time:.3f}s, engine {engines}, {retries} retries"
+    limits = [i.concurrency_limit for i in infos if i.concurrency_limit > 0]
+    if limits:
+        line += f", concurrency limit {limits[-1]} (peak {max(limits)})"
+    return line
 
 
 def _float_header(value: str | None) -> float | None:
@@ -169,7 +185,9 @@ def status_error(endpoint: str, response: httpx.Response) -> InferenceStatusErro
     return InferenceClientError(status, message, **kwargs)
 
 
-def _response_info(endpoint: str, response: httpx.Response, body: Any, started: float, attempts: int) -> ResponseInfo:
+def _response_info(
+    endpoint: str, response: httpx.Response, body: Any, started: float, attempts: int, limit: int
+) -> ResponseInfo:
     headers = response.headers
     server_time = body.get("time") if isinstance(body, dict) else None
     return ResponseInfo(
@@ -182,7 +200,17 @@ def _response_info(endpoint: str, response: httpx.Response, body: Any, started: 
         cold_start=headers.get("x-model-cold-start", "").lower() == "true",
         elapsed=time.monotonic() - started,
         attempts=attempts,
+        concurrency_limit=limit,
     )
+
+
+def _load_signal(status: int) -> Signal:
+    """What an answer's status says about the server's load, for the concurrency limiter."""
+    if status < 400:
+        return Signal.OK
+    if status in (429, 502, 503, 504):
+        return Signal.OVERLOAD
+    return Signal.IGNORE  # a 4xx or 500 is about the request, and often comes back fast
 
 
 def client_options(settings: HttpSettings) -> dict[str, Any]:
@@ -199,7 +227,11 @@ def client_options(settings: HttpSettings) -> dict[str, Any]:
 
 
 class InferenceHTTP:
-    """Sends JSON requests with a bounded concurrency, retries, and typed errors."""
+    """Sends JSON requests with an adaptive concurrency limit, retries, and typed errors.
+
+    The limit (`concurrency_limit`) starts at 4 and follows the server (see `_limiter`), at most
+    ``settings.max_concurrency``; with ``adaptive_concurrency=False`` it stays at that cap.
+    """
 
     def __init__(self, settings: HttpSettings) -> None:
         self.settings = settings
@@ -207,16 +239,27 @@ class InferenceHTTP:
         self._thread = threading.Thread(target=self._loop.run_forever, name="prefect-roboflow-http", daemon=True)
         self._thread.start()
         self._random = random.Random()
-        # Built on the engine's loop: the pool and the semaphore belong to it.
-        self._client, self._semaphore = self._submit(self._make_client()).result()
+        cap = settings.max_concurrency
+        self._limiter = AdaptiveLimiter(cap, floor=1 if settings.adaptive_concurrency else cap)
+        # Built on the engine's loop: the pool belongs to it. The pool is as large as the cap.
+        self._client = self._submit(self._make_client()).result()
 
-    async def _make_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        concurrency = self.settings.max_concurrency
-        client = httpx.AsyncClient(
+    async def _make_client(self) -> httpx.AsyncClient:
+        cap = self.settings.max_concurrency
+        return httpx.AsyncClient(
             **client_options(self.settings),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
         )
-        return client, asyncio.Semaphore(concurrency)
+
+    @property
+    def concurrency_limit(self) -> int:
+        """How many requests may be in flight to this server now (the adaptive limit)."""
+        return self._limiter.limit
+
+    @property
+    def concurrency_peak(self) -> int:
+        """The highest the limit has been since the engine started."""
+        return self._limiter.peak
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Any:
         # run_coroutine_threadsafe copies the caller's context, so record_responses() sees the calls.
@@ -257,8 +300,7 @@ class InferenceHTTP:
         while True:
             attempt += 1
             try:
-                async with self._semaphore:
-                    response = await self._client.request(method, endpoint, content=content, headers=headers)
+                response = await self._request(method, endpoint, content, headers)
                 answer = self._parse(endpoint, response)
             except InferenceError as error:
                 failure: InferenceError = error
@@ -271,15 +313,42 @@ class InferenceHTTP:
                 failure = InferenceConnectionError(f"{type(exc).__name__}: {exc}", endpoint=endpoint)
                 failure.__cause__ = exc
             else:
-                info = _response_info(endpoint, response, answer, started, attempt)
+                info = _response_info(endpoint, response, answer, started, attempt, self._limiter.limit)
                 self._record(info)
                 return answer
             delay = self._retry_delay(failure, attempt, started)
             if delay is None:
                 logger.warning("%s failed after %d attempt(s): %s", endpoint, attempt, failure)
                 raise failure
-            logger.info("%s attempt %d failed (%s); retrying in %.2fs", endpoint, attempt, failure, delay)
+            logger.info(
+                "%s attempt %d failed (%s); retrying in %.2fs (concurrency limit %d)",
+                endpoint,
+                attempt,
+                failure,
+                delay,
+                self._limiter.limit,
+            )
             await asyncio.sleep(delay)
+
+    async def _request(
+        self, method: str, endpoint: str, content: bytes | None, headers: dict[str, str] | None
+    ) -> httpx.Response:
+        """One attempt within the concurrency limit, telling the limiter what the server said."""
+        # Latencies are compared between requests of one kind: same route, payload size within 2x.
+        key = (endpoint, len(content or b"").bit_length())
+        before = self._limiter.limit
+        async with self._limiter.slot(key) as slot:
+            try:
+                response = await self._client.request(method, endpoint, content=content, headers=headers)
+            except httpx.TimeoutException:
+                slot.signal = Signal.OVERLOAD
+                raise
+            slot.signal = _load_signal(response.status_code)
+        if self._limiter.limit != before:
+            logger.debug(
+                "concurrency limit %d -> %d (%s %d)", before, self._limiter.limit, endpoint, response.status_code
+            )
+        return response
 
     async def post_many(
         self, endpoint: str, payloads: Sequence[dict[str, Any]]
@@ -328,7 +397,7 @@ class InferenceHTTP:
         for infos in _recorders.get():
             infos.append(info)
         logger.debug(
-            "%s %d engine=%s model=%s server_time=%s processing_time=%s attempts=%d%s",
+            "%s %d engine=%s model=%s server_time=%s processing_time=%s attempts=%d limit=%d%s",
             info.endpoint,
             info.status_code,
             info.engine,
@@ -336,6 +405,7 @@ class InferenceHTTP:
             info.server_time,
             info.processing_time,
             info.attempts,
+            info.concurrency_limit,
             " cold-start" if info.cold_start else "",
         )
 

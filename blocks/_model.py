@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from prefect.blocks.core import Block
 from pydantic import Field
 
+from ._resize import ResizePlan, plan_for, resize_settings
+from ._resize import prepare_images as prepare_resized
 from .exceptions import InferenceError, InvalidInputError
-from .images import to_request_image
 from .server import InferenceServer
 
 if TYPE_CHECKING:
     from ._http import InferenceHTTP
 
-__all__ = ["ModelBlock", "Outcome", "Prepared", "model_class", "model_families", "prepare_images", "require_items"]
+__all__ = ["ModelBlock", "Outcome", "Prepared", "model_class", "model_families", "require_items"]
 
 T = TypeVar("T")
 #: One input's result, or the `InferenceError` that prevented it (n inputs in, n outcomes out).
@@ -43,6 +44,11 @@ class ModelBlock(Block, ABC):
 
     server: InferenceServer = Field(default_factory=InferenceServer, description="The inference server to call.")
     version: str = Field(description="Model version.")
+    client_resize: bool = Field(
+        default=True,
+        description="Resize photos larger than the model needs on the client before sending them (far fewer "
+        "bytes, much faster; OWLv2 boxes are mapped back to the original); off sends every image untouched.",
+    )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -62,16 +68,22 @@ class ModelBlock(Block, ABC):
         return f"{self.family} {self.version}"
 
     def identity(self) -> dict[str, Any]:
-        """What identifies this model's results in a cache key: never the server or its key."""
-        return {"family": self.family, "version": self.version}
+        """What identifies this model's results in a cache key: family, version and every setting
+        that changes results (the client-side resize); never the server or its key."""
+        return {"family": self.family, "version": self.version, **resize_settings(self.client_resize)}
+
+    def resize_plan(self) -> ResizePlan | None:
+        """How images are resized on the client before sending; None when they go untouched."""
+        return plan_for(self.family, self.version) if self.client_resize else None
 
     def prepare_images(self, images: Any, field: str = "images") -> list[Prepared]:
-        """Each image as the server's image object, or the error that makes it unsendable."""
-        return prepare_images(images, field)
+        """Each image as the server's image object (resized when big), or the error that makes it unsendable."""
+        prepared = prepare_resized(require_items(images, field, "images"), field, self.resize_plan())
+        return [p if isinstance(p, InvalidInputError) else p.image for p in prepared]
 
     @staticmethod
     async def _send_prepared(
-        prepared: Sequence[Prepared], send: Callable[[list[dict[str, str]]], Awaitable[list[Outcome]]]
+        prepared: Sequence[T | InvalidInputError], send: Callable[[list[T]], Awaitable[list[Outcome]]]
     ) -> list[Outcome]:
         """Send the sendable inputs; merge their outcomes back among the unsendable ones, in order."""
         sent = iter(await send([p for p in prepared if not isinstance(p, InvalidInputError)]))
@@ -112,14 +124,3 @@ def require_items(items: Any, field: str, kind: str) -> list[Any]:
             field, f"expected at least one {kind[:-1] if kind.endswith('s') else kind}, got an empty list"
         )
     return list(items)
-
-
-def prepare_images(images: Any, field: str = "images") -> list[Prepared]:
-    """Each image of a non-empty list as the server's image object, or the error that makes it unsendable."""
-    prepared: list[Prepared] = []
-    for i, image in enumerate(require_items(images, field, "images")):
-        try:
-            prepared.append(to_request_image(image, f"{field}[{i}]"))
-        except InvalidInputError as error:
-            prepared.append(error)
-    return prepared

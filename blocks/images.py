@@ -3,9 +3,10 @@
 Accepted everywhere: a file path (``str`` or ``os.PathLike``), encoded bytes (JPEG, PNG, ...),
 a numpy array (``H×W×3`` BGR as OpenCV gives, ``H×W`` grayscale, ``H×W×4`` BGRA; ``uint8``,
 ``uint16`` or ``float`` in ``[0, 1]``), a PIL image, or an ``https://`` URL that the server
-downloads itself. Encoded bytes are sent as they are, never decoded and re-encoded. Arrays and
-PIL images are encoded as JPEG q95 (lossy); `encode_array` with ``format="png"`` gives lossless
-bytes to send instead.
+downloads itself. Encoded bytes are sent as they are, never decoded and re-encoded; the blocks'
+client-side resize of photos bigger than their model needs (``client_resize``) lives in `_resize`.
+Arrays and PIL images are encoded as JPEG q95 (lossy); `encode_array` with ``format="png"`` gives
+lossless bytes to send instead.
 
 numpy and PIL are imported only when such an input is given, to keep the package light.
 """

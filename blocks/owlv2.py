@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._compat import async_dispatch
-from ._model import ModelBlock, Outcome, Prepared, require_items
+from ._model import ModelBlock, Outcome, require_items
+from ._resize import PreparedImage, ResizePlan, prepare_image, prepare_images
 from .exceptions import InferenceError, InferenceResponseError, InvalidInputError
-from .images import ImageInput, image_size, to_request_image
+from .images import ImageInput
 from .server import DOCS_URL, LOGO_URL
 
 if TYPE_CHECKING:
@@ -109,26 +110,31 @@ def check_examples(examples: Any, field: str = "examples") -> list[ReferenceExam
     return checked
 
 
-def training_data(examples: Sequence[ReferenceExample], field: str = "examples") -> list[dict[str, Any]]:
-    """Encode reference examples once, checking each box lies on its image where its size is known."""
+def training_data(
+    examples: Sequence[ReferenceExample], field: str = "examples", plan: ResizePlan | None = None
+) -> list[dict[str, Any]]:
+    """Encode reference examples once (resized per ``plan`` when big, their boxes scaled with
+    them), checking each box lies on its image where its size is known."""
     data = []
     for i, example in enumerate(examples):
-        image = to_request_image(example.image, f"{field}[{i}].image")
-        size = image_size(_decode(image)) if image["type"] == "base64" else None
+        prepared = prepare_image(example.image, f"{field}[{i}].image", plan)
+        size = prepared.size
         for j, box in enumerate(example.boxes):
             if size is not None and not (0 <= box.x <= size[0] and 0 <= box.y <= size[1]):
                 raise InvalidInputError(
                     f"{field}[{i}].boxes[{j}]",
                     f"box centre ({box.x}, {box.y}) lies outside the {size[0]}×{size[1]} reference image",
                 )
-        data.append({"image": image, "boxes": [b.to_request() for b in example.boxes]})
+        data.append({"image": prepared.image, "boxes": [_box_on(prepared, b) for b in example.boxes]})
     return data
 
 
-def _decode(image: dict[str, str]) -> bytes:
-    import base64
-
-    return base64.b64decode(image["value"])
+def _box_on(prepared: PreparedImage, box: Box) -> dict[str, Any]:
+    """A box of the original image as the server's ``TrainBox`` on the image actually sent."""
+    if not prepared.resized:
+        return box.to_request()
+    sx, sy = prepared.scale
+    return box.model_copy(update={"x": box.x / sx, "y": box.y / sy, "w": box.w / sx, "h": box.h / sy}).to_request()
 
 
 def check_confidence(confidence: Any, field: str = "confidence") -> float:
@@ -140,11 +146,14 @@ def check_confidence(confidence: Any, field: str = "confidence") -> float:
     return float(confidence)
 
 
-def to_detections(answer: dict[str, Any], class_names: Sequence[str]) -> sv.Detections:
+def to_detections(
+    answer: dict[str, Any], class_names: Sequence[str], sent: PreparedImage | None = None
+) -> sv.Detections:
     """`supervision.Detections` from an ``/owlv2/infer`` answer.
 
     ``class_id`` indexes ``class_names`` (the sorted positive classes of the examples), which
-    stays stable between requests, unlike the server's own ``class_id``.
+    stays stable between requests, unlike the server's own ``class_id``. When ``sent`` was
+    resized on the client, boxes and image size are mapped back to the original image.
     """
     import numpy as np
     import supervision as sv
@@ -164,6 +173,8 @@ def to_detections(answer: dict[str, Any], class_names: Sequence[str]) -> sv.Dete
     if len(predictions):
         xyxy[:, :2] = centres[:, :2] - centres[:, 2:] / 2
         xyxy[:, 2:] = centres[:, :2] + centres[:, 2:] / 2
+    if sent is not None and sent.resized:
+        xyxy *= np.array(sent.scale * 2, dtype=np.float32)
     detections = sv.Detections(
         xyxy=xyxy,
         confidence=confidence,
@@ -171,17 +182,21 @@ def to_detections(answer: dict[str, Any], class_names: Sequence[str]) -> sv.Dete
         data={"class_name": np.array(names, dtype=str), "detection_id": np.array(detection_ids, dtype=str)},
     )
     image = answer.get("image")
-    if isinstance(image, dict):
+    if sent is not None and sent.resized and sent.size is not None:
+        detections.metadata["image_width"], detections.metadata["image_height"] = sent.size
+    elif isinstance(image, dict):
         detections.metadata["image_width"] = image.get("width")
         detections.metadata["image_height"] = image.get("height")
     return detections
 
 
-def _detections_or_error(answer: dict[str, Any] | InferenceError, class_names: Sequence[str]) -> Outcome:
+def _detections_or_error(
+    answer: dict[str, Any] | InferenceError, class_names: Sequence[str], sent: PreparedImage
+) -> Outcome:
     if isinstance(answer, InferenceError):
         return answer
     try:
-        return to_detections(answer, class_names)
+        return to_detections(answer, class_names, sent)
     except InferenceError as error:
         return error
 
@@ -225,22 +240,24 @@ class OwlV2(ModelBlock):
 
     def prepare(
         self, images: Any, examples: Any, confidence: float | None
-    ) -> tuple[list[Prepared], dict[str, Any], list[str]]:
-        """Validate and encode everything once: query images (or their errors), the shared
-        request body, and the sorted positive class names."""
+    ) -> tuple[list[PreparedImage | InvalidInputError], dict[str, Any], list[str]]:
+        """Validate and encode everything once: query images (resized when big, or their errors),
+        the shared request body, and the sorted positive class names."""
         checked = check_examples(examples)
         threshold = check_confidence(self.confidence if confidence is None else confidence)
-        body = {"training_data": training_data(checked), "confidence": threshold, "owlv2_version_id": self.version}
+        plan = self.resize_plan()
+        data = training_data(checked, plan=plan)
+        body = {"training_data": data, "confidence": threshold, "owlv2_version_id": self.version}
         class_names = sorted({b.cls for e in checked for b in e.boxes if not b.negative})
-        return self.prepare_images(images), body, class_names
+        return prepare_images(require_items(images, "images", "images"), "images", plan), body, class_names
 
     async def _detect_prepared(
-        self, prepared: Sequence[Prepared], body: dict[str, Any], class_names: list[str]
+        self, prepared: Sequence[PreparedImage | InvalidInputError], body: dict[str, Any], class_names: list[str]
     ) -> list[Outcome]:
-        async def send(sendable: list[dict[str, str]]) -> list[Outcome]:
+        async def send(sendable: list[PreparedImage]) -> list[Outcome]:
             # One query image per request: a list makes the 1.8.3 route fail its response validation.
-            answers = await self._engine.post_many(ENDPOINT, [{**body, "image": p} for p in sendable])
-            return [_detections_or_error(answer, class_names) for answer in answers]
+            answers = await self._engine.post_many(ENDPOINT, [{**body, "image": p.image} for p in sendable])
+            return [_detections_or_error(a, class_names, p) for a, p in zip(answers, sendable, strict=True)]
 
         return await self._send_prepared(prepared, send)
 

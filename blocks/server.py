@@ -21,9 +21,10 @@ DOCS_URL = "https://inference.roboflow.com/"
 class InferenceServer(CredentialsBlock):
     """A Roboflow Inference server: its URL, API key, timeouts, retries and concurrency.
 
-    Requests from every model block that uses this server share one pooled connection set,
-    at most `max_concurrency` requests in flight. The API key travels in the
-    ``Authorization`` header and the JSON body, never in a URL, a log line or an error.
+    Requests from every model block that uses this server share one pooled connection set and
+    one adaptive concurrency limit, at most `max_concurrency` requests in flight. The API key
+    travels in the ``Authorization`` header and the JSON body, never in a URL, a log line or an
+    error.
 
     Examples:
         Load a saved server and ask what it runs:
@@ -76,10 +77,12 @@ class InferenceServer(CredentialsBlock):
         description="Seconds after which a request stops retrying and its last error is raised.",
     )
     max_concurrency: int = Field(
-        default=8,
+        default=64,
         ge=1,
         le=256,
-        description="Most requests in flight at once to this server, across all threads.",
+        description="Cap on requests in flight at once to this server, across all threads. Below it the "
+        "limit adapts: it starts at 4, grows while latency holds, and backs off on rising latency, "
+        "429, 502-504 and timeouts. 1 sends one request at a time.",
     )
 
     @field_validator("api_url")

@@ -6,6 +6,10 @@
 - `classify_images`: whole-image zero-shot classification.
 - `search_images`: a text or image query → the most similar rows of such a table.
 - `auto_label`: detection + zero-shot classes → a COCO/YOLO dataset, a review table and gallery.
+- `find_duplicates`: exact and near-duplicate groups from an embeddings table or vector index.
+
+`VectorIndex` (``prefect_roboflow.flows.vector_index``) keeps embeddings searchable at millions of
+rows; the embedding flows add to one with ``index_path``.
 
 All take image references (a folder, a glob, or paths and https URLs), cache every result by
 content, write outputs atomically, and publish progress, tables, a summary and an event. They
@@ -19,9 +23,11 @@ from .auto_label import AutoLabelResult, auto_label
 from .classify_images import ClassifyImagesResult, classify_images
 from .detect_crop_classify import DetectCropClassifyResult, detect_crop_classify
 from .embed_images import EmbedImagesResult, embed_images
+from .find_duplicates import FindDuplicatesResult, find_duplicates
 from .records import Batch, Failure, ImageRecord
 from .search_images import SearchHit, SearchImagesResult, search_images
 from .steps import ExampleSpec
+from .vector_index import IndexHit, VectorIndex, update_index_from_table
 
 __all__ = [
     "AutoLabelResult",
@@ -30,14 +36,19 @@ __all__ = [
     "DetectCropClassifyResult",
     "EmbedImagesResult",
     "ExampleSpec",
+    "FindDuplicatesResult",
     "Failure",
     "ImageRecord",
+    "IndexHit",
     "SearchHit",
     "SearchImagesResult",
+    "VectorIndex",
     "auto_label",
     "classify_images",
     "detect_crop_classify",
     "embed_images",
+    "find_duplicates",
     "search_images",
     "steps",
+    "update_index_from_table",
 ]

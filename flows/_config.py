@@ -13,7 +13,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.settings import PREFECT_HOME
 from prefect.utilities.dispatch import get_registry_for_type
 
-from prefect_roboflow.blocks import InferenceServer, OwlV2, model_class
+from prefect_roboflow.blocks import InferenceServer, ModelBlock, OwlV2, model_class
 from prefect_roboflow.blocks._embedding import EmbeddingModel
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
@@ -22,6 +22,8 @@ from ._cache import ContentCache
 __all__ = [
     "DEFAULT_SERVER_URL",
     "EmbeddingFamily",
+    "check_index",
+    "is_index",
     "detector_model",
     "embedding_model",
     "ensure_out_dir",
@@ -48,7 +50,7 @@ def resolve_server(server: str | InferenceServer | None) -> InferenceServer:
     if "://" in server:
         return InferenceServer(api_url=server)
     name = server.split("/", 1)[1] if server.startswith("roboflow-inference-server/") else server
-    return InferenceServer.load(name)
+    return InferenceServer.load(name, _sync=True)  # sync even inside an async flow
 
 
 def embedding_model(family: str, version: str | None, server: InferenceServer) -> EmbeddingModel:
@@ -85,12 +87,45 @@ def resolve_cache(cache_storage: CacheStorage) -> ContentCache:
     if isinstance(cache_storage, ContentCache):
         return cache_storage
     if cache_storage is not None and _is_block_slug(cache_storage):
-        block = Block.load(cache_storage)
+        block = Block.load(cache_storage, _sync=True)  # type: ignore[call-arg]
         if not isinstance(block, WritableFileSystem):
             raise InvalidInputError("cache_storage", f"{cache_storage} is not a writable file system block")
         return ContentCache(block)
     folder = Path(cache_storage) if cache_storage else Path(PREFECT_HOME.value()) / "prefect-roboflow-cache"
     return ContentCache(folder.expanduser().resolve())
+
+
+def is_index(path: str) -> bool:
+    """Whether ``path`` (a folder or an object-storage URL) holds a vector index, not a table."""
+    if path.endswith(".parquet"):
+        return False
+    import fsspec
+
+    from .vector_index import MANIFEST
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(f"{root.rstrip('/')}/{MANIFEST}"))
+
+
+def check_index(index_path: str | None, model: ModelBlock) -> None:
+    """Open (or create) the vector index a run will add to, before any request, and refuse one
+    that holds another model's or version's rows.
+
+    Raises:
+        InvalidInputError: naming ``index_path``.
+    """
+    if index_path is None:
+        return
+    from .vector_index import VectorIndex
+
+    try:
+        index = VectorIndex.open(index_path, create=True)
+    except InvalidInputError as error:
+        raise InvalidInputError("index_path", error.reason) from None
+    if index.family is not None and (index.family, index.version) != (model.family, model.version):
+        raise InvalidInputError(
+            "index_path", f"holds {index.family} {index.version} rows; this run embeds with {model.label}"
+        )
 
 
 def ensure_out_dir(out_dir: str | os.PathLike[str]) -> Path:

@@ -1,56 +1,28 @@
 """Output files, written atomically: readers see the previous file or the whole new one.
 
-Every file is written to a hidden temp file beside its final name and renamed into place once
-complete, so neither a crash nor a failed run leaves a half-written file under the final name.
-Files get the permissions a plain ``open(path, "w")`` would give under the process umask (the
-temp file's private 0600 is not kept). Parquet tables stream batch by batch into their temp file.
+Every local file is written to a hidden temp file beside its final name (created with the mode a
+plain ``open(path, "w")`` gets under the umask) and renamed into place once complete, so neither a
+crash nor a failed run leaves a half-written file under the final name; a table bound for an
+object store goes up as one object (`_storage.AtomicParquetWriter`). Parquet tables stream batch
+by batch into their temp file.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from ._storage import AtomicParquetWriter, _LocalReplace, is_remote
 
 __all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type"]
 
 
-def _process_umask() -> int:
-    """The umask, read without changing it where Linux tells it (``os.umask`` sets it to read it)."""
-    try:
-        match = re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        match = None
-    if match:
-        return int(match.group(1), 8)
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Give a finished temp file normal permissions and move it to its final name."""
-    os.chmod(tmp, 0o666 & ~_process_umask())
-    os.replace(tmp, path)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        _publish(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _LocalReplace(path) as (handle, _):
+        handle.write(data)
 
 
 def embedding_type(dim: int | None = None) -> pa.DataType:
@@ -76,8 +48,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class ParquetSink:
-    """Stream rows into a parquet file that appears atomically on `commit`.
+class ParquetSink(AtomicParquetWriter):
+    """Stream rows into a parquet table (a local path or an object-store URL) that appears whole on
+    `commit`; temp files that dead writers left beside a local table are removed first.
 
     Examples:
         ```python
@@ -87,47 +60,12 @@ class ParquetSink:
         ```
     """
 
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self.path = path
-        self.schema = schema
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-        os.close(fd)
-        self._tmp = Path(tmp)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, schema, compression="zstd")
-        self.rows = 0
+    def __init__(self, path: str | os.PathLike[str], schema: pa.Schema) -> None:
+        if not is_remote(path):
+            _remove_orphans(Path(path))
+        super().__init__(path, schema)
 
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        """Append rows (dicts keyed by column name)."""
-        if not rows:
-            return
-        assert self._writer is not None, "sink already closed"
-        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
-        self.rows += len(rows)
-
-    def commit(self) -> Path:
-        """Close the file and move it into place."""
-        assert self._writer is not None, "sink already closed"
-        self._writer.close()
-        self._writer = None
-        _publish(self._tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        """Drop everything written; the final path is left as it was."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> ParquetSink:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
+    @property
+    def path(self) -> str:
+        """Where the table appears."""
+        return self.url

@@ -61,6 +61,8 @@ class StepStats(StepReport):
     requests: int = 0
     retries: int = 0
     server_seconds: float = 0.0
+    concurrency_limit: int = 0  # the server's adaptive limit at the step's last answer
+    concurrency_peak: int = 0
 
     def add(self, report: StepReport) -> None:
         """Fold one batch's report in."""
@@ -73,16 +75,20 @@ class StepStats(StepReport):
         self.requests += len(report.infos)
         self.retries += sum(i.attempts - 1 for i in report.infos)
         self.server_seconds += sum(i.server_time or 0.0 for i in report.infos)
+        if report.infos:
+            self.concurrency_limit = report.infos[-1].concurrency_limit
+            self.concurrency_peak = max(self.concurrency_peak, *(i.concurrency_limit for i in report.infos))
 
     def row(self) -> dict[str, Any]:
         """The step's row of the table artifact."""
-        counts = ("batches", "items", "cached", "sent", "failed", "requests", "retries")
+        counts = ("batches", "items", "cached", "sent", "failed", "requests", "retries", "concurrency_limit")
         return {
             "step": self.step,
             "model": self.model,
             **{name: getattr(self, name) for name in counts},
             "server_seconds": round(self.server_seconds, 3),
             "wall_seconds": round(self.seconds, 3),
+            "concurrency_peak": self.concurrency_peak,
         }
 
 
@@ -101,6 +107,7 @@ class ImageCounts(RequestFigures):
     images: int
     succeeded: int
     failed: int
+    indexed: int = 0  # rows this run added to its vector index (``index_path``)
 
 
 class TooManyFailuresError(RuntimeError):
@@ -119,14 +126,14 @@ class Progress:
         self.done = 0
         self.interval = interval
         self._sent_at = time.monotonic()
-        self._id: UUID | None = create_progress_artifact(0.0, description=description)  # type: ignore[assignment]
+        self._id: UUID | None = create_progress_artifact(0.0, description=description, _sync=True)  # type: ignore[call-arg,assignment]
 
     def advance(self) -> None:
         """One more batch done."""
         self.done += 1
         now = time.monotonic()
         if self._id is not None and (self.done >= self.total or now - self._sent_at >= self.interval):
-            update_progress_artifact(self._id, 100.0 * self.done / self.total)
+            update_progress_artifact(self._id, 100.0 * self.done / self.total, _sync=True)  # type: ignore[call-arg]
             self._sent_at = now
 
 
@@ -224,7 +231,7 @@ class BatchRun:
         """Publish the step table and summary, emit the completion event, then apply the failure rule."""
         description = f"Per-step figures of this {self.flow_key} run."
         rows = [s.row() for s in self.steps.values()]
-        create_table_artifact(rows, key=f"{self.flow_key}-steps", description=description)
+        create_table_artifact(rows, key=f"{self.flow_key}-steps", description=description, _sync=True)  # type: ignore[call-arg]
         publish_summary(self.flow_key, title, sections)
         emit_completed(self.flow_key, result.model_dump())
         if self.images and self.images_failed / self.images > max_failure_rate:
@@ -237,7 +244,8 @@ class BatchRun:
 
 def publish_summary(flow_key: str, title: str, sections: Sequence[str]) -> None:
     """The run's markdown summary artifact."""
-    create_markdown_artifact("\n\n".join([f"# {title}", *sections]), key=f"{flow_key}-summary", description=title)
+    text = "\n\n".join([f"# {title}", *sections])
+    create_markdown_artifact(text, key=f"{flow_key}-summary", description=title, _sync=True)  # type: ignore[call-arg]
 
 
 def emit_completed(flow_key: str, summary: dict[str, Any]) -> None:

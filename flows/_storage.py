@@ -48,7 +48,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 
@@ -625,6 +625,9 @@ def check_output(location: str | os.PathLike[str], *, credentials: Any = None, f
         raise error from None
 
 
+_W = TypeVar("_W", bound="AtomicParquetWriter")
+
+
 class AtomicParquetWriter:
     """Stream rows into a parquet table that appears whole at ``url`` on `commit`.
 
@@ -694,7 +697,7 @@ class AtomicParquetWriter:
         else:
             self._file.close()
 
-    def __enter__(self) -> AtomicParquetWriter:
+    def __enter__(self: _W) -> _W:
         return self
 
     def __exit__(

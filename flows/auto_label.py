@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
-from prefect import flow
 from prefect.futures import PrefectFuture
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
@@ -23,6 +22,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from . import steps
 from ._config import EmbeddingFamily, detector_model, embedding_model, ensure_out_dir, resolve_cache, resolve_server
 from ._dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
+from ._flow import roboflow_flow
 from ._operations import image_size, normalise
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
@@ -158,8 +158,8 @@ def _check(min_score: float, formats: Sequence[str]) -> None:
         raise InvalidInputError("formats", f"expected some of {list(EXPORT_FORMATS)}, got {list(formats)}")
 
 
-@flow(name="auto-label", flow_run_name="auto-label[{model}]", validate_parameters=True)
-def auto_label(
+@roboflow_flow(name="auto-label", flow_run_name="auto-label[{model}]", validate_parameters=True)
+async def auto_label(
     images: ImageSource,
     examples: list[ExampleSpec],
     classes: Classes,

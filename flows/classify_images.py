@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from prefect.futures import PrefectFuture
 
 from . import steps
-from ._config import EmbeddingFamily, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._config import EmbeddingFamily, check_index, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
 from ._tables import CLASSIFICATIONS_SCHEMA, record_rows
+from .vector_index import update_index_from_table
 
 __all__ = ["CLASSIFICATIONS_SCHEMA", "ClassifyImagesResult", "classify_images"]
 
@@ -26,8 +27,8 @@ class ClassifyImagesResult(ImageCounts):
     classifications_path: str
 
 
-@flow(name="classify-images", flow_run_name="classify-images[{model}]", validate_parameters=True)
-def classify_images(
+@roboflow_flow(name="classify-images", flow_run_name="classify-images[{model}]", validate_parameters=True)
+async def classify_images(
     images: ImageSource,
     labels: list[str],
     out_dir: str,
@@ -38,6 +39,7 @@ def classify_images(
     batch_size: int = 64,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
+    index_path: str | None = None,
 ) -> ClassifyImagesResult:
     """Label each image with the prompt it is most similar to; write ``classifications.parquet``.
 
@@ -56,10 +58,12 @@ def classify_images(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its table) above this share of failed images.
+        index_path: A vector index (folder or object-storage URL) to add this run's new rows to.
     """
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = ensure_out_dir(out_dir)
+    check_index(index_path, embedder)
     run = BatchRun(FLOW_KEY, images, batch_size, f"Classifying images with {embedder.label}")
     label_set = steps.embed_labels(embedder, labels, cache)
 
@@ -74,6 +78,7 @@ def classify_images(
         **run.counts(),
         label_counts=dict(run.labels.most_common()),
         classifications_path=str(sink.path),
+        indexed=0 if index_path is None else update_index_from_table(sink.path, index_path).added,
     )
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
     summary = [markdown_table(counts, ["label", "count"]), f"Table: `{sink.path}`"]

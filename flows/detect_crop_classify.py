@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from prefect.futures import PrefectFuture
 
 from . import steps
@@ -23,6 +22,7 @@ from ._config import (
     resolve_cache,
     resolve_server,
 )
+from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, RequestFigures, markdown_table
 from ._sources import ImageSource
@@ -48,8 +48,8 @@ class DetectCropClassifyResult(RequestFigures):
     annotated_dir: str
 
 
-@flow(name="detect-crop-classify", flow_run_name="detect-crop-classify[{model}]", validate_parameters=True)
-def detect_crop_classify(
+@roboflow_flow(name="detect-crop-classify", flow_run_name="detect-crop-classify[{model}]", validate_parameters=True)
+async def detect_crop_classify(
     images: ImageSource,
     examples: list[ExampleSpec],
     labels: list[str],

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow
-
 from . import steps
-from ._config import EmbeddingFamily, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._config import EmbeddingFamily, check_index, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
 from ._tables import EMBEDDINGS_SCHEMA, record_rows
+from .vector_index import update_index_from_table
 
 __all__ = ["EMBEDDINGS_SCHEMA", "EmbedImagesResult", "embed_images"]
 
@@ -22,8 +22,8 @@ class EmbedImagesResult(ImageCounts):
     embeddings_path: str
 
 
-@flow(name="embed-images", flow_run_name="embed-images[{model}]", validate_parameters=True)
-def embed_images(
+@roboflow_flow(name="embed-images", flow_run_name="embed-images[{model}]", validate_parameters=True)
+async def embed_images(
     images: ImageSource,
     out_dir: str,
     server: str | None = None,
@@ -32,6 +32,7 @@ def embed_images(
     batch_size: int = 64,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
+    index_path: str | None = None,
 ) -> EmbedImagesResult:
     """Embed every image and write ``embeddings.parquet`` to ``out_dir``.
 
@@ -46,6 +47,8 @@ def embed_images(
         cache_storage: Where per-image results are kept: a folder, or a saved file-system block
             as ``"block-type/name"``; ``$PREFECT_HOME/prefect-roboflow-cache`` by default.
         max_failure_rate: The run fails (after writing its table) when a larger share of images fails.
+        index_path: A vector index (folder or object-storage URL) to add this run's new rows to,
+            for `search_images` and `VectorIndex` at millions of rows.
 
     Returns:
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
@@ -54,6 +57,7 @@ def embed_images(
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = ensure_out_dir(out_dir)
+    check_index(index_path, embedder)
     run = BatchRun(FLOW_KEY, images, batch_size, f"Embedding images with {embedder.label}")
     with ParquetSink(out / "embeddings.parquet", EMBEDDINGS_SCHEMA) as sink:
         for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
@@ -61,6 +65,7 @@ def embed_images(
     result = EmbedImagesResult(
         **run.counts(),
         embeddings_path=str(sink.path),
+        indexed=0 if index_path is None else update_index_from_table(sink.path, index_path).added,
     )
     summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), f"Table: `{sink.path}`"]
     title = f"Embedded {result.succeeded} of {result.images} images with {embedder.label}"

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._config import embedding_model, resolve_server
+from ._config import embedding_model, is_index, resolve_server
+from ._flow import roboflow_flow
 from ._operations import normalise
 from ._run import emit_completed, markdown_table, publish_summary
 from ._sources import read_bytes
+from .vector_index import VectorIndex
 
 __all__ = ["SearchHit", "SearchImagesResult", "search_images"]
 
@@ -66,31 +68,48 @@ def embed_query(query: str, family: str, version: str, server: str | None) -> np
     return model.embed_texts([query])[0]
 
 
-@flow(name="search-images", flow_run_name="search-images", validate_parameters=True)
-def search_images(
+@roboflow_flow(name="search-images", flow_run_name="search-images", validate_parameters=True)
+async def search_images(
     query: str,
     embeddings_path: str,
     top_k: int = 10,
     server: str | None = None,
 ) -> SearchImagesResult:
     """Rank the rows of a table written by `embed_images`, `classify_images` or
-    `detect_crop_classify` by cosine similarity to a text query or an example image.
+    `detect_crop_classify`, or of a vector index they keep (``index_path``), by cosine similarity
+    to a text query or an example image.
 
-    The query is embedded with the model and version recorded in the table, so scores compare
-    like with like.
+    The query is embedded with the model and version recorded in the table or index, so scores
+    compare like with like. A table is read whole; an index answers in milliseconds at millions
+    of rows (exact below 20,000 rows, IVF-PQ re-ranked above).
 
     Args:
         query: Text (``"a red car"``), or a path or https URL of an example image.
-        embeddings_path: A parquet table with ``embedding``, ``model`` and ``version`` columns.
+        embeddings_path: A parquet table with ``embedding``, ``model`` and ``version`` columns,
+            or a vector index folder (local or object storage).
         top_k: How many hits to return.
         server: A saved `InferenceServer` block name or a URL (default: ``INFERENCE_SERVER_URL``).
     """
     if top_k < 1:
         raise InvalidInputError("top_k", f"must be at least 1, got {top_k}")
-    table = pq.read_table(embeddings_path).to_pandas()
+    search = _search_index if is_index(embeddings_path) else _search_table
+    hits, searched, model = await search(query, embeddings_path, top_k, server)
+    result = SearchImagesResult(query=query, model=model, searched_rows=searched, hits=hits)
+    publish_summary(
+        FLOW_KEY,
+        f"Top {len(hits)} of {searched} rows for {query!r}",
+        [markdown_table([h.model_dump() for h in hits], ["rank", "score", "image_ref", "detection_index", "label"])],
+    )
+    emit_completed(FLOW_KEY, {"query": query, "searched_rows": searched, "hits": len(hits)})
+    return result
+
+
+async def _search_table(query: str, path: str, top_k: int, server: str | None) -> tuple[list[SearchHit], int, str]:
+    """Every ok row of a parquet table scored against the query: the top hits, rows searched, model."""
+    table = pq.read_table(path).to_pandas()
     table = table[table["status"] == "ok"].reset_index(drop=True)
     if table.empty:
-        raise InvalidInputError("embeddings_path", f"{embeddings_path} has no successful rows to search")
+        raise InvalidInputError("embeddings_path", f"{path} has no successful rows to search")
     pairs = table[["model", "version"]].drop_duplicates()
     if len(pairs) != 1:
         raise InvalidInputError("embeddings_path", f"rows come from several models: {pairs.to_dict('records')}")
@@ -111,11 +130,15 @@ def search_images(
         )
         for rank, i in enumerate(order.tolist())
     ]
-    result = SearchImagesResult(query=query, model=f"{family} {version}", searched_rows=len(table), hits=hits)
-    publish_summary(
-        FLOW_KEY,
-        f"Top {len(hits)} of {len(table)} rows for {query!r}",
-        [markdown_table([h.model_dump() for h in hits], ["rank", "score", "image_ref", "detection_index", "label"])],
-    )
-    emit_completed(FLOW_KEY, {"query": query, "searched_rows": len(table), "hits": len(hits)})
-    return result
+    return hits, len(table), f"{family} {version}"
+
+
+async def _search_index(query: str, path: str, top_k: int, server: str | None) -> tuple[list[SearchHit], int, str]:
+    """The index's nearest rows to the query: the top hits, rows searched, model."""
+    index = VectorIndex.open(path)
+    if not index.rows or index.family is None or index.version is None:
+        raise InvalidInputError("embeddings_path", f"{path} is an empty index")
+    vector = embed_query(query, index.family, index.version, server)
+    found = await index.asearch(vector, top_k=top_k)
+    hits = [SearchHit(**h.model_dump(exclude={"row"})) for h in found]
+    return hits, index.rows, f"{index.family} {index.version}"

@@ -215,3 +215,26 @@ def test_the_prefect_cloud_template_in_the_readme_starts_the_same_deployment(
     run = wait_for_triggered_run(prefect_server.api, deployment_id, event_id, 180, served.process)
     assert run["state_type"] == "COMPLETED", run["state"]
     assert run["parameters"]["images"] == images and run["parameters"]["batch_size"] == 1
+
+
+def test_run_deployment_runs_a_served_flow(served: Served, prefect_server: PrefectServer, tmp_path: Path) -> None:
+    """`run_deployment` (what a parent flow uses to fan work out) runs the served async flow to its end."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"run_{i}.png").write_bytes(make_image(6100 + i))
+    out = tmp_path / "out"
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api.url}):
+        run = run_deployment(
+            "embed-images/" + served.deployments["embed-images"]["name"],
+            parameters={"images": str(images), "out_dir": str(out), "batch_size": 2},
+            timeout=240,
+        )
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert run.name == "embed-images[clip]"
+    names = sorted(t["name"] for t in prefect_server.api.task_runs(str(run.id)))
+    assert names == ["embed[clip ViT-B-16] batch 1/2", "embed[clip ViT-B-16] batch 2/2"]
+    assert [Path(r["image_ref"]).name for r in _rows(out / "embeddings.parquet")] == [f"run_{i}.png" for i in range(3)]

@@ -134,6 +134,7 @@ def test_embed_images_flow(proxy: FaultProxy, inference_url: str, plain_images: 
     assert artifacts["progress"].data == 100.0
     steps = json.loads(artifacts["embed-images-steps"].data)
     assert steps[0]["step"] == "embed" and steps[0]["sent"] == N_IMAGES and steps[0]["failed"] == 2
+    assert 1 <= steps[0]["concurrency_limit"] <= steps[0]["concurrency_peak"] <= 64  # the adaptive limit, shown
     assert "Embedded 32 of 34 images" in artifacts["embed-images-summary"].data
     events = _completed_events("prefect_roboflow.embed_images.completed", run_id)
     assert events and events[0].payload["succeeded"] == N_IMAGES

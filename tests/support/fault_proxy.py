@@ -9,6 +9,16 @@ synchronous tests can drive it::
 
 Every request is recorded; queued faults are consumed one per matching
 request in FIFO order; unmatched requests are forwarded unchanged.
+
+Limiting mode stands for a server that limits concurrency (a GPU box, a
+gateway): at most ``max_in_flight`` requests are admitted at a time, the others
+answered ``429`` with ``Retry-After``; each admitted request can also hold its
+place for ``service_time`` seconds first, so the proxy is a server of known
+capacity, ``max_in_flight / service_time`` requests per second::
+
+    with FaultProxy(upstream_url, max_in_flight=2, service_time=0.05) as proxy:
+        ...
+        proxy.rejected  # 429s sent because more than 2 were in flight
 """
 
 from __future__ import annotations
@@ -117,16 +127,36 @@ class FaultProxy:
     """Fault-injecting reverse proxy in front of ``upstream`` (see module doc).
 
     ``latency`` (seconds, settable at any time) is slept before every forwarded
-    request, emulating a server across a real network.
+    request, emulating a server across a real network. ``max_in_flight`` and
+    ``service_time`` (also settable) are the limiting mode: see the module doc.
+    A request is admitted after its latency (when it reaches the "server") and
+    leaves before its answer is written, so a client that never has more than
+    ``max_in_flight`` requests in flight never gets a 429.
     """
 
-    def __init__(self, upstream: str, *, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        max_in_flight: int | None = None,
+        service_time: float = 0.0,
+        retry_after: str = "1",
+    ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"FaultProxy binds loopback addresses only, not {host!r}")
         self.upstream = upstream.rstrip("/")
         self.host = host
         self.port = port
         self.latency = latency
+        self.max_in_flight = max_in_flight
+        self.service_time = service_time
+        self.retry_after = retry_after
+        self._admitted = 0
+        self._peak_admitted = 0
+        self._rejected = 0
         self._lock = threading.Lock()
         self._faults: list[tuple[str | None, Fault]] = []
         self._requests: list[RecordedRequest] = []
@@ -193,10 +223,43 @@ class FaultProxy:
             return sum(1 for r in self._requests if path_prefix is None or r.path.startswith(path_prefix))
 
     def clear(self) -> None:
-        """Forget recorded requests and drop any unconsumed faults."""
+        """Forget recorded requests, drop any unconsumed faults, zero the limiting counters."""
         with self._lock:
             self._requests.clear()
             self._faults.clear()
+            self._rejected = 0
+            self._peak_admitted = self._admitted
+
+    @property
+    def rejected(self) -> int:
+        """429s answered by the limiting mode (``max_in_flight`` requests were already in)."""
+        with self._lock:
+            return self._rejected
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet answered."""
+        with self._lock:
+            return self._admitted
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most requests admitted at once (limiting mode or not, faults aside)."""
+        with self._lock:
+            return self._peak_admitted
+
+    def _admit(self) -> bool:
+        with self._lock:
+            if self.max_in_flight is not None and self._admitted >= self.max_in_flight:
+                self._rejected += 1
+                return False
+            self._admitted += 1
+            self._peak_admitted = max(self._peak_admitted, self._admitted)
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._admitted -= 1
 
     # ----------------------------------------------------------- event loop side
     async def _astart(self) -> None:
@@ -289,7 +352,32 @@ class FaultProxy:
             await asyncio.sleep(fault.seconds)
         if self.latency > 0:
             await asyncio.sleep(self.latency)
+        if not self._admit():
+            body = b'{"message":"too many requests in flight"}'
+            await self._respond(writer, 429, body, (("Retry-After", self.retry_after),), keep_alive)
+            return keep_alive
+        try:  # leave before answering: the client may send its next request as soon as it reads this one
+            if self.service_time > 0:
+                await asyncio.sleep(self.service_time)
+            forwarded = await self._forward(method, target, raw_headers, body)
+        finally:
+            self._leave()
+        if forwarded is None:  # upstream unreachable or broke: answer like a gateway
+            await self._respond(writer, 502, b'{"message":"bad gateway"}')
+            return False
+        status, resp_headers, resp_body = forwarded
+        if fault is not None and fault.kind == "truncate":
+            head = self._head(status, resp_headers, len(resp_body), keep_alive=False)
+            writer.write(head + resp_body[: len(resp_body) // 2])
+            await writer.drain()
+            return False
+        await self._respond(writer, status, resp_body, resp_headers, keep_alive)
+        return keep_alive
 
+    async def _forward(
+        self, method: str, target: str, raw_headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, tuple[tuple[str, str], ...], bytes] | None:
+        """The upstream's status, headers and body, or None when it could not be reached."""
         assert self._client is not None
         fwd_headers = [(k, v) for k, v in raw_headers if k.lower() not in _HOP_BY_HOP]
         try:
@@ -299,17 +387,9 @@ class FaultProxy:
                 resp_body = b"".join([chunk async for chunk in response.aiter_raw()])
             finally:
                 await response.aclose()
-        except httpx.HTTPError:  # upstream unreachable or broke: answer like a gateway
-            await self._respond(writer, 502, b'{"message":"bad gateway"}')
-            return False
-        resp_headers = tuple(response.headers.multi_items())
-        if fault is not None and fault.kind == "truncate":
-            head = self._head(response.status_code, resp_headers, len(resp_body), keep_alive=False)
-            writer.write(head + resp_body[: len(resp_body) // 2])
-            await writer.drain()
-            return False
-        await self._respond(writer, response.status_code, resp_body, resp_headers, keep_alive)
-        return keep_alive
+        except httpx.HTTPError:
+            return None
+        return response.status_code, tuple(response.headers.multi_items()), resp_body
 
     @staticmethod
     def _head(code: int, headers: tuple[tuple[str, str], ...], length: int, *, keep_alive: bool) -> bytes:

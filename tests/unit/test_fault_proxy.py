@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -20,11 +20,17 @@ class _Upstream(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hits = 0
     hits_lock = threading.Lock()
+    gate = threading.Event()  # requests to /gate wait for it
+    together = threading.Barrier(1)  # requests to /together wait for each other (set per test)
 
     def _answer(self) -> None:
         with _Upstream.hits_lock:
             _Upstream.hits += 1
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path.startswith("/gate"):
+            _Upstream.gate.wait(timeout=10)
+        if self.path.startswith("/together"):  # every request of the test must be here at once
+            _Upstream.together.wait()
         payload = json.dumps(
             {
                 "method": self.command,
@@ -48,9 +54,13 @@ class _Upstream(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 64  # the default 5 refuses connections when many arrive at once on a busy machine
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    server = _Server(("127.0.0.1", 0), _Upstream)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -250,25 +260,26 @@ def test_latency_applies_and_is_settable(proxy: FaultProxy) -> None:
 
 def test_concurrent_requests(proxy: FaultProxy) -> None:
     proxy.latency = 0.25
+    # all 16 must be at the upstream at once to pass its barrier: a proxy that serialised them
+    # would break it (timeout) and answer 502s; no wall-clock bound needed
+    _Upstream.together = threading.Barrier(16, timeout=30)
     results: list[int] = []
     lock = threading.Lock()
 
     def call(i: int) -> None:
-        r = client.post(f"/c/{i}", json={"i": i})
+        r = client.post(f"/together/{i}", json={"i": i})
         with lock:
             results.append(r.status_code)
 
     limits = httpx.Limits(max_connections=32)
-    with httpx.Client(base_url=proxy.url, timeout=5, limits=limits) as client:
+    with httpx.Client(base_url=proxy.url, timeout=60, limits=limits) as client:
         threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
-        start = time.monotonic()
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=5)
+            t.join(timeout=90)
     assert results == [200] * 16
-    assert time.monotonic() - start < 2.0  # latencies overlap: serially it would take 4 s
-    assert proxy.count("/c/") == 16
+    assert proxy.count("/together/") == 16
 
 
 def test_unreachable_upstream_gives_502() -> None:
@@ -299,3 +310,62 @@ def test_stop_is_prompt_with_stalled_connections(upstream: str) -> None:
 def test_rejects_non_loopback_host() -> None:
     with pytest.raises(ValueError):
         FaultProxy("http://127.0.0.1:1", host="0.0.0.0")
+
+
+# --- limiting mode --------------------------------------------------------------------------
+
+
+def _wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached within 10 s"
+        time.sleep(0.005)
+
+
+def _post_in_thread(url: str, codes: list[int]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: codes.append(httpx.post(url, json={}, timeout=10).status_code))
+    thread.start()
+    return thread
+
+
+def test_limiting_mode_answers_429_beyond_max_in_flight(upstream: str) -> None:
+    _Upstream.gate.clear()
+    with FaultProxy(upstream, max_in_flight=2, retry_after="3") as proxy:
+        codes: list[int] = []
+        held = [_post_in_thread(proxy.url + "/gate", codes) for _ in range(2)]
+        _wait_until(lambda: proxy.in_flight == 2)
+        with httpx.Client(base_url=proxy.url, timeout=5) as client:
+            for _ in range(3):
+                r = client.post("/infer", json={})
+                assert r.status_code == 429 and r.headers["retry-after"] == "3"
+                assert r.json() == {"message": "too many requests in flight"}
+            _Upstream.gate.set()
+            for thread in held:
+                thread.join(timeout=10)
+            assert codes == [200, 200] and proxy.in_flight == 0
+            assert client.post("/infer", json={}).status_code == 200  # room again, same connection
+        assert proxy.rejected == 3 and proxy.peak_in_flight == 2
+        assert proxy.count() == 6  # rejected requests are recorded too
+        proxy.clear()
+        assert proxy.rejected == 0
+
+
+def test_limiting_mode_never_rejects_a_client_within_the_limit(upstream: str) -> None:
+    # A place is given back before the answer is written: the next request always finds it free.
+    with FaultProxy(upstream, max_in_flight=1) as proxy, httpx.Client(base_url=proxy.url, timeout=5) as client:
+        assert [client.post(f"/seq/{i}", json={}).status_code for i in range(30)] == [200] * 30
+        assert proxy.rejected == 0 and proxy.peak_in_flight == 1
+
+
+def test_service_time_holds_the_place(upstream: str) -> None:
+    with FaultProxy(upstream, max_in_flight=1, service_time=0.5) as proxy:
+        codes: list[int] = []
+        start = time.monotonic()
+        first = _post_in_thread(proxy.url + "/infer", codes)
+        _wait_until(lambda: proxy.in_flight == 1)
+        assert httpx.post(proxy.url + "/infer", json={}, timeout=5).status_code == 429
+        first.join(timeout=10)
+        assert codes == [200] and time.monotonic() - start >= 0.5
+        proxy.max_in_flight = None  # settable: unlimited again
+        proxy.service_time = 0.0
+        assert httpx.post(proxy.url + "/infer", json={}, timeout=5).status_code == 200

@@ -90,12 +90,16 @@ def test_renaming_a_block_class_changes_no_cache_key() -> None:
         _block_type_slug = "renamed-clip-for-a-test"  # not to take over the real block's registration
 
     before, after = Clip(version="ViT-L-14").identity(), RenamedClip(version="ViT-L-14").identity()
-    assert before == after == {"family": "clip", "version": "ViT-L-14"}
+    assert before == after == {"family": "clip", "version": "ViT-L-14", "client_resize": 1}
     assert content_key("embed", "f" * 64, before, {}) == content_key("embed", "f" * 64, after, {})
     assert model_class("clip") is Clip  # the subclass did not take the family's name
     # what keys are made of: family and version, never the server or its key
     with_key = Clip(server={"api_url": "http://other:9001", "api_key": "secret-key-0123"}, version="ViT-L-14")
-    assert with_key.identity() == before and "secret" not in content_key("embed", "f" * 64, with_key.identity(), {})
+    assert (
+        with_key.identity() == before
+        and Clip(client_resize=False).identity()["client_resize"] == 0
+        and "secret" not in content_key("embed", "f" * 64, with_key.identity(), {})
+    )
 
 
 def test_content_cache_treats_unreadable_entries_as_misses(tmp_path: Path) -> None:
