@@ -344,8 +344,11 @@ def latency(bench: Bench) -> None:
     """Webhook → row through serve.py, and the warm small run (their own Prefect server)."""
     from . import latency as webhook_latency
 
-    for table in webhook_latency.measure(bench.url, bench.args.latency_n):
+    tables, verdicts = webhook_latency.measure(bench.url, bench.args.latency_n)
+    for table in tables:
         bench.show(table)
+    for verdict_row in verdicts:
+        bench.judge(*verdict_row)
 
 
 # --- set-up and report ------------------------------------------------------------------------
