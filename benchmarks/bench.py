@@ -17,7 +17,9 @@ the whole report goes to ``--results`` (markdown). Sections:
 - adaptive: the blocks' adaptive concurrency limit against every fixed concurrency, direct and
   through the proxy (``benchmarks/adaptive.py``).
 - big_photos: camera-sized photos with client-side resize, on loopback and through a 100 Mbit/s
-  link (`benchmarks.big_photos`).
+  link (`benchmarks.big_photos`);
+- latency: a signed webhook POST → the row in the output table, through serve.py, split into its
+  parts; and a warm small run beside empty flows (``benchmarks/latency.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,8 +54,9 @@ from .common import (
     ratio,
     verdict,
 )
+from .latency import keep_section
 
-SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "adaptive", "big_photos")
+SECTIONS = ("throughput", "overhead", "cache", "memory", "concurrency", "batch", "adaptive", "big_photos", "latency")
 HTTPX_CONCURRENCY = (1, 2, 4, 8, 16)
 SDK_CONCURRENCY = (2, 4, 8, 16)  # 1, the default, is measured on all images
 MAX_CONCURRENCY = (1, 2, 4, 8, 16, 32)
@@ -337,6 +340,17 @@ def big_photos(bench: Bench) -> None:
         bench.judge(*verdict_row)
 
 
+def latency(bench: Bench) -> None:
+    """Webhook → row through serve.py, and the warm small run (their own Prefect server)."""
+    from . import latency as webhook_latency
+
+    tables, verdicts = webhook_latency.measure(bench.url, bench.args.latency_n)
+    for table in tables:
+        bench.show(table)
+    for verdict_row in verdicts:
+        bench.judge(*verdict_row)
+
+
 # --- set-up and report ------------------------------------------------------------------------
 
 
@@ -389,7 +403,10 @@ def write_results(bench: Bench, header: Sequence[str], minutes: float) -> None:
     lines += ["", "## Figures", ""]
     for table in bench.tables:
         lines += [table.markdown(), ""]
-    Path(bench.args.results).write_text("\n".join(lines))
+    results = Path(bench.args.results)
+    if "latency" not in bench.args.only and results.exists():  # a section `python -m benchmarks.latency` wrote
+        lines.append(keep_section(results.read_text()))
+    results.write_text("\n".join(lines))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -404,6 +421,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adaptive-n", type=int, default=100, help="images per run of the adaptive section")
     parser.add_argument("--adaptive-rounds", type=int, default=3, help="interleaved rounds of the adaptive section")
     parser.add_argument("--photos", type=int, default=32, help="camera photos for big_photos")
+    parser.add_argument("--latency-n", type=int, default=20, help="webhook deliveries of the latency section")
     parser.add_argument(
         "--memory-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000], help="e.g. 1000,10000"
     )
@@ -428,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     work = Path(tempfile.mkdtemp(prefix="prefect-roboflow-bench-"))
     try:
-        with ExitStack() as stack, prefect_api():
+        harness = prefect_api() if set(args.only) - {"latency"} else nullcontext()  # latency starts its own
+        with ExitStack() as stack, harness:
             images = generate_images(work / "images", args.n)
             bench = Bench(args=args, work=work, images=images, stack=stack)
             bare_httpx(args.server, images[:4], 1)  # the model is loaded before anything is timed

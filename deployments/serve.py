@@ -12,6 +12,11 @@ Deployments (``<flow>/<name>``, name ``local`` unless ``--name``):
 
 The inference server is ``--server`` / ``INFERENCE_SERVER_URL`` (a URL or a saved block name).
 Runs go to ``OUT_DIR/<flow>/``, and those started by an event to ``OUT_DIR/<flow>/events/<event id>/``.
+
+A run a trigger creates starts at serve's next poll for scheduled runs: every ``--poll`` seconds
+(``PREFECT_RUNNER_POLL_FREQUENCY``; 2 here, Prefect's default is 10), one small API query each.
+Each run is a new process, which imports this file again: the flows and the webhook's names are
+therefore imported inside the functions below, not at the top.
 """
 
 from __future__ import annotations
@@ -21,21 +26,22 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
-
-from prefect import serve
-from prefect.events import DeploymentEventTrigger
-from prefect.types.entrypoint import EntrypointType
-
-from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
-from prefect_roboflow.flows.demo import example_spec
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webhook import EVENT, trigger_match, trigger_parameters
+
+if TYPE_CHECKING:
+    from prefect.events import DeploymentEventTrigger
+
+#: Seconds between serve's polls for runs to start: a triggered run waits half of it on average.
+DEFAULT_POLL_SECONDS = 2.0
 
 
 def arrival_trigger(flow: str, out_dir: str) -> DeploymentEventTrigger:
     """Run the deployment over the images of each images-arrived event addressed to ``flow``."""
+    from prefect.events import DeploymentEventTrigger
+    from webhook import EVENT, trigger_match, trigger_parameters
+
     return DeploymentEventTrigger(
         name=f"{flow} when images arrive",
         expect={EVENT},
@@ -46,6 +52,11 @@ def arrival_trigger(flow: str, out_dir: str) -> DeploymentEventTrigger:
 
 def deployments(args: argparse.Namespace) -> list[Any]:
     """The four deployments, from the parsed command line."""
+    from prefect.types.entrypoint import EntrypointType
+
+    from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
+    from prefect_roboflow.flows.demo import example_spec
+
     out = Path(args.out).expanduser().resolve()
     images = args.images if "://" in args.images else str(Path(args.images).expanduser().absolute())
     examples, labels = example_spec()
@@ -98,13 +109,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=float(env("EMBED_INTERVAL") or 0) or None,
                         help="embed-images every N seconds instead of the cron ($EMBED_INTERVAL)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=int(env("SERVE_LIMIT", "2")), help="concurrent runs at most")
+    poll = float(env("PREFECT_RUNNER_POLL_FREQUENCY") or DEFAULT_POLL_SECONDS)
+    parser.add_argument("--poll", type=float, default=poll, help="seconds between polls for runs to start "
+                        "($PREFECT_RUNNER_POLL_FREQUENCY)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Serve until interrupted (Ctrl-C pauses the schedules)."""
+    from prefect import serve
+
     args = parse_args(argv)
-    serve(*deployments(args), limit=args.limit)
+    serve(*deployments(args), limit=args.limit, query_seconds=args.poll)
 
 
 if __name__ == "__main__":
