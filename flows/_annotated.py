@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import supervision as sv
-
 from ._operations import decode_rgb, encode_jpeg
 from ._output import atomic_write_bytes
 from .records import Batch, ImageRecord
@@ -31,6 +29,8 @@ class AnnotatedImageSink:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        import supervision as sv  # imported when a run draws, not when a flow module loads
+
         self._boxes = sv.BoxAnnotator(thickness=2)
         self._labels = sv.LabelAnnotator(text_scale=0.4)
 

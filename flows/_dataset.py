@@ -12,14 +12,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import supervision as sv
 
 from ._annotated import annotated_name
 from ._operations import decode_rgb
 from ._output import atomic_write_bytes
 from .records import ImageRecord
+
+if TYPE_CHECKING:
+    import supervision as sv
 
 __all__ = ["EXPORT_FORMATS", "GallerySink", "LabelledImage", "ReviewItem", "write_datasets"]
 
@@ -39,6 +42,8 @@ class LabelledImage:
 
     def detections(self) -> sv.Detections:
         """The kept boxes as `sv.Detections`."""
+        import supervision as sv
+
         if not self.xyxy:
             return sv.Detections.empty()
         return sv.Detections(
@@ -94,6 +99,8 @@ def write_datasets(
     """Export the images and their kept boxes in each format to ``out/<format>/``; the paths written."""
     work = Path(tempfile.mkdtemp(dir=out, prefix=".auto-label-"))
     try:
+        import supervision as sv
+
         staged = _stage_images(images, work / "staged")
         dataset = sv.DetectionDataset(
             classes=list(classes),
@@ -115,6 +122,7 @@ def write_datasets(
 
 
 def _thumbnail(labelled: LabelledImage, classes: Sequence[str]) -> bytes:
+    import supervision as sv
     from PIL import Image
 
     assert labelled.image.data is not None

@@ -10,10 +10,9 @@ import io
 import json
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import supervision as sv
 
 from prefect_roboflow.blocks import InferenceError, InvalidInputError, ModelBlock, OwlV2, ReferenceExample
 from prefect_roboflow.blocks._embedding import EmbeddingModel
@@ -23,6 +22,9 @@ from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 from ._cache import ContentCache, content_key, through_cache
 from ._sources import load_all
 from .records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
+
+if TYPE_CHECKING:
+    import supervision as sv
 
 __all__ = [
     "classify_records",
@@ -56,6 +58,8 @@ def _detections_to_bytes(detections: sv.Detections) -> bytes:
 
 
 def _detections_from_bytes(data: bytes) -> sv.Detections:
+    import supervision as sv
+
     stored = json.loads(data)
     return sv.Detections(
         xyxy=np.asarray(stored["xyxy"], dtype=np.float32).reshape(-1, 4),
@@ -193,6 +197,8 @@ def _crops_of(parent: ImageRecord, padding: int) -> list[ImageRecord]:
     except (OSError, ValueError) as exc:
         failure = Failure("crop", f"cannot decode the image: {exc}", type(exc).__name__)
         return [ImageRecord(parent.ref, crop=origin, failure=failure) for origin in origins]
+    import supervision as sv
+
     height, width = pixels.shape[:2]
     boxes = sv.clip_boxes(sv.pad_boxes(found.xyxy, px=padding, py=padding), (width, height))
     crops = []

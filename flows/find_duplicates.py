@@ -13,15 +13,18 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from ._config import ensure_out_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
 from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import emit_completed, markdown_table, publish_summary
@@ -122,6 +125,8 @@ def _open_source(source: str, scratch: Path) -> VectorIndex:
 
 def _groups(index: VectorIndex, threshold: float, k: int) -> pd.DataFrame:
     """One row per member of every group of two or more (see `DUPLICATES_SCHEMA`)."""
+    import pandas as pd
+
     if index.rows == 0:
         return pd.DataFrame(columns=DUPLICATES_SCHEMA.names)
     meta = index.metadata(np.arange(index.rows)).to_pandas()
@@ -181,6 +186,8 @@ def _roots(parent: np.ndarray) -> np.ndarray:
 
 
 def _member_rows(index: VectorIndex, grouped: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     if grouped.empty:
         return pd.DataFrame(columns=DUPLICATES_SCHEMA.names)
     roots = grouped["group_root"].to_numpy()
@@ -206,6 +213,8 @@ def _member_rows(index: VectorIndex, grouped: pd.DataFrame) -> pd.DataFrame:
 
 
 def _publish(result: FindDuplicatesResult, groups: pd.DataFrame) -> None:
+    import pandas as pd
+
     largest = (
         groups.groupby(["group", "group_kind", "representative"]).size().nlargest(10).reset_index(name="members")
         if len(groups)
