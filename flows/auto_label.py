@@ -212,13 +212,13 @@ async def auto_label(
         ParquetSink(out / "labels.parquet", DETECTIONS_SCHEMA) as sink,
         ParquetSink(out / "review.parquet", REVIEW_SCHEMA) as review,
     ):
-        for batch in run.process(submit):
+        async for batch in run.process(submit):
             rows, review_rows = labeller.rows(batch, embedder)
             run.write(sink, rows)
             review.write(review_rows)
     datasets = write_datasets(labeller.images, list(prompts), formats, out)
     gallery = labeller.gallery.finish(labeller.review)
-    return run.finish(*_outcome(run, datasets, str(sink.path), str(review.path), str(gallery)), max_failure_rate)
+    return await run.finish(*_outcome(run, datasets, str(sink.path), str(review.path), str(gallery)), max_failure_rate)
 
 
 def _outcome(

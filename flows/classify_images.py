@@ -72,7 +72,7 @@ async def classify_images(
         return steps.classify.submit(embedded, label_set, min_score)
 
     with ParquetSink(out / "classifications.parquet", CLASSIFICATIONS_SCHEMA) as sink:
-        for batch in run.process(submit):
+        async for batch in run.process(submit):
             run.write(sink, record_rows(batch.records, embedder, CLASSIFICATIONS_SCHEMA))
     result = ClassifyImagesResult(
         **run.counts(),
@@ -83,4 +83,4 @@ async def classify_images(
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
     summary = [markdown_table(counts, ["label", "count"]), f"Table: `{sink.path}`"]
     title = f"Classified {result.succeeded} of {result.images} images with {embedder.label}"
-    return run.finish(result, title, summary, max_failure_rate)
+    return await run.finish(result, title, summary, max_failure_rate)

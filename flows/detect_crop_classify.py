@@ -105,10 +105,10 @@ async def detect_crop_classify(
         return steps.classify.submit(embedded, label_set, min_score)
 
     with ParquetSink(out / "detections.parquet", DETECTIONS_SCHEMA) as sink:
-        for batch in run.process(submit):
+        async for batch in run.process(submit):
             run.write(sink, detection_rows(batch, embedder))
             annotated.write(batch)
-    return run.finish(*_outcome(run, str(sink.path), str(annotated.folder)), max_failure_rate)
+    return await run.finish(*_outcome(run, str(sink.path), str(annotated.folder)), max_failure_rate)
 
 
 def _outcome(run: BatchRun, table: str, annotated: str) -> tuple[DetectCropClassifyResult, str, list[str]]:

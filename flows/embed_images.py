@@ -60,7 +60,7 @@ async def embed_images(
     check_index(index_path, embedder)
     run = BatchRun(FLOW_KEY, images, batch_size, f"Embedding images with {embedder.label}")
     with ParquetSink(out / "embeddings.parquet", EMBEDDINGS_SCHEMA) as sink:
-        for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
+        async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
             run.write(sink, record_rows(batch.records, embedder, EMBEDDINGS_SCHEMA))
     result = EmbedImagesResult(
         **run.counts(),
@@ -69,4 +69,4 @@ async def embed_images(
     )
     summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), f"Table: `{sink.path}`"]
     title = f"Embedded {result.succeeded} of {result.images} images with {embedder.label}"
-    return run.finish(result, title, summary, max_failure_rate)
+    return await run.finish(result, title, summary, max_failure_rate)

@@ -93,7 +93,7 @@ async def find_duplicates(source: str, out_dir: str, threshold: float = 0.95, k:
         threshold=threshold,
         duplicates_path=str(path),
     )
-    _publish(result, groups)
+    await _publish(result, groups)
     return result
 
 
@@ -212,7 +212,7 @@ def _member_rows(index: VectorIndex, grouped: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["group", "member"], kind="stable").reset_index(drop=True)
 
 
-def _publish(result: FindDuplicatesResult, groups: pd.DataFrame) -> None:
+async def _publish(result: FindDuplicatesResult, groups: pd.DataFrame) -> None:
     import pandas as pd
 
     largest = (
@@ -220,7 +220,7 @@ def _publish(result: FindDuplicatesResult, groups: pd.DataFrame) -> None:
         if len(groups)
         else pd.DataFrame()
     )
-    publish_summary(
+    await publish_summary(
         FLOW_KEY,
         f"{result.exact_groups} exact and {result.near_groups} near-duplicate groups in {result.rows} rows",
         [

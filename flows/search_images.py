@@ -95,7 +95,7 @@ async def search_images(
     search = _search_index if is_index(embeddings_path) else _search_table
     hits, searched, model = await search(query, embeddings_path, top_k, server)
     result = SearchImagesResult(query=query, model=model, searched_rows=searched, hits=hits)
-    publish_summary(
+    await publish_summary(
         FLOW_KEY,
         f"Top {len(hits)} of {searched} rows for {query!r}",
         [markdown_table([h.model_dump() for h in hits], ["rank", "score", "image_ref", "detection_index", "label"])],
