@@ -185,6 +185,9 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(
             )
             run = wait_for_triggered_run(api, embed["id"], event_id, 240, worker, prefect_server.process)
             assert run["state_type"] == "COMPLETED", run["state"]
+            # the worker ran the async flow under the same names as every other way of calling it
+            names = [t["name"] for t in api.task_runs(run["id"])]
+            assert run["name"] == "embed-images[clip]" and names == ["embed[clip ViT-B-16] batch 1/1"]
             rows = _rows(out / "embed-images" / "events" / event_id / "embeddings.parquet")
             assert [r["image_ref"] for r in rows] == images and all(r["status"] == "ok" for r in rows)
         finally:
