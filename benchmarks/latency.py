@@ -63,9 +63,7 @@ from _e2e import (  # noqa: E402
     Process,
     Served,
     WebhookReceiver,
-    answers,
     base_env,
-    free_port,
     wait_for,
     wait_for_triggered_run,
 )
@@ -90,33 +88,13 @@ def stack(
 ) -> Iterator[tuple[PrefectServer, Served, WebhookReceiver]]:
     """The three processes of a self-hosted webhook deployment, stopped on exit."""
     with ExitStack() as stop:
-        server = _prefect_server(root)
+        server = PrefectServer.start(root, PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
         stop.callback(server.process.stop)
         served = _served(server, root, inference_url, poll)
         stop.callback(served.process.stop, 30)
-        receiver = _receiver(server, root)
+        receiver = WebhookReceiver.start(server, root)
         stop.callback(receiver.process.stop)
         yield server, served, receiver
-
-
-def _prefect_server(root: Path) -> PrefectServer:
-    home, port = root / "prefect-home", free_port()
-    home.mkdir()
-    url = f"http://127.0.0.1:{port}"
-    env = base_env(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_LOGGING_LEVEL="WARNING",
-    )
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    process = Process.start("prefect server", cmd, env, root / "prefect-server.log")
-    try:
-        wait_for(lambda: answers(f"{url}/api/health"), 180, "prefect server /api/health", process)
-    except BaseException:
-        process.stop()
-        raise
-    return PrefectServer(url, home, process)
 
 
 def _served(server: PrefectServer, root: Path, inference_url: str, poll: float | None) -> Served:
@@ -134,19 +112,6 @@ def _served(server: PrefectServer, root: Path, inference_url: str, poll: float |
         process.stop()
         raise
     return Served(process, out, {"embed-images": found})
-
-
-def _receiver(server: PrefectServer, root: Path) -> WebhookReceiver:
-    port = free_port()
-    cmd = [sys.executable, str(DEPLOYMENTS / "webhook.py"), "--port", str(port)]
-    process = Process.start("webhook.py", cmd, server.env(**{webhook.SECRET_ENV: SECRET}), root / "webhook.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: answers(f"{url}/health"), 60, "the webhook receiver", process)
-    except BaseException:
-        process.stop()
-        raise
-    return WebhookReceiver(url, process)
 
 
 # --- one delivery -------------------------------------------------------------------------------

@@ -233,6 +233,28 @@ class PrefectServer:
         """The environment for a client process of this server."""
         return base_env(PREFECT_API_URL=self.api.url, PREFECT_HOME=str(self.home), **extra)
 
+    @classmethod
+    def start(cls, root: Path, **settings: str) -> PrefectServer:
+        """`prefect server start` on a free loopback port with a fresh PREFECT_HOME (SQLite) in
+        ``root``, answering ``/api/health``; ``settings`` are extra environment variables."""
+        home, port = root / "prefect-home", free_port()
+        home.mkdir()
+        url = f"http://127.0.0.1:{port}"
+        env = base_env(
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_API_URL=f"{url}/api",  # else the UI calls the default port
+            **settings,
+        )
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        process = Process.start("prefect server", cmd, env, root / "prefect-server.log")
+        try:
+            wait_for(lambda: answers(f"{url}/api/health"), 180, "prefect server /api/health", process)
+        except BaseException:
+            process.stop()
+            raise
+        return cls(url, home, process)
+
 
 @dataclass
 class Served:
@@ -258,6 +280,21 @@ class WebhookReceiver:
         if signature is not None:
             sent[webhook.SIGNATURE_HEADER] = signature
         return httpx.post(f"{self.url}/webhooks/images", content=body, headers=sent, timeout=API_TIMEOUT)
+
+    @classmethod
+    def start(cls, server: PrefectServer, root: Path, *options: str) -> WebhookReceiver:
+        """`deployments/webhook.py` on a free loopback port, emitting to ``server``, with the shared
+        secret in its environment, answering ``/health``."""
+        port = free_port()
+        cmd = [sys.executable, str(DEPLOYMENTS / "webhook.py"), "--port", str(port), *options]
+        process = Process.start("webhook.py", cmd, server.env(**{webhook.SECRET_ENV: SECRET}), root / "webhook.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: answers(f"{url}/health"), 60, "the webhook receiver", process)
+        except BaseException:
+            process.stop()
+            raise
+        return cls(url, process)
 
     def post_signed(self, payload: dict[str, Any], secret: str = SECRET) -> httpx.Response:
         """POST ``payload`` as a sender does: a new delivery id, the time now, and their signature."""

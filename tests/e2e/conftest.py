@@ -18,20 +18,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deployments"))
 
-import webhook
 from _e2e import (
     DEPLOYMENT,
     DEPLOYMENTS,
     SCHEDULE_SECONDS,
-    SECRET,
     PrefectServer,
     Process,
     Served,
     TriggeredRun,
     WebhookReceiver,
-    answers,
-    base_env,
-    free_port,
     wait_for,
     wait_for_triggered_run,
 )
@@ -81,24 +76,15 @@ def e2e_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def prefect_server(e2e_root: Path) -> Iterator[PrefectServer]:
     """`prefect server start` on a free loopback port with a fresh PREFECT_HOME (SQLite)."""
-    home, port = e2e_root / "prefect-home", free_port()
-    home.mkdir()
-    url = f"http://127.0.0.1:{port}"
-    env = base_env(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_API_URL=f"{url}/api",  # else the UI calls the default port
+    server = PrefectServer.start(
+        e2e_root,
         PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL="0.5",
         PREFECT_LOGGING_LEVEL="WARNING",
     )
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    process = Process.start("prefect server", cmd, env, e2e_root / "prefect-server.log")
-
     try:
-        wait_for(lambda: answers(f"{url}/api/health"), 180, "prefect server /api/health", process)
-        yield PrefectServer(url, home, process)
+        yield server
     finally:
-        process.stop()
+        server.process.stop()
 
 
 @pytest.fixture(scope="session")
@@ -163,17 +149,11 @@ def first_scheduled_run(served: Served, prefect_server: PrefectServer) -> dict[s
 @pytest.fixture(scope="session")
 def webhook_receiver(prefect_server: PrefectServer, e2e_root: Path) -> Iterator[WebhookReceiver]:
     """The webhook receiver, with the shared secret in its environment and a 64 KiB body limit."""
-    port = free_port()
-    cmd = [sys.executable, str(DEPLOYMENTS / "webhook.py"), "--port", str(port), "--max-bytes", str(64 * 1024)]
-    env = prefect_server.env(**{webhook.SECRET_ENV: SECRET})
-    process = Process.start("webhook.py", cmd, env, e2e_root / "webhook.log")
-    url = f"http://127.0.0.1:{port}"
-
+    receiver = WebhookReceiver.start(prefect_server, e2e_root, "--max-bytes", str(64 * 1024))
     try:
-        wait_for(lambda: answers(f"{url}/health"), 60, "the webhook receiver", process)
-        yield WebhookReceiver(url, process)
+        yield receiver
     finally:
-        process.stop()
+        receiver.process.stop()
 
 
 @pytest.fixture(scope="session")
