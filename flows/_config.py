@@ -10,6 +10,7 @@ from typing import Literal, get_args
 
 from prefect.blocks.core import Block
 from prefect.filesystems import WritableFileSystem
+from prefect.plugins import load_prefect_collections
 from prefect.settings import PREFECT_HOME
 from prefect.utilities.dispatch import get_registry_for_type
 
@@ -24,6 +25,7 @@ __all__ = [
     "EmbeddingFamily",
     "check_index",
     "is_index",
+    "output_location",
     "detector_model",
     "embedding_model",
     "ensure_out_dir",
@@ -74,6 +76,10 @@ def _is_block_slug(value: str) -> bool:
     match = re.fullmatch(r"([a-z0-9-]+)/([\w-]+)", value)
     if match is None or Path(value).expanduser().exists():
         return False
+    if match.group(1) not in (get_registry_for_type(Block) or {}):
+        # A worker's flow-run process has imported no collection yet: register their block types
+        # (prefect-aws's s3-bucket…), or "s3-bucket/cache" would silently become a local folder.
+        load_prefect_collections()
     return match.group(1) in (get_registry_for_type(Block) or {})
 
 
@@ -126,6 +132,20 @@ def check_index(index_path: str | None, model: ModelBlock) -> None:
         raise InvalidInputError(
             "index_path", f"holds {index.family} {index.version} rows; this run embeds with {model.label}"
         )
+
+
+def output_location(out_dir: str | os.PathLike[str]) -> str:
+    """The output folder or bucket prefix, checked (and a local folder created) before any request.
+
+    Raises:
+        InvalidInputError: naming ``out_dir``.
+    """
+    from ._storage import check_output, is_remote
+
+    if not is_remote(out_dir):
+        return str(ensure_out_dir(out_dir))
+    check_output(out_dir)
+    return os.fspath(out_dir).rstrip("/")
 
 
 def ensure_out_dir(out_dir: str | os.PathLike[str]) -> Path:

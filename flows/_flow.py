@@ -50,9 +50,30 @@ class SyncCallableFlow(Flow[P, R]):
 
 
 def roboflow_flow(**options: Any) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Flow[P, R]]:
-    """``@flow(**options)`` for an ``async def``, typed as the sync call it also offers."""
+    """``@flow(**options)`` for an ``async def``, typed as the sync call it also offers.
+
+    A ``flow_run_name`` template is formatted with the run's parameters, as Prefect does, and
+    the run of a shard (see `_fanout`) adds which part and attempt it is.
+    """
+    if isinstance(options.get("flow_run_name"), str):
+        options["flow_run_name"] = _run_name(options["flow_run_name"])
 
     def decorate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Flow[P, R]:
         return cast(Flow[P, R], SyncCallableFlow(fn=fn, **options))
 
     return decorate
+
+
+def _run_name(template: str) -> Callable[[], str]:
+    def name() -> str:
+        from prefect.context import FlowRunContext
+
+        from ._fanout import Shard
+
+        context = FlowRunContext.get()
+        parameters = dict(context.parameters or {}) if context else {}
+        shard = parameters.get("shard")
+        base = template.format(**parameters)
+        return f"{base} {Shard.model_validate(shard).label}" if shard else base
+
+    return name

@@ -44,6 +44,7 @@ __all__ = [
     "ImageCounts",
     "RequestFigures",
     "TooManyFailuresError",
+    "check_failure_rate",
     "emit_completed",
     "markdown_table",
     "publish_summary",
@@ -243,12 +244,16 @@ class BatchRun:
         await acreate_table_artifact(rows, key=f"{self.flow_key}-steps", description=description)
         await publish_summary(self.flow_key, title, sections)
         emit_completed(self.flow_key, result.model_dump())
-        if self.images and self.images_failed / self.images > max_failure_rate:
-            raise TooManyFailuresError(
-                f"{self.images_failed} of {self.images} images failed ({self.images_failed / self.images:.0%}), "
-                f"above max_failure_rate={max_failure_rate:.0%}"
-            )
+        check_failure_rate(self.images_failed, self.images, max_failure_rate)
         return result
+
+
+def check_failure_rate(failed: int, images: int, max_failure_rate: float) -> None:
+    """The flows' failure rule: raise `TooManyFailuresError` when more than the allowed share failed."""
+    if images and failed / images > max_failure_rate:
+        raise TooManyFailuresError(
+            f"{failed} of {images} images failed ({failed / images:.0%}), above max_failure_rate={max_failure_rate:.0%}"
+        )
 
 
 async def publish_summary(flow_key: str, title: str, sections: Sequence[str]) -> None:

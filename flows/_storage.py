@@ -63,9 +63,11 @@ __all__ = [
     "block_source",
     "check_output",
     "count_refs",
+    "delete",
     "is_remote",
     "iter_refs",
     "join",
+    "list_files",
     "read_bytes",
     "write_bytes",
 ]
@@ -106,6 +108,10 @@ class _Store:
 
     def upload(self, rel: str, file: IO[bytes]) -> None:
         self.write(rel, file.read())
+
+    def delete(self, rel: str) -> None:
+        """Remove a file; a missing one is no error."""
+        raise NotImplementedError(f"{self.ref_base} cannot delete files")
 
     def explain(self, exc: BaseException) -> str | None:
         """Why an operation failed, for a user (no secrets); None for errors that are bugs."""
@@ -150,6 +156,9 @@ class _LocalStore(_Store):
     def upload(self, rel: str, file: IO[bytes]) -> None:
         with _LocalReplace(Path(self.base + rel)) as (out, _):
             shutil.copyfileobj(file, out)
+
+    def delete(self, rel: str) -> None:
+        Path(self.base + rel).unlink(missing_ok=True)
 
 
 class _LocalReplace:
@@ -219,6 +228,9 @@ class _S3Store(_Store):
         # boto3 aborts when a part fails).
         self.client.upload_fileobj(file, self.bucket, self.base + rel)
 
+    def delete(self, rel: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.base + rel)
+
     def explain(self, exc: BaseException) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
@@ -277,6 +289,10 @@ class _FsspecStore(_Store):
     def upload(self, rel: str, file: IO[bytes]) -> None:
         with self.fs.open(self.base + rel, "wb") as out:  # object stores publish the object on close
             shutil.copyfileobj(file, out)
+
+    def delete(self, rel: str) -> None:
+        if self.fs.exists(self.base + rel):
+            self.fs.rm_file(self.base + rel)
 
 
 class _BlockStore(_Store):
@@ -602,6 +618,22 @@ def write_bytes(url: str, data: bytes, *, credentials: Any = None, field: str = 
         if error is None:
             raise
         raise error from None
+
+
+def list_files(location: str | os.PathLike[str], *, field: str = "out_dir") -> Iterator[str]:
+    """The files directly in a folder or prefix, as full references, in name order (lazily)."""
+    folder = os.fspath(location).rstrip("/") + "/"
+    store, rel = _locate(folder, field)
+    if store.kind(rel.rstrip("/")) == "missing" and not isinstance(store, _S3Store):
+        return
+    for path in store.list(rel, recursive=False, page_size=LIST_PAGE_SIZE):
+        yield store.ref(path)
+
+
+def delete(url: str, *, field: str = "out_dir") -> None:
+    """Remove one file or object; a missing one is no error."""
+    store, rel = _locate(url, field)
+    store.delete(rel)
 
 
 def check_output(location: str | os.PathLike[str], *, credentials: Any = None, field: str = "out_dir") -> None:

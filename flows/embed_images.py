@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from . import steps
-from ._config import EmbeddingFamily, check_index, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._config import EmbeddingFamily, check_index, embedding_model, output_location, resolve_cache, resolve_server
+from ._fanout import FanOut, Shard, fan_out, finish_fanned_out
 from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
+from ._storage import join
 from ._tables import EMBEDDINGS_SCHEMA, record_rows
 from .vector_index import update_index_from_table
 
@@ -33,6 +35,8 @@ async def embed_images(
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
     index_path: str | None = None,
+    fan_out: FanOut | None = None,
+    shard: Shard | None = None,
 ) -> EmbedImagesResult:
     """Embed every image and write ``embeddings.parquet`` to ``out_dir``.
 
@@ -49,6 +53,10 @@ async def embed_images(
         max_failure_rate: The run fails (after writing its table) when a larger share of images fails.
         index_path: A vector index (folder or object-storage URL) to add this run's new rows to,
             for `search_images` and `VectorIndex` at millions of rows.
+        fan_out: Split the job into shards of ``fan_out.shard_size`` images that run as sub-runs of
+            this flow's deployment on the workers of its pool (see `FanOut`); the table is then a
+            folder ``embeddings/`` of one part per shard, read as one table by pyarrow, pandas, duckdb.
+        shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
 
     Returns:
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
@@ -56,10 +64,13 @@ async def embed_images(
     """
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
-    out = ensure_out_dir(out_dir)
+    out = output_location(out_dir)
     check_index(index_path, embedder)
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Embedding images with {embedder.label}")
-    with ParquetSink(out / "embeddings.parquet", EMBEDDINGS_SCHEMA) as sink:
+    if fan_out is not None:
+        return await _fanned_out(images, out, fan_out, embedder.label, index_path, max_failure_rate)
+    run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, f"Embedding images with {embedder.label}")
+    table = shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet")
+    with ParquetSink(table, EMBEDDINGS_SCHEMA) as sink:
         async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
             run.write(sink, record_rows(batch.records, embedder, EMBEDDINGS_SCHEMA))
     result = EmbedImagesResult(
@@ -67,6 +78,20 @@ async def embed_images(
         embeddings_path=str(sink.path),
         indexed=0 if index_path is None else update_index_from_table(sink.path, index_path).added,
     )
+    if shard is not None:
+        shard.save_result(out, result)
     summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), f"Table: `{sink.path}`"]
     title = f"Embedded {result.succeeded} of {result.images} images with {embedder.label}"
     return await run.finish(result, title, summary, max_failure_rate)
+
+
+async def _fanned_out(
+    images: ImageSource, out: str, plan: FanOut, label: str, index_path: str | None, max_failure_rate: float
+) -> EmbedImagesResult:
+    """The job as shards on the flow's deployment; the parts then go into the index, one by one."""
+    done = await fan_out(FLOW_KEY, images, out, plan, "embeddings", EMBEDDINGS_SCHEMA)
+    indexed = 0 if index_path is None else sum(update_index_from_table(p, index_path).added for p in done.parts)
+    result = EmbedImagesResult(**{**done.counts, "indexed": indexed}, embeddings_path=done.table)
+    title = f"Embedded {result.succeeded} of {result.images} images with {label} in {len(done.parts)} shards"
+    summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), *done.sections]
+    return await finish_fanned_out(FLOW_KEY, result, title, summary, max_failure_rate)

@@ -108,3 +108,21 @@ def test_content_cache_treats_unreadable_entries_as_misses(tmp_path: Path) -> No
     (tmp_path / "items" / "11").mkdir(parents=True)
     (tmp_path / "items" / "11" / ("11" * 32)).mkdir()  # a folder where a file should be
     assert cache.get_many(["11" * 32, "00" * 32]) == {}
+
+
+def test_a_storage_block_slug_is_known_before_its_collection_is_imported(tmp_path: Path) -> None:
+    # given a fresh process, as a worker's flow-run process is, that has not imported prefect-aws
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from prefect_roboflow.flows._config import _is_block_slug\n"
+        "assert 'prefect_aws' not in sys.modules\n"
+        "print(_is_block_slug('s3-bucket/cache'), _is_block_slug('my-folder/cache'))\n"
+    )
+    # when it asks whether "s3-bucket/cache" names a saved block
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # then it does (a local folder it is not), and an unknown type's slug is still a folder
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
