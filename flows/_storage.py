@@ -107,6 +107,9 @@ class _Store:
     def upload(self, rel: str, file: IO[bytes]) -> None:
         self.write(rel, file.read())
 
+    def delete(self, rel: str) -> None:
+        raise NotImplementedError(f"{self.ref_base} cannot delete files")
+
     def explain(self, exc: BaseException) -> str | None:
         """Why an operation failed, for a user (no secrets); None for errors that are bugs."""
         if isinstance(exc, NotImplementedError | OSError):
@@ -150,6 +153,9 @@ class _LocalStore(_Store):
     def upload(self, rel: str, file: IO[bytes]) -> None:
         with _LocalReplace(Path(self.base + rel)) as (out, _):
             shutil.copyfileobj(file, out)
+
+    def delete(self, rel: str) -> None:
+        Path(self.base + rel).unlink(missing_ok=True)
 
 
 class _LocalReplace:
@@ -219,6 +225,9 @@ class _S3Store(_Store):
         # boto3 aborts when a part fails).
         self.client.upload_fileobj(file, self.bucket, self.base + rel)
 
+    def delete(self, rel: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.base + rel)
+
     def explain(self, exc: BaseException) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
@@ -277,6 +286,9 @@ class _FsspecStore(_Store):
     def upload(self, rel: str, file: IO[bytes]) -> None:
         with self.fs.open(self.base + rel, "wb") as out:  # object stores publish the object on close
             shutil.copyfileobj(file, out)
+
+    def delete(self, rel: str) -> None:
+        self.fs.rm_file(self.base + rel)
 
 
 class _BlockStore(_Store):

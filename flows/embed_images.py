@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from . import steps
-from ._config import EmbeddingFamily, check_index, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._config import EmbeddingFamily, check_index, embedding_model, resolve_cache, resolve_out_dir, resolve_server
 from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
+from ._storage import join
 from ._tables import EMBEDDINGS_SCHEMA, record_rows
 from .vector_index import update_index_from_table
 
@@ -38,7 +39,8 @@ async def embed_images(
 
     Args:
         images: A folder, a glob (``"photos/**/*.jpg"``), or a list of paths and https URLs.
-        out_dir: Folder for the output table.
+        out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
+            ``block://s3-bucket/<name>/<prefix>``) for the output table.
         server: A saved `InferenceServer` block name, or a URL; defaults to the
             ``INFERENCE_SERVER_URL`` environment variable, then ``http://localhost:9001``.
         model: ``"clip"`` or ``"perception_encoder"``.
@@ -56,10 +58,10 @@ async def embed_images(
     """
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
-    out = ensure_out_dir(out_dir)
+    out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
     run = BatchRun(FLOW_KEY, images, batch_size, f"Embedding images with {embedder.label}")
-    with ParquetSink(out / "embeddings.parquet", EMBEDDINGS_SCHEMA) as sink:
+    with ParquetSink(join(out, "embeddings.parquet"), EMBEDDINGS_SCHEMA) as sink:
         async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
             run.write(sink, record_rows(batch.records, embedder, EMBEDDINGS_SCHEMA))
     result = EmbedImagesResult(
