@@ -167,7 +167,8 @@ def test_every_flow_writes_into_a_bucket_by_url_and_by_block(
     caplog.set_level(logging.DEBUG)
     reads: Counter[str] = Counter()
     client = _storage._s3_client(None, "images")
-    client.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: reads.update([params["Key"]]))
+    read = "before-parameter-build.s3.GetObject"
+    client.meta.events.register(read, lambda params, **_: reads.update([params["Key"]]))
 
     # when every flow runs S3 → S3 with plain URLs
     by_url = _run_every_flow(f"{s3.url}photos/", f"{s3.url}runs/url/", proxy, cache, tmp_path)
