@@ -177,6 +177,15 @@ def test_every_flow_writes_into_a_bucket_by_url_and_by_block(
     assert {key: reads[key] for key in keys} == dict.fromkeys(keys, 4)
     refs = [f"{s3.url}{k}" for k in keys]
     _check_outputs(s3, "runs/url/", f"{s3.url}runs/url/", refs, by_url, tmp_path / "url")
+    # a table in the bucket feeds a vector index (pyarrow reads it with the same AWS configuration)
+    indexed = embed_images(
+        f"{s3.url}photos/",
+        f"{s3.url}runs/url/",
+        server=proxy.url,
+        cache_storage=cache,
+        index_path=str(tmp_path / "index"),
+    )
+    assert indexed.indexed == len(keys) and indexed.requests == 0
 
     # and through saved S3Bucket blocks (images and out_dir), with no AWS configuration in the environment
     out_block, photos_block = _block(s3, sentinel + "block", "runs"), _block(s3, sentinel + "block", "photos")
