@@ -1,11 +1,13 @@
-"""Annotated copies of the images: boxes and labels drawn with supervision, written atomically."""
+"""Annotated copies of the images: boxes and labels drawn with supervision, each written whole
+(a local file renamed into place, or one object in a bucket)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ._operations import decode_rgb, encode_jpeg
-from ._output import atomic_write_bytes
+from ._output import write_output
+from ._storage import is_remote, join
 from .records import Batch, ImageRecord
 
 __all__ = ["AnnotatedImageSink", "annotated_name"]
@@ -17,18 +19,20 @@ def annotated_name(image: ImageRecord) -> str:
 
 
 class AnnotatedImageSink:
-    """Draws each image's detections, captioned with their crops' labels, into ``folder``.
+    """Draws each image's detections, captioned with their crops' labels, into ``folder`` (a local
+    folder or a bucket prefix).
 
     Examples:
         ```python
-        sink = AnnotatedImageSink(out / "annotated")
+        sink = AnnotatedImageSink(join(out, "annotated"))  # out: "/data/run" or "s3://results/run/"
         sink.write(labelled_crops)  # a batch from `classify` after `crop`
         ```
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: str) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        if not is_remote(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
         import supervision as sv  # imported when a run draws, not when a flow module loads
 
         self._boxes = sv.BoxAnnotator(thickness=2)
@@ -43,4 +47,4 @@ class AnnotatedImageSink:
             scene = decode_rgb(parent.data)[:, :, ::-1].copy()
             scene = self._boxes.annotate(scene, parent.detections)
             scene = self._labels.annotate(scene, parent.detections, labels=captions)
-            atomic_write_bytes(self.folder / annotated_name(parent), encode_jpeg(scene[:, :, ::-1].copy()))
+            write_output(join(self.folder, annotated_name(parent)), encode_jpeg(scene[:, :, ::-1].copy()))

@@ -19,17 +19,18 @@ from prefect_roboflow.blocks._embedding import EmbeddingModel
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from ._cache import ContentCache
+from ._storage import _split_url, check_output
 
 __all__ = [
     "DEFAULT_SERVER_URL",
     "EmbeddingFamily",
     "check_index",
     "is_index",
-    "output_location",
     "detector_model",
     "embedding_model",
     "ensure_out_dir",
     "resolve_cache",
+    "resolve_out_dir",
     "resolve_server",
 ]
 
@@ -134,20 +135,6 @@ def check_index(index_path: str | None, model: ModelBlock) -> None:
         )
 
 
-def output_location(out_dir: str | os.PathLike[str]) -> str:
-    """The output folder or bucket prefix, checked (and a local folder created) before any request.
-
-    Raises:
-        InvalidInputError: naming ``out_dir``.
-    """
-    from ._storage import check_output, is_remote
-
-    if not is_remote(out_dir):
-        return str(ensure_out_dir(out_dir))
-    check_output(out_dir)
-    return os.fspath(out_dir).rstrip("/")
-
-
 def ensure_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     """The output folder, created.
 
@@ -162,3 +149,39 @@ def ensure_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise InvalidInputError("out_dir", f"cannot create {out_dir}: {exc.strerror}") from None
     return path
+
+
+def resolve_out_dir(out_dir: str | os.PathLike[str]) -> str:
+    """Where a flow writes its outputs, checked before any request; output names are joined onto
+    it with `_storage.join`.
+
+    ``out_dir`` is a local folder (made absolute and created, as `ensure_out_dir` does; also as a
+    ``file://`` URL) or an object-store location: ``s3://bucket/prefix/`` (the standard AWS
+    configuration, ``AWS_ENDPOINT_URL`` included), any fsspec URL (``gs://``, ``az://``…), or a
+    saved file-system block plus a path, ``block://s3-bucket/<name>/<prefix>``. A bucket is checked
+    with one request; nothing is created in it until the run writes.
+
+    Raises:
+        InvalidInputError: naming ``out_dir``: a file, a folder that cannot be created, a bucket
+            that does not exist or cannot be reached, no credentials, an unknown or read-only URL
+            scheme, credentials in the URL.
+
+    Examples:
+        ```python
+        resolve_out_dir("out/run-1")  # '/home/me/project/out/run-1'
+        resolve_out_dir("s3://results/run-1/")  # 's3://results/run-1/'
+        ```
+    """
+    location = os.fspath(out_dir)
+    scheme, rest = _split_url(location)
+    if scheme == "file":
+        host, _, path = rest.partition("/")
+        if host not in {"", "localhost"}:
+            raise InvalidInputError("out_dir", f"file:// URLs name this machine, not {host!r}")
+        return str(ensure_out_dir("/" + path))
+    if not scheme:
+        return str(ensure_out_dir(location))
+    if scheme in {"http", "https"}:
+        raise InvalidInputError("out_dir", f"{scheme}:// URLs cannot be written to: give a folder or a bucket")
+    check_output(location, field="out_dir")
+    return location

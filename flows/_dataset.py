@@ -1,5 +1,15 @@
 """A labelled detection dataset out of crop batches: COCO and YOLO through supervision's
-`DetectionDataset`, and an HTML review gallery. Every output appears whole or not at all."""
+`DetectionDataset`, and an HTML review gallery. Every output appears whole or not at all.
+
+In a local ``out_dir`` each format's folder is built beside its final name and renamed into
+place. In a bucket, it is built in a local temp folder and uploaded file by file, each one whole
+object, the index last (``coco/annotations.json``; ``yolo/data.yaml``), then the objects the new
+dataset no longer holds are deleted (`_output.publish_folder`). Image files are named by their
+content (``<stem>-<sha256 prefix>``), so a rewrite replaces an image only with the same bytes:
+during a rewrite a COCO reader sees the old ``annotations.json`` with all its images, then the new
+one with all of its; a YOLO reader listing ``labels/`` may meet a mix of old and new label files
+until ``data.yaml`` is replaced, so read a YOLO export once its run has finished.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +28,18 @@ import numpy as np
 
 from ._annotated import annotated_name
 from ._operations import decode_rgb
-from ._output import atomic_write_bytes
+from ._output import publish_folder, write_output
+from ._storage import is_remote, join
 from .records import ImageRecord
 
 if TYPE_CHECKING:
     import supervision as sv
 
-__all__ = ["EXPORT_FORMATS", "GallerySink", "LabelledImage", "ReviewItem", "write_datasets"]
+__all__ = ["EXPORT_FORMATS", "INDEX_FILES", "GallerySink", "LabelledImage", "ReviewItem", "write_datasets"]
 
 EXPORT_FORMATS = ("coco", "yolo")
+#: Each format's index, uploaded after the files it names.
+INDEX_FILES = {"coco": ("annotations.json",), "yolo": ("data.yaml",)}
 THUMBNAIL_WIDTH = 320
 THUMBNAILS_PER_CLASS = 24
 
@@ -94,10 +107,12 @@ def _stage_images(images: Sequence[LabelledImage], folder: Path) -> dict[str, st
 
 
 def write_datasets(
-    images: Sequence[LabelledImage], classes: Sequence[str], formats: Sequence[str], out: Path
+    images: Sequence[LabelledImage], classes: Sequence[str], formats: Sequence[str], out: str
 ) -> dict[str, str]:
-    """Export the images and their kept boxes in each format to ``out/<format>/``; the paths written."""
-    work = Path(tempfile.mkdtemp(dir=out, prefix=".auto-label-"))
+    """Export the images and their kept boxes in each format to ``out/<format>/`` (a local folder
+    or a bucket prefix: see the module docs); the locations written."""
+    remote = is_remote(out)
+    work = Path(tempfile.mkdtemp(dir=None if remote else out, prefix=".auto-label-"))
     try:
         import supervision as sv
 
@@ -114,8 +129,11 @@ def write_datasets(
                 dataset.as_coco(str(target / "images"), str(target / "annotations.json"))
             else:
                 dataset.as_yolo(str(target / "images"), str(target / "labels"), str(target / "data.yaml"))
-            _replace_dir(target, out / fmt)
-            written[fmt] = str(out / fmt)
+            written[fmt] = join(out, fmt)
+            if remote:
+                publish_folder(target, written[fmt], INDEX_FILES[fmt])
+            else:
+                _replace_dir(target, Path(written[fmt]))
         return written
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -140,9 +158,10 @@ def _thumbnail(labelled: LabelledImage, classes: Sequence[str]) -> bytes:
 
 class GallerySink:
     """The review gallery, filled as batches arrive: an annotated thumbnail per labelled image,
-    then ``index.html`` with per-class counts, a thumbnail grid per class and the review list."""
+    then ``index.html`` with per-class counts, a thumbnail grid per class and the review list.
+    ``folder`` is a local folder or a bucket prefix; every file is written whole, the page last."""
 
-    def __init__(self, folder: Path, classes: Sequence[str]) -> None:
+    def __init__(self, folder: str, classes: Sequence[str]) -> None:
         self.folder, self.classes = folder, list(classes)
         self.counts: dict[str, int] = defaultdict(int)
         self.per_class: dict[str, list[str]] = defaultdict(list)
@@ -157,15 +176,15 @@ class GallerySink:
         if all(len(self.per_class[n]) >= THUMBNAILS_PER_CLASS for n in names):
             return
         name = f"thumbs/{annotated_name(labelled.image)}"
-        atomic_write_bytes(self.folder / name, _thumbnail(labelled, self.classes))
+        write_output(join(self.folder, name), _thumbnail(labelled, self.classes))
         for class_name in names:
             self.per_class[class_name].append(name)
 
-    def finish(self, review: Sequence[ReviewItem]) -> Path:
-        """Write the page; its path."""
+    def finish(self, review: Sequence[ReviewItem]) -> str:
+        """Write the page; its location."""
         page = _page(self.classes, self.counts, self.per_class, review)
-        atomic_write_bytes(self.folder / "index.html", page.encode())
-        return self.folder / "index.html"
+        write_output(join(self.folder, "index.html"), page.encode())
+        return join(self.folder, "index.html")
 
 
 def _page(

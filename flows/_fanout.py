@@ -295,8 +295,16 @@ def _sum_results(out: str, outcomes: list[_Outcome]) -> dict[str, Any]:
 
 
 def _remove_stale_parts(folder: str, shards: int) -> None:
-    """Delete parts numbered ``shards`` and above: an earlier run of the job had more shards."""
-    for ref in list_files(folder):
+    """Delete parts numbered ``shards`` and above: an earlier run of the job had more shards.
+
+    A store that cannot list (a generic file-system block) keeps them: its readers should read the
+    parts the run's result names.
+    """
+    try:
+        refs = list(list_files(folder))
+    except NotImplementedError:
+        return
+    for ref in refs:
         match = _PART.fullmatch(ref.rsplit("/", 1)[-1])
         if match and int(match.group(1)) >= shards:
             delete(ref)

@@ -1,28 +1,117 @@
 """Output files, written atomically: readers see the previous file or the whole new one.
 
+A flow's ``out_dir`` is a local folder or an object-store location (``s3://bucket/prefix/``, any
+fsspec URL, ``block://<type-slug>/<name>/<path>``; see `_storage`), checked by
+`_config.resolve_out_dir`; output names are joined onto it with `_storage.join`.
+
 Every local file is written to a hidden temp file beside its final name (created with the mode a
 plain ``open(path, "w")`` gets under the umask) and renamed into place once complete, so neither a
-crash nor a failed run leaves a half-written file under the final name; a table bound for an
-object store goes up as one object (`_storage.AtomicParquetWriter`). Parquet tables stream batch
-by batch into their temp file.
+crash nor a failed run leaves a half-written file under the final name. Every remote output goes
+up as one whole object (one PUT, or a multipart upload that appears only once completed): a
+reader sees the old object or the new one. Parquet tables stream batch by batch into a temp file
+(`_storage.AtomicParquetWriter`); a folder built locally (a COCO or YOLO dataset) is published
+file by file with its index last (`publish_folder`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 
-from ._storage import AtomicParquetWriter, _LocalReplace, is_remote
+from ._storage import (
+    LIST_PAGE_SIZE,
+    AtomicParquetWriter,
+    _LocalReplace,
+    _locate,
+    _output_error,
+    _Store,
+    is_remote,
+    write_bytes,
+)
 
-__all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type"]
+__all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type", "publish_folder", "show_location", "write_output"]
+
+#: Objects uploaded at once when a folder is published.
+UPLOAD_CONCURRENCY = 8
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old file or the whole new one."""
     with _LocalReplace(path) as (handle, _):
         handle.write(data)
+
+
+def write_output(url: str, data: bytes) -> None:
+    """Write one output file (a local path) or object (a URL) whole: readers see the old or the new one.
+
+    Examples:
+        ```python
+        write_output(join(out, "annotated/a-0f3c.jpg"), jpeg)  # out: "/data/run" or "s3://results/run/"
+        ```
+    """
+    if is_remote(url):
+        write_bytes(url, data)
+    else:
+        atomic_write_bytes(Path(url), data)
+
+
+def show_location(location: str) -> str:
+    """A location for a summary in Markdown: a link for a local file, the URL as code otherwise
+    (an ``out_dir`` URL never holds credentials: `_config.resolve_out_dir` refuses those)."""
+    return f"`{location}`" if is_remote(location) else f"[{location}](file://{location})"
+
+
+def publish_folder(folder: Path, url: str, index: Sequence[str] = ()) -> int:
+    """Upload the files of a local folder under the prefix ``url``, each as one whole object.
+
+    The ``index`` files (paths relative to ``folder``, e.g. ``annotations.json``) go up last, once
+    everything they name is in place; objects under ``url`` that the folder does not hold (left
+    by an earlier run) are deleted after that, where the store can list. So a reader that starts
+    from the index sees the old dataset whole or the new one whole, except that an object the new
+    dataset dropped can vanish under a reader still holding the old index.
+
+    Returns:
+        The number of objects written.
+
+    Raises:
+        InvalidInputError: naming ``out_dir``, when the store refuses a write.
+    """
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    store, base = _locate(url.rstrip("/") + "/", "out_dir")
+    last = [name for name in files if name in index]
+    first = [name for name in files if name not in index]
+
+    def upload(name: str) -> None:
+        with (folder / name).open("rb") as file:
+            store.upload(base + name, file)
+
+    try:
+        with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
+            list(pool.map(upload, first))
+        for name in last:
+            upload(name)
+    except Exception as exc:
+        error = _output_error(store, url, "out_dir", exc)
+        if error is None:
+            raise
+        raise error from None
+    _delete_stale(store, base, set(files))
+    return len(files)
+
+
+def _delete_stale(store: _Store, base: str, keep: set[str]) -> None:
+    """Delete objects under ``base`` that are not in ``keep`` (nothing where the store cannot list)."""
+    try:
+        listed = list(store.list(base, recursive=True, page_size=LIST_PAGE_SIZE))
+    except NotImplementedError:
+        return
+    for rel in listed:
+        if rel[len(base) :] not in keep:
+            store.delete(rel)
 
 
 def embedding_type(dim: int | None = None) -> pa.DataType:

@@ -20,13 +20,14 @@ from prefect.futures import PrefectFuture
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from . import steps
-from ._config import EmbeddingFamily, detector_model, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._config import EmbeddingFamily, detector_model, embedding_model, resolve_cache, resolve_out_dir, resolve_server
 from ._dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
 from ._flow import roboflow_flow
 from ._operations import image_size, normalise
-from ._output import ParquetSink
+from ._output import ParquetSink, show_location
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
+from ._storage import join
 from ._tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
 from .records import Batch, ImageRecord, LabelSet
 from .steps import ExampleSpec
@@ -181,7 +182,9 @@ async def auto_label(
         images: A folder, a glob, or a list of paths and https URLs.
         examples: Reference images with example boxes (see `detect_crop_classify`).
         classes: Class prompts: a list (each prompt is a class), or class name → prompt or prompts.
-        out_dir: Folder for ``labels.parquet``, ``review.parquet``, ``coco/``, ``yolo/``, ``gallery/``.
+        out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
+            ``block://s3-bucket/<name>/<prefix>``) for ``labels.parquet``, ``review.parquet``,
+            ``coco/``, ``yolo/``, ``gallery/`` (see `_dataset` for what a reader sees during a rewrite).
         formats: ``"coco"`` and/or ``"yolo"``.
         min_score: Detections whose class probability is below this go to review, unlabelled.
         server: A saved `InferenceServer` block name or a URL.
@@ -196,11 +199,11 @@ async def auto_label(
     prompts = class_prompts(classes)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
-    reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), ensure_out_dir(out_dir)
+    reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
     run = BatchRun(FLOW_KEY, images, batch_size, f"Auto-labelling with {detector.label} and {embedder.label}")
     all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
     class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
-    labeller = _Labeller(list(prompts), min_score, GallerySink(out / "gallery", list(prompts)))
+    labeller = _Labeller(list(prompts), min_score, GallerySink(join(out, "gallery"), list(prompts)))
 
     def submit(batch: Batch) -> PrefectFuture[Batch]:
         found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
@@ -209,8 +212,8 @@ async def auto_label(
         return steps.classify.submit(embedded, class_set)
 
     with (
-        ParquetSink(out / "labels.parquet", DETECTIONS_SCHEMA) as sink,
-        ParquetSink(out / "review.parquet", REVIEW_SCHEMA) as review,
+        ParquetSink(join(out, "labels.parquet"), DETECTIONS_SCHEMA) as sink,
+        ParquetSink(join(out, "review.parquet"), REVIEW_SCHEMA) as review,
     ):
         async for batch in run.process(submit):
             rows, review_rows = labeller.rows(batch, embedder)
@@ -218,7 +221,7 @@ async def auto_label(
             review.write(review_rows)
     datasets = write_datasets(labeller.images, list(prompts), formats, out)
     gallery = labeller.gallery.finish(labeller.review)
-    return await run.finish(*_outcome(run, datasets, str(sink.path), str(review.path), str(gallery)), max_failure_rate)
+    return await run.finish(*_outcome(run, datasets, str(sink.path), str(review.path), gallery), max_failure_rate)
 
 
 def _outcome(
@@ -242,7 +245,7 @@ def _outcome(
     sections = [
         f"## Classes\n\n{counts_table}",
         f"## Review\n\n{result.review} detection(s) under min_score, with their best guesses: `{review}`",
-        f"## Outputs\n\n- review gallery: [{gallery}](file://{gallery})\n"
+        f"## Outputs\n\n- review gallery: {show_location(gallery)}\n"
         + "".join(f"- {fmt.upper()}: `{path}`\n" for fmt, path in datasets.items())
         + f"- table: `{labels}`",
     ]

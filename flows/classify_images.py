@@ -7,11 +7,12 @@ from typing import Any
 from prefect.futures import PrefectFuture
 
 from . import steps
-from ._config import EmbeddingFamily, check_index, embedding_model, ensure_out_dir, resolve_cache, resolve_server
+from ._config import EmbeddingFamily, check_index, embedding_model, resolve_cache, resolve_out_dir, resolve_server
 from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, ImageCounts, markdown_table
 from ._sources import ImageSource
+from ._storage import join
 from ._tables import CLASSIFICATIONS_SCHEMA, record_rows
 from .vector_index import update_index_from_table
 
@@ -49,7 +50,8 @@ async def classify_images(
     Args:
         images: A folder, a glob, or a list of paths and https URLs.
         labels: Label prompts, e.g. ``["a photo of a cat", "a photo of a dog"]``.
-        out_dir: Folder for the output table.
+        out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
+            ``block://s3-bucket/<name>/<prefix>``) for the output table.
         server: A saved `InferenceServer` block name or a URL (default: ``INFERENCE_SERVER_URL``,
             then ``http://localhost:9001``).
         model: ``"clip"`` or ``"perception_encoder"``.
@@ -62,7 +64,7 @@ async def classify_images(
     """
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
-    out = ensure_out_dir(out_dir)
+    out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
     run = BatchRun(FLOW_KEY, images, batch_size, f"Classifying images with {embedder.label}")
     label_set = steps.embed_labels(embedder, labels, cache)
@@ -71,7 +73,7 @@ async def classify_images(
         embedded: Any = steps.embed.submit(embedder, batch, cache)  # resolved by Prefect before classify runs
         return steps.classify.submit(embedded, label_set, min_score)
 
-    with ParquetSink(out / "classifications.parquet", CLASSIFICATIONS_SCHEMA) as sink:
+    with ParquetSink(join(out, "classifications.parquet"), CLASSIFICATIONS_SCHEMA) as sink:
         async for batch in run.process(submit):
             run.write(sink, record_rows(batch.records, embedder, CLASSIFICATIONS_SCHEMA))
     result = ClassifyImagesResult(

@@ -18,14 +18,15 @@ from ._config import (
     EmbeddingFamily,
     detector_model,
     embedding_model,
-    ensure_out_dir,
     resolve_cache,
+    resolve_out_dir,
     resolve_server,
 )
 from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import BatchRun, RequestFigures, markdown_table
 from ._sources import ImageSource
+from ._storage import join
 from ._tables import DETECTIONS_SCHEMA, detection_rows
 from .steps import ExampleSpec
 
@@ -72,7 +73,8 @@ async def detect_crop_classify(
         examples: Reference images with example boxes (centre ``x, y``, size ``w, h`` in
             pixels, ``cls``, optional ``negative``).
         labels: Label prompts to sort the crops into, e.g. ``["a photo of an apple", ...]``.
-        out_dir: Folder for ``detections.parquet`` and ``annotated/``.
+        out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
+            ``block://s3-bucket/<name>/<prefix>``) for ``detections.parquet`` and ``annotated/``.
         server: A saved `InferenceServer` block name or a URL; defaults to ``INFERENCE_SERVER_URL``,
             then ``http://localhost:9001``.
         model: ``"clip"`` or ``"perception_encoder"`` for the crops and labels.
@@ -93,8 +95,8 @@ async def detect_crop_classify(
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
-    out = ensure_out_dir(out_dir)
-    annotated = AnnotatedImageSink(out / "annotated")
+    out = resolve_out_dir(out_dir)
+    annotated = AnnotatedImageSink(join(out, "annotated"))
     run = BatchRun(FLOW_KEY, images, batch_size, f"Detecting with {detector.label}, labelling with {embedder.label}")
     label_set = steps.embed_labels(embedder, labels, cache)
 
@@ -104,11 +106,11 @@ async def detect_crop_classify(
         embedded: Any = steps.embed.submit(embedder, cropped, cache)
         return steps.classify.submit(embedded, label_set, min_score)
 
-    with ParquetSink(out / "detections.parquet", DETECTIONS_SCHEMA) as sink:
+    with ParquetSink(join(out, "detections.parquet"), DETECTIONS_SCHEMA) as sink:
         async for batch in run.process(submit):
             run.write(sink, detection_rows(batch, embedder))
             annotated.write(batch)
-    return await run.finish(*_outcome(run, str(sink.path), str(annotated.folder)), max_failure_rate)
+    return await run.finish(*_outcome(run, str(sink.path), annotated.folder), max_failure_rate)
 
 
 def _outcome(run: BatchRun, table: str, annotated: str) -> tuple[DetectCropClassifyResult, str, list[str]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import steps
-from ._config import EmbeddingFamily, check_index, embedding_model, output_location, resolve_cache, resolve_server
+from ._config import EmbeddingFamily, check_index, embedding_model, resolve_cache, resolve_out_dir, resolve_server
 from ._fanout import FanOut, Shard, fan_out, finish_fanned_out
 from ._flow import roboflow_flow
 from ._output import ParquetSink
@@ -42,7 +42,8 @@ async def embed_images(
 
     Args:
         images: A folder, a glob (``"photos/**/*.jpg"``), or a list of paths and https URLs.
-        out_dir: Folder for the output table.
+        out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
+            ``block://s3-bucket/<name>/<prefix>``) for the output table.
         server: A saved `InferenceServer` block name, or a URL; defaults to the
             ``INFERENCE_SERVER_URL`` environment variable, then ``http://localhost:9001``.
         model: ``"clip"`` or ``"perception_encoder"``.
@@ -64,7 +65,7 @@ async def embed_images(
     """
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
-    out = output_location(out_dir)
+    out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
     if fan_out is not None:
         return await _fanned_out(images, out, fan_out, embedder.label, index_path, max_failure_rate)

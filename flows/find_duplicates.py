@@ -21,13 +21,14 @@ from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._config import ensure_out_dir
+from ._config import resolve_out_dir
 
 if TYPE_CHECKING:
     import pandas as pd
 from ._flow import roboflow_flow
 from ._output import ParquetSink
 from ._run import emit_completed, markdown_table, publish_summary
+from ._storage import is_remote, join
 from .vector_index import MANIFEST, VectorIndex, update_index_from_table
 
 __all__ = ["DUPLICATES_SCHEMA", "FindDuplicatesResult", "find_duplicates"]
@@ -67,7 +68,8 @@ async def find_duplicates(source: str, out_dir: str, threshold: float = 0.95, k:
     Args:
         source: An embeddings table (``.parquet`` written by ``embed_images``, ``classify_images``
             or ``detect_crop_classify``) or a vector index (a folder or object-storage URL).
-        out_dir: Folder for ``duplicates.parquet``.
+        out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
+            ``block://s3-bucket/<name>/<prefix>``) for ``duplicates.parquet``.
         threshold: Cosine similarity from which two images are near duplicates, in (0, 1].
         k: Neighbours looked at per image (1-100); a group larger than ``k + 1`` is still found
             when its members chain.
@@ -77,11 +79,11 @@ async def find_duplicates(source: str, out_dir: str, threshold: float = 0.95, k:
         representative, member, kind, similarity, image_sha256, detection_index``.
     """
     _check_parameters(source, threshold, k)
-    out = ensure_out_dir(out_dir)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".find-duplicates-") as scratch:
+    out = resolve_out_dir(out_dir)
+    with tempfile.TemporaryDirectory(dir=None if is_remote(out) else out, prefix=".find-duplicates-") as scratch:
         index = _open_source(source, Path(scratch))
         groups = _groups(index, threshold, k)
-        with ParquetSink(out / "duplicates.parquet", DUPLICATES_SCHEMA) as sink:
+        with ParquetSink(join(out, "duplicates.parquet"), DUPLICATES_SCHEMA) as sink:
             sink.write([{str(c): v for c, v in row.items()} for row in groups.to_dict("records")])
             path = sink.path
     kinds: Counter[str] = Counter(groups.drop_duplicates("group")["group_kind"].tolist())
