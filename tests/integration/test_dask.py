@@ -22,12 +22,13 @@ import distributed
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from prefect.filesystems import LocalFileSystem
 from prefect_dask import DaskTaskRunner
 from pydantic import SecretStr
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image, make_scene
 
-from prefect_roboflow.blocks import Clip, InferenceServer
+from prefect_roboflow.blocks import Clip, InferenceServer, _http
 from prefect_roboflow.blocks._http import _engines, get_engine
 from prefect_roboflow.flows import auto_label, classify_images, detect_crop_classify, embed_images
 from prefect_roboflow.flows._sources import load
@@ -134,6 +135,16 @@ def test_records_travel_as_references_and_blocks_keep_their_secret(tmp_path: Pat
     assert pickle.loads(pickle.dumps(engine)) is engine
 
 
+def test_a_process_never_uses_engines_it_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = InferenceServer(api_url="http://127.0.0.1:9").http_settings()
+    inherited = get_engine(settings)
+    monkeypatch.setattr(_http, "_engines_pid", -1)  # as if the registry came from a parent process
+    fresh = get_engine(settings)
+    assert fresh is not inherited and fresh._thread.is_alive() and _http._engines_pid == os.getpid()
+    assert get_engine(settings) is fresh
+    inherited.close()
+
+
 def test_embed_images_on_dask_matches_the_thread_runner(
     dask_client: distributed.Client, proxy: FaultProxy, inference_url: str, photos: Path, tmp_path: Path
 ) -> None:
@@ -179,6 +190,7 @@ def test_a_saved_keyed_server_works_on_workers_and_its_key_stays_out_of_dask_log
         "my-server", overwrite=True
     )
     proxy.inject(Fault.status(500), path_prefix="/clip/embed_image")  # one image the server fails
+    LocalFileSystem(basepath=str(tmp_path / "cache")).save("dask-cache", overwrite=True)  # a storage block cache
     labels = ["a photo of a cat", "a photo of a dog"]
     flow = _on_dask(classify_images, dask_client)
     result = flow(
@@ -187,7 +199,7 @@ def test_a_saved_keyed_server_works_on_workers_and_its_key_stays_out_of_dask_log
         str(tmp_path / "out"),
         server="my-server",
         batch_size=6,
-        cache_storage=str(tmp_path / "cache"),
+        cache_storage="local-file-system/dask-cache",
     )
 
     rows = _table(result.classifications_path)
@@ -195,6 +207,8 @@ def test_a_saved_keyed_server_works_on_workers_and_its_key_stays_out_of_dask_log
     errors = sorted(r["error"].split(":")[0] for r in rows if r["status"] == "failed")
     assert errors == ["InferenceServerError", "truncated JPEG (no end-of-image marker)"]
     assert all(r["label"] in labels for r in rows if r["status"] == "ok")
+    cached = [p for p in (tmp_path / "cache" / "items").rglob("*") if p.is_file()]
+    assert len(cached) == N_IMAGES - 1 + len(labels)  # the workers' images, and the labels embedded here
 
     # the key reached the server from the workers, and nothing Dask logs or shows
     sent = [r for r in proxy.requests if r.path.startswith("/clip/")]
