@@ -251,6 +251,10 @@ class InferenceHTTP:
             limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
         )
 
+    def __reduce__(self) -> tuple[Any, tuple[HttpSettings]]:
+        """Pickled as its settings: unpickled, it is the receiving process's own engine."""
+        return get_engine, (self.settings,)
+
     @property
     def concurrency_limit(self) -> int:
         """How many requests may be in flight to this server now (the adaptive limit)."""
@@ -420,13 +424,24 @@ class InferenceHTTP:
         self._loop.close()
 
 
+# Engines belong to the process that made them: their loop thread and pool do not cross a fork,
+# a spawn or a pickle (a Dask worker, a process pool). Each process keys its own by its PID.
 _engines: dict[HttpSettings, InferenceHTTP] = {}
+_engines_pid = os.getpid()
 _engines_lock = threading.Lock()
 
 
 def get_engine(settings: HttpSettings) -> InferenceHTTP:
-    """The process-wide engine for these settings, created on first use."""
+    """The process-wide engine for these settings, created on first use in this process.
+
+    A block sent to another process (a Dask worker, a forked or spawned child) carries only its
+    settings; its first request there starts that process's own engine, thread and pool.
+    """
+    global _engines_pid
     with _engines_lock:
+        if _engines_pid != os.getpid():  # inherited from a parent: its engines are not ours
+            _engines.clear()
+            _engines_pid = os.getpid()
         engine = _engines.get(settings)
         if engine is None:
             engine = _engines[settings] = InferenceHTTP(settings)
@@ -442,5 +457,12 @@ def close_engines() -> None:
         engine.close()
 
 
-# A forked child inherits the dict but not the engines' threads.
-os.register_at_fork(after_in_child=_engines.clear)
+def _forget_parent_engines() -> None:
+    """In a forked child: the parent's engines (and a lock some parent thread may hold) are not ours."""
+    global _engines_lock, _engines_pid
+    _engines_lock = threading.Lock()
+    _engines.clear()
+    _engines_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forget_parent_engines)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ._operations import decode_rgb, encode_jpeg
 from ._output import write_output
+from ._sources import load
 from ._storage import is_remote, join
 from .records import Batch, ImageRecord
 
@@ -41,7 +42,10 @@ class AnnotatedImageSink:
     def write(self, batch: Batch) -> None:
         """One annotated JPEG per parent image of a crop batch that has detections."""
         for parent, crops in batch.by_parent():
-            if not crops or parent.data is None or parent.detections is None:
+            if not crops or parent.detections is None:
+                continue
+            parent = load(parent)  # from a Dask worker the bytes did not travel (see ImageRecord)
+            if parent.data is None or parent.detections is None:
                 continue
             captions = [f"{c.label.name} {c.label.score:.2f}" if c.ok and c.label else "failed" for c in crops]
             scene = decode_rgb(parent.data)[:, :, ::-1].copy()

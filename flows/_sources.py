@@ -86,7 +86,8 @@ def read_bytes(ref: str, field: str = "image", client: httpx.Client | None = Non
 def load(record: ImageRecord, client: httpx.Client | None = None) -> ImageRecord:
     """The record with its bytes and sha256, or failed at ``"read"`` with the reason.
 
-    Records already read, and failed ones, come back as they are.
+    Records already read, and failed ones, come back as they are. A record that knows its
+    sha256 but not its bytes (it was pickled: see `ImageRecord`) is read again and must match it.
     """
     if record.loaded or not record.ok:
         return record
@@ -94,7 +95,11 @@ def load(record: ImageRecord, client: httpx.Client | None = None) -> ImageRecord
         data = _read(record.ref, "image", client)
     except InvalidInputError as error:
         return record.failed(Failure.of("read", error))
-    loaded = replace(record, data=data, sha256=hashlib.sha256(data).hexdigest())
+    sha256 = hashlib.sha256(data).hexdigest()
+    if record.sha256 is not None and record.sha256 != sha256:  # read again where a step runs, and changed
+        reason = "the image changed while the run was using it (its bytes no longer match the sha256 read first)"
+        return record.failed(Failure("read", reason, "ImageChanged"))
+    loaded = replace(record, data=data, sha256=sha256)
     try:
         validate_encoded_image(data)
     except InvalidInputError as error:

@@ -26,7 +26,7 @@ from ._flow import roboflow_flow
 from ._operations import image_size, normalise
 from ._output import ParquetSink, show_location
 from ._run import BatchRun, ImageCounts, markdown_table
-from ._sources import ImageSource
+from ._sources import ImageSource, load
 from ._storage import join
 from ._tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
 from .records import Batch, ImageRecord, LabelSet
@@ -110,6 +110,7 @@ class _Labeller:
                 rows.extend({**r, "status": status} for r in record_rows([parent], model, DETECTIONS_SCHEMA))
             if not parent.ok:
                 continue
+            parent = load(parent)  # from a Dask worker the bytes did not travel (see ImageRecord)
             labelled = LabelledImage(parent)
             width, height = image_size(parent.data or b"")
             for crop, row in zip(crops, record_rows(crops, model, DETECTIONS_SCHEMA), strict=True):

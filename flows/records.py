@@ -15,6 +15,7 @@ batch = embed(clip, batch)                    # a Prefect task: one run, cached 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,17 @@ class ImageRecord:
         embedding: What `embed` returned (float32).
         label: What `classify` chose.
         failure: Why a step could not produce its result; later steps skip the record.
+
+    A whole image's bytes do not travel with it: pickled (to a Dask worker, to the flow process
+    from one, to a result store), a record keeps its ``ref`` and ``sha256`` and the step that
+    needs the bytes reads them again where it runs, checked against that ``sha256``. A crop keeps
+    its bytes: they cannot be read again from a reference.
+
+    Examples:
+        ```python
+        record = load(ImageRecord("a.jpg"))   # bytes and sha256 read here
+        pickle.loads(pickle.dumps(record))    # ImageRecord(ref='a.jpg', sha256='9f2c...'): no bytes
+        ```
     """
 
     ref: str
@@ -118,6 +130,19 @@ class ImageRecord:
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
     label: Label | None = None
     failure: Failure | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling keeps: everything but a whole image's bytes (references travel, not pixels)."""
+        state = dict(self.__dict__)
+        if self.crop is None:
+            state["data"] = None
+        return state
+
+    def __copy__(self) -> ImageRecord:
+        return replace(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ImageRecord:
+        return replace(self, **{name: copy.deepcopy(value, memo) for name, value in self.__dict__.items()})
 
     @property
     def ok(self) -> bool:
