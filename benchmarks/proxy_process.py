@@ -1,9 +1,12 @@
 """Run the tests' `FaultProxy` with a fixed latency in its own process, driven over stdin.
 
-    python -m benchmarks.proxy_process UPSTREAM LATENCY
+    python -m benchmarks.proxy_process UPSTREAM LATENCY [MAX_IN_FLIGHT SERVICE_TIME]
 
-Commands, one per line: ``url`` (answers the proxy's URL), ``count`` (requests forwarded),
-``clear`` (forget them). End of input stops the proxy.
+With ``MAX_IN_FLIGHT`` and ``SERVICE_TIME`` it is also a server of known capacity (the proxy's
+limiting mode): at most that many requests admitted at once, each held that many seconds, the
+others answered 429. Commands, one per line: ``url`` (answers the proxy's URL), ``count`` (requests
+forwarded), ``rejected`` (429s of the limiting mode), ``clear`` (forget both). End of input stops
+the proxy.
 """
 
 from __future__ import annotations
@@ -43,14 +46,17 @@ class BenchProxy(FaultProxy):
         self._client = _LoggingClient(timeout=60.0, trust_env=False, limits=limits)
 
 
-def main(upstream: str, latency: str) -> None:
-    with BenchProxy(upstream, latency=float(latency)) as proxy:
+def main(upstream: str, latency: str, max_in_flight: str = "", service_time: str = "0") -> None:
+    limit = int(max_in_flight) if max_in_flight else None
+    with BenchProxy(upstream, latency=float(latency), max_in_flight=limit, service_time=float(service_time)) as proxy:
         for line in sys.stdin:
             command = line.strip()
             if command == "url":
                 answer = proxy.url
             elif command == "count":
                 answer = str(proxy.count())
+            elif command == "rejected":
+                answer = str(proxy.rejected)
             elif command == "clear":
                 proxy.clear()
                 answer = "ok"
@@ -60,4 +66,4 @@ def main(upstream: str, latency: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:5])
