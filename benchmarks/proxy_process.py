@@ -3,15 +3,19 @@
     python -m benchmarks.proxy_process UPSTREAM LATENCY [MAX_IN_FLIGHT SERVICE_TIME]
 
 With ``MAX_IN_FLIGHT`` and ``SERVICE_TIME`` it is also a server of known capacity (the proxy's
-limiting mode): at most that many requests admitted at once, each held that many seconds, the
-others answered 429. Commands, one per line: ``url`` (answers the proxy's URL), ``count`` (requests
-forwarded), ``rejected`` (429s of the limiting mode), ``clear`` (forget both). End of input stops
-the proxy.
+limiting mode): at most that many requests admitted at once, the others answered 429; each keeps
+its place ``SERVICE_TIME`` seconds from admission, its forward to the real server included (so the
+capacity holds as long as the real server answers within that time, however busy the shared CPUs).
+
+Commands, one per line: ``url`` (answers the proxy's URL), ``count`` (requests forwarded),
+``rejected`` (429s of the limiting mode), ``clear`` (forget both). End of input stops the proxy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -37,6 +41,16 @@ class BenchProxy(FaultProxy):
     retry 502s)."""
 
     _client: httpx.AsyncClient | None
+    #: Seconds a request keeps its place from admission, its forward included (capacity mode).
+    hold = 0.0
+
+    async def _forward(
+        self, method: str, target: str, raw_headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, tuple[tuple[str, str], ...], bytes] | None:
+        started = time.monotonic()
+        forwarded = await super()._forward(method, target, raw_headers, body)
+        await asyncio.sleep(max(0.0, self.hold - (time.monotonic() - started)))
+        return forwarded
 
     async def _astart(self) -> None:
         await super()._astart()
@@ -47,8 +61,10 @@ class BenchProxy(FaultProxy):
 
 
 def main(upstream: str, latency: str, max_in_flight: str = "", service_time: str = "0") -> None:
-    limit = int(max_in_flight) if max_in_flight else None
-    with BenchProxy(upstream, latency=float(latency), max_in_flight=limit, service_time=float(service_time)) as proxy:
+    with BenchProxy(
+        upstream, latency=float(latency), max_in_flight=int(max_in_flight) if max_in_flight else None
+    ) as proxy:
+        proxy.hold = float(service_time)
         for line in sys.stdin:
             command = line.strip()
             if command == "url":

@@ -1,15 +1,16 @@
 """Two inference servers against one (issue 11): the same `embed_images` job, side by side.
 
-    python -m benchmarks.two_servers [--upstream URL [URL]] [--images 160] [--capacity 4]
+    python -m benchmarks.two_servers [--upstream URL [URL]] [--images 300] [--capacity 4]
                                      [--service-time 0.4] [--rounds 2]
 
 A SIMULATION OF SERVERS WITH KNOWN CAPACITY. The two CPU cores here are shared by the client, the
 real servers and everything else, so two real servers cannot run twice as fast as one. Each "GPU
 server" is instead a loopback proxy in its own process (`tests/support/fault_proxy.FaultProxy` in
 limiting mode, through `benchmarks/proxy_process.py`) in front of a real server: it admits
-``--capacity`` requests at a time, holds each for ``--service-time`` seconds before forwarding it,
-and answers 429 to any request beyond that — a server of ``capacity / service_time`` requests per
-second whatever the CPUs do. The real server behind it still computes every embedding.
+``--capacity`` requests at a time, each keeping its place ``--service-time`` seconds (its forward to
+the real server included), and answers 429 to any request beyond that — a server of
+``capacity / service_time`` requests per second as long as the real server, which still computes
+every embedding, answers within the service time.
 
 Rounds alternate one server / two servers; every run is a fresh engine (its adaptive limits start at
 4 and must find the proxies' capacity) and a fresh cache, so every image is sent. The figure is the
@@ -62,7 +63,6 @@ def run_flow(urls: list[str], images: Sequence[Path], work: Path) -> dict[str, A
             [str(p) for p in images],
             str(Path(run_dir) / "out"),
             server=urls if len(urls) > 1 else urls[0],
-            batch_size=32,
             cache_storage=str(Path(run_dir) / "cache"),
             return_state=True,
         )
@@ -106,10 +106,11 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[Table, Table, bool]:
         f"Two servers vs one (SIMULATED servers of known capacity): embed_images over {args.images} images",
         ["setup", "best images/s", "all rounds", "capacity images/s", "% of capacity", "requests per server", "429s"],
         note=f"A simulation: each server is a loopback proxy (FaultProxy limiting mode, own process) admitting "
-        f"{args.capacity} requests at a time and holding each {args.service_time:g} s before forwarding it to a real "
-        f"inference-cpu server ({', '.join(upstreams)}), i.e. {capacity:g} requests/s per server whatever the "
-        "shared CPUs do; requests beyond that get 429. Each run: a fresh engine (adaptive limits start at 4) and "
-        f"a fresh cache, batch_size 32; {args.rounds} rounds, order alternated. Servers named by proxy port.",
+        f"{args.capacity} requests at a time, each holding its place {args.service_time:g} s (its forward to a real "
+        f"inference-cpu server included: {', '.join(upstreams)}), i.e. {capacity:g} requests/s per server while the "
+        "shared CPUs answer within that; requests beyond that get 429. Each run: a fresh engine (adaptive limits "
+        f"start at 4) and a fresh cache, the flow's default batch_size (64); {args.rounds} rounds, order "
+        "alternated. Servers named by proxy port.",
     )
     best: dict[str, float] = {}
     for name, setup_runs in runs.items():
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = os.environ.get("INFERENCE_SERVER_URL", "http://127.0.0.1:9001")
     parser.add_argument("--upstream", nargs="+", default=[default], help="real server(s) behind the proxies")
-    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--capacity", type=int, default=4, help="requests each simulated server admits at once")
     parser.add_argument("--service-time", type=float, default=0.4, help="seconds each simulated request takes")
     parser.add_argument("--rounds", type=int, default=2)
