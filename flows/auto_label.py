@@ -184,7 +184,7 @@ async def auto_label(
         out_dir: Folder for ``labels.parquet``, ``review.parquet``, ``coco/``, ``yolo/``, ``gallery/``.
         formats: ``"coco"`` and/or ``"yolo"``.
         min_score: Detections whose class probability is below this go to review, unlabelled.
-        server: A saved `InferenceServer` block name, a URL, or a list of URLs of servers that share the load.
+        server: A saved `InferenceServer` block name or a URL.
         model: ``"clip"`` or ``"perception_encoder"`` for the crops and prompts.
         version: Version of that model; detector_version: OWLv2's; their defaults when omitted.
         confidence: OWLv2 score threshold.

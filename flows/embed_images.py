@@ -39,7 +39,7 @@ async def embed_images(
     Args:
         images: A folder, a glob (``"photos/**/*.jpg"``), or a list of paths and https URLs.
         out_dir: Folder for the output table.
-        server: A saved `InferenceServer` block name, a URL, or a list of URLs; defaults to the
+        server: A saved `InferenceServer` block name, or a URL; defaults to the
             ``INFERENCE_SERVER_URL`` environment variable, then ``http://localhost:9001``.
         model: ``"clip"`` or ``"perception_encoder"``.
         version: Model version; the block's default when omitted.
