@@ -57,7 +57,7 @@ def blocks_run(url: str, paths: Sequence[Path], fixed: int | None) -> tuple[Run,
 def _time_answers(engine: _http.InferenceHTTP) -> list[tuple[int, float]]:
     """(limit, seconds in flight) of each good answer, as the engine's limiter measures them
     (`ResponseInfo.elapsed` also counts the wait for a place, and retries)."""
-    limiter = engine._limiter
+    limiter = engine.backends[0].limiter
     answers: list[tuple[int, float]] = []
     release = limiter.release
 

@@ -1,14 +1,21 @@
 """Run the tests' `FaultProxy` with a fixed latency in its own process, driven over stdin.
 
-    python -m benchmarks.proxy_process UPSTREAM LATENCY
+    python -m benchmarks.proxy_process UPSTREAM LATENCY [MAX_IN_FLIGHT SERVICE_TIME]
+
+With ``MAX_IN_FLIGHT`` and ``SERVICE_TIME`` it is also a server of known capacity (the proxy's
+limiting mode): at most that many requests admitted at once, the others answered 429; each keeps
+its place ``SERVICE_TIME`` seconds from admission, its forward to the real server included (so the
+capacity holds as long as the real server answers within that time, however busy the shared CPUs).
 
 Commands, one per line: ``url`` (answers the proxy's URL), ``count`` (requests forwarded),
-``clear`` (forget them). End of input stops the proxy.
+``rejected`` (429s of the limiting mode), ``clear`` (forget both). End of input stops the proxy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -34,6 +41,16 @@ class BenchProxy(FaultProxy):
     retry 502s)."""
 
     _client: httpx.AsyncClient | None
+    #: Seconds a request keeps its place from admission, its forward included (capacity mode).
+    hold = 0.0
+
+    async def _forward(
+        self, method: str, target: str, raw_headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, tuple[tuple[str, str], ...], bytes] | None:
+        started = time.monotonic()
+        forwarded = await super()._forward(method, target, raw_headers, body)
+        await asyncio.sleep(max(0.0, self.hold - (time.monotonic() - started)))
+        return forwarded
 
     async def _astart(self) -> None:
         await super()._astart()
@@ -43,14 +60,19 @@ class BenchProxy(FaultProxy):
         self._client = _LoggingClient(timeout=60.0, trust_env=False, limits=limits)
 
 
-def main(upstream: str, latency: str) -> None:
-    with BenchProxy(upstream, latency=float(latency)) as proxy:
+def main(upstream: str, latency: str, max_in_flight: str = "", service_time: str = "0") -> None:
+    with BenchProxy(
+        upstream, latency=float(latency), max_in_flight=int(max_in_flight) if max_in_flight else None
+    ) as proxy:
+        proxy.hold = float(service_time)
         for line in sys.stdin:
             command = line.strip()
             if command == "url":
                 answer = proxy.url
             elif command == "count":
                 answer = str(proxy.count())
+            elif command == "rejected":
+                answer = str(proxy.rejected)
             elif command == "clear":
                 proxy.clear()
                 answer = "ok"
@@ -60,4 +82,4 @@ def main(upstream: str, latency: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:5])

@@ -1,9 +1,10 @@
 """HTTP transport to a Roboflow Inference server: the only module that talks to httpx.
 
-One `InferenceHTTP` engine exists per distinct server configuration in a process. It owns
-a pooled `httpx.AsyncClient` on a private event-loop thread, so that the sync API, the async
-API and every thread of a Prefect task runner share one connection pool and one concurrency
-limit. Retries, backoff, error mapping and response metadata live here and nowhere else.
+One `InferenceHTTP` engine exists per distinct server configuration in a process. It owns one
+pooled `httpx.AsyncClient` and one adaptive concurrency limit per server URL, on a private
+event-loop thread, so that the sync API, the async API and every thread of a Prefect task runner
+share them. Retries, backoff, error mapping and response metadata live here and nowhere else;
+which of several servers takes a request, and which servers are up, live in `_balancer`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from ._balancer import Backend, Balancer, Outcome
 from ._limiter import AdaptiveLimiter, Signal
 from .exceptions import (
     InferenceClientError,
@@ -47,9 +49,12 @@ USER_AGENT = "prefect-roboflow"
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Everything that shapes how requests are sent; equal settings share one engine."""
+    """Everything that shapes how requests are sent; equal settings share one engine.
 
-    api_url: str
+    ``api_url`` is one base URL, or several (a tuple) that share the load.
+    """
+
+    api_url: str | tuple[str, ...]
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 60.0
     connect_timeout: float = 5.0
@@ -59,6 +64,11 @@ class HttpSettings:
     retry_budget: float = 120.0
     max_concurrency: int = 64
     adaptive_concurrency: bool = True
+
+    @property
+    def api_urls(self) -> tuple[str, ...]:
+        """The server base URLs, one or more."""
+        return (self.api_url,) if isinstance(self.api_url, str) else self.api_url
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,8 @@ class ResponseInfo:
         cold_start: Whether the server loaded the model for this request.
         elapsed: Client-side seconds from the first attempt to the answer.
         attempts: How many attempts the request took.
-        concurrency_limit: The engine's adaptive concurrency limit when the answer came (0: unknown).
+        concurrency_limit: The answering server's adaptive concurrency limit when the answer came (0: unknown).
+        server: The base URL of the server that answered (never with credentials).
     """
 
     endpoint: str
@@ -88,6 +99,7 @@ class ResponseInfo:
     elapsed: float
     attempts: int
     concurrency_limit: int = 0
+    server: str = ""
 
 
 # Recorders nest (a flow's around its tasks'), so every active one gets each ResponseInfo.
@@ -122,6 +134,11 @@ def describe_responses(infos: Sequence[ResponseInfo]) -> str:
         # '40 request(s), server model time 0.412s, engine inference-models, 0 retries,
         #  concurrency limit 9 (peak 12)'
         ```
+
+        With several servers, the requests each answered:
+        ```python
+        # '40 request(s), ..., servers http://10.0.0.5:9001: 21, http://10.0.0.6:9001: 19'
+        ```
     """
     retries = sum(i.attempts - 1 for i in infos)
     engines = "/".join(sorted({i.engine for i in infos if i.engine})) or "unknown"
@@ -130,7 +147,24 @@ def describe_responses(infos: Sequence[ResponseInfo]) -> str:
     limits = [i.concurrency_limit for i in infos if i.concurrency_limit > 0]
     if limits:
         line += f", concurrency limit {limits[-1]} (peak {max(limits)})"
+    per_server = requests_per_server(infos)
+    if len(per_server) > 1:
+        line += ", servers " + ", ".join(f"{server}: {count}" for server, count in per_server.items())
     return line
+
+
+def requests_per_server(infos: Sequence[ResponseInfo]) -> dict[str, int]:
+    """How many of these requests each server answered, by base URL, sorted by URL.
+
+    Examples:
+        ```python
+        requests_per_server(infos)  # {'http://127.0.0.1:9002': 40, 'http://127.0.0.1:9003': 38}
+        ```
+    """
+    counts: dict[str, int] = {}
+    for info in infos:
+        counts[info.server] = counts.get(info.server, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _float_header(value: str | None) -> float | None:
@@ -186,7 +220,7 @@ def status_error(endpoint: str, response: httpx.Response) -> InferenceStatusErro
 
 
 def _response_info(
-    endpoint: str, response: httpx.Response, body: Any, started: float, attempts: int, limit: int
+    endpoint: str, response: httpx.Response, body: Any, started: float, attempts: int, backend: Backend
 ) -> ResponseInfo:
     headers = response.headers
     server_time = body.get("time") if isinstance(body, dict) else None
@@ -200,7 +234,8 @@ def _response_info(
         cold_start=headers.get("x-model-cold-start", "").lower() == "true",
         elapsed=time.monotonic() - started,
         attempts=attempts,
-        concurrency_limit=limit,
+        concurrency_limit=backend.limiter.limit,
+        server=backend.label,
     )
 
 
@@ -213,14 +248,28 @@ def _load_signal(status: int) -> Signal:
     return Signal.IGNORE  # a 4xx or 500 is about the request, and often comes back fast
 
 
-def client_options(settings: HttpSettings) -> dict[str, Any]:
-    """Base URL, headers and timeouts of an httpx client for these settings, sync or async."""
+def _health(failure: InferenceError) -> Outcome:
+    """What a failed attempt says about its server's health, for the balancer."""
+    if isinstance(failure, InferenceConnectionError):
+        return Outcome.UNREACHABLE
+    if isinstance(failure, (InferenceTimeoutError, ServerUnavailableError)):
+        return Outcome.UNAVAILABLE
+    if isinstance(failure, InferenceStatusError):
+        return Outcome.ANSWERED
+    return Outcome.NEUTRAL
+
+
+def client_options(settings: HttpSettings, url: str | None = None) -> dict[str, Any]:
+    """Base URL, headers and timeouts of an httpx client for these settings, sync or async.
+
+    ``url`` is one of the settings' servers; the first by default.
+    """
     headers = {"User-Agent": USER_AGENT}
     if settings.api_key:
         # httpx masks Authorization in reprs; the key never goes into a URL.
         headers["Authorization"] = f"Bearer {settings.api_key}"
     return {
-        "base_url": settings.api_url.rstrip("/"),
+        "base_url": (url or settings.api_urls[0]).rstrip("/"),
         "headers": headers,
         "timeout": httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
     }
@@ -229,7 +278,9 @@ def client_options(settings: HttpSettings) -> dict[str, Any]:
 class InferenceHTTP:
     """Sends JSON requests with an adaptive concurrency limit, retries, and typed errors.
 
-    The limit (`concurrency_limit`) starts at 4 and follows the server (see `_limiter`), at most
+    Each server URL of the settings gets its own pool and limit (a `Backend`); each request goes
+    to the least-loaded healthy server, and a retry to another one when there is (see `_balancer`).
+    A limit starts at 4 and follows its server (see `_limiter`), at most
     ``settings.max_concurrency``; with ``adaptive_concurrency=False`` it stays at that cap.
     """
 
@@ -239,31 +290,54 @@ class InferenceHTTP:
         self._thread = threading.Thread(target=self._loop.run_forever, name="prefect-roboflow-http", daemon=True)
         self._thread.start()
         self._random = random.Random()
-        cap = settings.max_concurrency
-        self._limiter = AdaptiveLimiter(cap, floor=1 if settings.adaptive_concurrency else cap)
-        # Built on the engine's loop: the pool belongs to it. The pool is as large as the cap.
-        self._client = self._submit(self._make_client()).result()
+        # Built on the engine's loop: the pools belong to it.
+        self.balancer: Balancer = self._submit(self._make_balancer()).result()
 
-    async def _make_client(self) -> httpx.AsyncClient:
-        cap = self.settings.max_concurrency
-        return httpx.AsyncClient(
-            **client_options(self.settings),
-            limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
+    async def _make_balancer(self) -> Balancer:
+        settings = self.settings
+        cap = settings.max_concurrency
+        backends = [
+            Backend(
+                url,
+                # Each pool is as large as the cap.
+                httpx.AsyncClient(
+                    **client_options(settings, url),
+                    limits=httpx.Limits(max_connections=cap, max_keepalive_connections=cap),
+                ),
+                AdaptiveLimiter(cap, floor=1 if settings.adaptive_concurrency else cap),
+            )
+            for url in settings.api_urls
+        ]
+        return Balancer(
+            backends, self._probe, probe_backoff=settings.retry_backoff, probe_max_backoff=settings.retry_max_backoff
         )
 
     def __reduce__(self) -> tuple[Any, tuple[HttpSettings]]:
         """Pickled as its settings: unpickled, it is the receiving process's own engine."""
         return get_engine, (self.settings,)
 
+    async def _probe(self, backend: Backend) -> bool:
+        """Whether a server taken out of rotation answers ``GET /info`` again."""
+        try:
+            response = await backend.client.get("/info", timeout=self.settings.connect_timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The servers, in the order of the settings' URLs."""
+        return self.balancer.backends
+
     @property
     def concurrency_limit(self) -> int:
-        """How many requests may be in flight to this server now (the adaptive limit)."""
-        return self._limiter.limit
+        """How many requests may be in flight now: the adaptive limits of the servers in rotation, added up."""
+        return sum(b.limiter.limit for b in self.balancer.healthy or self.backends)
 
     @property
     def concurrency_peak(self) -> int:
-        """The highest the limit has been since the engine started."""
-        return self._limiter.peak
+        """The highest limit since the engine started (added up over servers)."""
+        return sum(b.limiter.peak for b in self.backends)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Any:
         # run_coroutine_threadsafe copies the caller's context, so record_responses() sees the calls.
@@ -301,10 +375,12 @@ class InferenceHTTP:
         headers = {"Content-Type": "application/json"} if content is not None else None
         started = time.monotonic()
         attempt = 0
+        failed_on: Backend | None = None
         while True:
             attempt += 1
+            backend = self.balancer.choose(avoid=failed_on)
             try:
-                response = await self._request(method, endpoint, content, headers)
+                response = await self._request(backend, method, endpoint, content, headers)
                 answer = self._parse(endpoint, response)
             except InferenceError as error:
                 failure: InferenceError = error
@@ -317,40 +393,53 @@ class InferenceHTTP:
                 failure = InferenceConnectionError(f"{type(exc).__name__}: {exc}", endpoint=endpoint)
                 failure.__cause__ = exc
             else:
-                info = _response_info(endpoint, response, answer, started, attempt, self._limiter.limit)
-                self._record(info)
+                self.balancer.report(backend, Outcome.ANSWERED)
+                self._record(_response_info(endpoint, response, answer, started, attempt, backend))
                 return answer
+            self.balancer.report(backend, _health(failure))
+            failed_on = backend
             delay = self._retry_delay(failure, attempt, started)
             if delay is None:
-                logger.warning("%s failed after %d attempt(s): %s", endpoint, attempt, failure)
+                logger.warning(
+                    "%s failed after %d attempt(s) (last on %s): %s", endpoint, attempt, backend.label, failure
+                )
                 raise failure
+            if self.balancer.has_alternative(backend):
+                delay = 0.0  # another server takes the retry at once: nothing to wait for
             logger.info(
-                "%s attempt %d failed (%s); retrying in %.2fs (concurrency limit %d)",
+                "%s attempt %d on %s failed (%s); retrying in %.2fs (concurrency limit %d)",
                 endpoint,
                 attempt,
+                backend.label,
                 failure,
                 delay,
-                self._limiter.limit,
+                backend.limiter.limit,
             )
             await asyncio.sleep(delay)
 
     async def _request(
-        self, method: str, endpoint: str, content: bytes | None, headers: dict[str, str] | None
+        self, backend: Backend, method: str, endpoint: str, content: bytes | None, headers: dict[str, str] | None
     ) -> httpx.Response:
-        """One attempt within the concurrency limit, telling the limiter what the server said."""
+        """One attempt on one server within its concurrency limit, telling the limiter what the server said."""
         # Latencies are compared between requests of one kind: same route, payload size within 2x.
         key = (endpoint, len(content or b"").bit_length())
-        before = self._limiter.limit
-        async with self._limiter.slot(key) as slot:
+        limiter = backend.limiter
+        before = limiter.limit
+        async with self.balancer.routed(backend), limiter.slot(key) as slot:
             try:
-                response = await self._client.request(method, endpoint, content=content, headers=headers)
+                response = await backend.client.request(method, endpoint, content=content, headers=headers)
             except httpx.TimeoutException:
                 slot.signal = Signal.OVERLOAD
                 raise
             slot.signal = _load_signal(response.status_code)
-        if self._limiter.limit != before:
+        if limiter.limit != before:
             logger.debug(
-                "concurrency limit %d -> %d (%s %d)", before, self._limiter.limit, endpoint, response.status_code
+                "concurrency limit of %s %d -> %d (%s %d)",
+                backend.label,
+                before,
+                limiter.limit,
+                endpoint,
+                response.status_code,
             )
         return response
 
@@ -401,9 +490,10 @@ class InferenceHTTP:
         for infos in _recorders.get():
             infos.append(info)
         logger.debug(
-            "%s %d engine=%s model=%s server_time=%s processing_time=%s attempts=%d limit=%d%s",
+            "%s %d server=%s engine=%s model=%s server_time=%s processing_time=%s attempts=%d limit=%d%s",
             info.endpoint,
             info.status_code,
+            info.server,
             info.engine,
             info.model_id,
             info.server_time,
@@ -414,11 +504,11 @@ class InferenceHTTP:
         )
 
     def close(self) -> None:
-        """Close the connection pool and stop the engine's thread."""
+        """Close the connection pools, stop the health probes and the engine's thread."""
         if self._loop.is_closed():
             return
         with contextlib.suppress(Exception):
-            self._submit(self._client.aclose()).result(timeout=5)
+            self._submit(self.balancer.aclose()).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeAlias, get_args
 
 from prefect.blocks.core import Block
 from prefect.filesystems import WritableFileSystem
@@ -17,6 +17,7 @@ from prefect.utilities.dispatch import get_registry_for_type
 from prefect_roboflow.blocks import InferenceServer, ModelBlock, OwlV2, model_class
 from prefect_roboflow.blocks._embedding import EmbeddingModel
 from prefect_roboflow.blocks.exceptions import InvalidInputError
+from prefect_roboflow.blocks.server import normalise_api_urls
 
 from ._cache import ContentCache
 from ._storage import _split_url, check_output
@@ -24,6 +25,7 @@ from ._storage import _split_url, check_output
 __all__ = [
     "DEFAULT_SERVER_URL",
     "EmbeddingFamily",
+    "ServerSpec",
     "check_index",
     "is_index",
     "detector_model",
@@ -38,22 +40,46 @@ __all__ = [
 EmbeddingFamily = Literal["clip", "perception_encoder"]
 DEFAULT_SERVER_URL = "http://localhost:9001"
 CacheStorage = str | ContentCache | None
+#: A flow's ``server`` parameter: a saved block name, a URL, a list of URLs, a block, or None.
+ServerSpec: TypeAlias = str | list[str] | InferenceServer | None
 
 
-def resolve_server(server: str | InferenceServer | None) -> InferenceServer:
-    """An `InferenceServer` from a block, a saved block name, or a URL.
+def resolve_server(server: ServerSpec) -> InferenceServer:
+    """An `InferenceServer` from a block, a saved block name, a URL, or a list of URLs.
 
     ``None`` means the ``INFERENCE_SERVER_URL`` environment variable, then
-    ``http://localhost:9001``.
+    ``http://localhost:9001``. A list of URLs names interchangeable servers that share the load
+    (see `InferenceServer`).
+
+    Raises:
+        InvalidInputError: naming ``server``, for a URL or list of URLs that is malformed (empty,
+            a server twice, not http(s), a query string), before any request.
+
+    Examples:
+        ```python
+        resolve_server(["http://gpu-a:9001", "http://gpu-b:9001"]).api_urls
+        # ('http://gpu-a:9001', 'http://gpu-b:9001')
+        resolve_server([])  # InvalidInputError: server: expected at least one server URL, got an empty list
+        ```
     """
     if isinstance(server, InferenceServer):
         return server
     if server is None:
         server = os.environ.get("INFERENCE_SERVER_URL") or DEFAULT_SERVER_URL
-    if "://" in server:
-        return InferenceServer(api_url=server)
+    if not isinstance(server, str) or "://" in server:
+        return InferenceServer(api_url=_server_urls(server))
     name = server.split("/", 1)[1] if server.startswith("roboflow-inference-server/") else server
     return InferenceServer.load(name, _sync=True)  # sync even inside an async flow
+
+
+def _server_urls(server: object) -> str | list[str]:
+    """The checked URL or URLs of a ``server`` parameter (see `normalise_api_urls`)."""
+    if not isinstance(server, (str, list, tuple)) or not all(isinstance(url, str) for url in server):
+        raise InvalidInputError("server", f"expected a URL, a list of URLs or a block, got {server!r:.200}")
+    try:
+        return normalise_api_urls(server)
+    except ValueError as error:
+        raise InvalidInputError("server", str(error)) from None
 
 
 def embedding_model(family: str, version: str | None, server: InferenceServer) -> EmbeddingModel:

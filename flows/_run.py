@@ -20,7 +20,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -67,6 +67,7 @@ class StepStats(StepReport):
     server_seconds: float = 0.0
     concurrency_limit: int = 0  # the server's adaptive limit at the step's last answer
     concurrency_peak: int = 0
+    per_server: Counter[str] = field(default_factory=Counter)  # answers by server base URL
 
     def add(self, report: StepReport) -> None:
         """Fold one batch's report in."""
@@ -79,6 +80,7 @@ class StepStats(StepReport):
         self.requests += len(report.infos)
         self.retries += sum(i.attempts - 1 for i in report.infos)
         self.server_seconds += sum(i.server_time or 0.0 for i in report.infos)
+        self.per_server.update(i.server for i in report.infos)
         if report.infos:
             self.concurrency_limit = report.infos[-1].concurrency_limit
             self.concurrency_peak = max(self.concurrency_peak, *(i.concurrency_limit for i in report.infos))
@@ -93,6 +95,7 @@ class StepStats(StepReport):
             "server_seconds": round(self.server_seconds, 3),
             "wall_seconds": round(self.seconds, 3),
             "concurrency_peak": self.concurrency_peak,
+            "requests_per_server": ", ".join(f"{url}: {n}" for url, n in sorted(self.per_server.items())),
         }
 
 

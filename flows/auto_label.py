@@ -168,7 +168,7 @@ async def auto_label(
     out_dir: str,
     formats: Sequence[str] = EXPORT_FORMATS,
     min_score: float = 0.5,
-    server: str | None = None,
+    server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
     detector_version: str | None = None,

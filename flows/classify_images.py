@@ -33,7 +33,7 @@ async def classify_images(
     images: ImageSource,
     labels: list[str],
     out_dir: str,
-    server: str | None = None,
+    server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
     min_score: float | None = None,

@@ -55,7 +55,7 @@ async def detect_crop_classify(
     examples: list[ExampleSpec],
     labels: list[str],
     out_dir: str,
-    server: str | None = None,
+    server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
     detector_version: str | None = None,

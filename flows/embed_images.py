@@ -28,7 +28,7 @@ class EmbedImagesResult(ImageCounts):
 async def embed_images(
     images: ImageSource,
     out_dir: str,
-    server: str | None = None,
+    server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
     batch_size: int = 64,

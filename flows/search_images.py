@@ -60,7 +60,7 @@ def _looks_like_image(query: str) -> bool:
 
 
 @task(name="embed_query", task_run_name="embed_query[{family} {version}]", cache_policy=NO_CACHE)
-def embed_query(query: str, family: str, version: str, server: str | None) -> np.ndarray:
+def embed_query(query: str, family: str, version: str, server: str | list[str] | None) -> np.ndarray:
     """The query's embedding, with the same model and version as the table."""
     model = embedding_model(family, version, resolve_server(server))
     if _looks_like_image(query):
@@ -73,7 +73,7 @@ async def search_images(
     query: str,
     embeddings_path: str,
     top_k: int = 10,
-    server: str | None = None,
+    server: str | list[str] | None = None,
 ) -> SearchImagesResult:
     """Rank the rows of a table written by `embed_images`, `classify_images` or
     `detect_crop_classify`, or of a vector index they keep (``index_path``), by cosine similarity
@@ -104,7 +104,9 @@ async def search_images(
     return result
 
 
-async def _search_table(query: str, path: str, top_k: int, server: str | None) -> tuple[list[SearchHit], int, str]:
+async def _search_table(
+    query: str, path: str, top_k: int, server: str | list[str] | None
+) -> tuple[list[SearchHit], int, str]:
     """Every ok row of a parquet table scored against the query: the top hits, rows searched, model."""
     table = pq.read_table(path).to_pandas()
     table = table[table["status"] == "ok"].reset_index(drop=True)
@@ -133,7 +135,9 @@ async def _search_table(query: str, path: str, top_k: int, server: str | None) -
     return hits, len(table), f"{family} {version}"
 
 
-async def _search_index(query: str, path: str, top_k: int, server: str | None) -> tuple[list[SearchHit], int, str]:
+async def _search_index(
+    query: str, path: str, top_k: int, server: str | list[str] | None
+) -> tuple[list[SearchHit], int, str]:
     """The index's nearest rows to the query: the top hits, rows searched, model."""
     index = VectorIndex.open(path)
     if not index.rows or index.family is None or index.version is None:
