@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import hypothesis
 import pytest
 
 from prefect_roboflow.blocks import InferenceServer
@@ -23,6 +24,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from support.fault_proxy import FaultProxy  # noqa: E402
 from support.images import make_image  # noqa: E402
+
+# No per-example time limit in the property tests: a wall-clock deadline is a timed assertion, and
+# on a shared 2-core machine a first call that imports supervision takes seconds.
+hypothesis.settings.register_profile("no-deadline", deadline=None)
+hypothesis.settings.load_profile("no-deadline")
 
 SERVER_SCRIPTS = REPO / "deployments" / "inference_server"
 
