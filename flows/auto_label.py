@@ -188,7 +188,7 @@ async def auto_label(
             ``coco/``, ``yolo/``, ``gallery/`` (see `_dataset` for what a reader sees during a rewrite).
         formats: ``"coco"`` and/or ``"yolo"``.
         min_score: Detections whose class probability is below this go to review, unlabelled.
-        server: A saved `InferenceServer` block name or a URL.
+        server: A saved `InferenceServer` block name, a URL, or a list of URLs (several servers).
         model: ``"clip"`` or ``"perception_encoder"`` for the crops and prompts.
         version: Version of that model; detector_version: OWLv2's; their defaults when omitted.
         confidence: OWLv2 score threshold.

@@ -52,7 +52,7 @@ async def classify_images(
         labels: Label prompts, e.g. ``["a photo of a cat", "a photo of a dog"]``.
         out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
             ``block://s3-bucket/<name>/<prefix>``) for the output table.
-        server: A saved `InferenceServer` block name or a URL (default: ``INFERENCE_SERVER_URL``,
+        server: A saved `InferenceServer` block name, a URL or a list of URLs (default: ``INFERENCE_SERVER_URL``,
             then ``http://localhost:9001``).
         model: ``"clip"`` or ``"perception_encoder"``.
         version: Model version; its default when omitted.

@@ -75,7 +75,7 @@ async def detect_crop_classify(
         labels: Label prompts to sort the crops into, e.g. ``["a photo of an apple", ...]``.
         out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
             ``block://s3-bucket/<name>/<prefix>``) for ``detections.parquet`` and ``annotated/``.
-        server: A saved `InferenceServer` block name or a URL; defaults to ``INFERENCE_SERVER_URL``,
+        server: A saved `InferenceServer` block name, a URL or a list of URLs; defaults to ``INFERENCE_SERVER_URL``,
             then ``http://localhost:9001``.
         model: ``"clip"`` or ``"perception_encoder"`` for the crops and labels.
         version: Version of that model; its default when omitted.

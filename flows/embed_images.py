@@ -44,7 +44,7 @@ async def embed_images(
         images: A folder, a glob (``"photos/**/*.jpg"``), or a list of paths and https URLs.
         out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
             ``block://s3-bucket/<name>/<prefix>``) for the output table.
-        server: A saved `InferenceServer` block name, or a URL; defaults to the
+        server: A saved `InferenceServer` block name, a URL, or a list of URLs; defaults to the
             ``INFERENCE_SERVER_URL`` environment variable, then ``http://localhost:9001``.
         model: ``"clip"`` or ``"perception_encoder"``.
         version: Model version; the block's default when omitted.

@@ -88,7 +88,7 @@ async def search_images(
         embeddings_path: A parquet table with ``embedding``, ``model`` and ``version`` columns,
             or a vector index folder (local or object storage).
         top_k: How many hits to return.
-        server: A saved `InferenceServer` block name or a URL (default: ``INFERENCE_SERVER_URL``).
+        server: A saved `InferenceServer` block name, a URL or a list of URLs (default: ``INFERENCE_SERVER_URL``).
     """
     if top_k < 1:
         raise InvalidInputError("top_k", f"must be at least 1, got {top_k}")

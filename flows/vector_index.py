@@ -56,9 +56,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from prefect_roboflow.blocks import Clip, InferenceServer, PerceptionEncoder
+from prefect_roboflow.blocks import Clip, PerceptionEncoder
 from prefect_roboflow.blocks._compat import async_dispatch
 from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+from ._config import ServerSpec, resolve_server
 
 __all__ = [
     "DEFAULT_EXACT_BELOW",
@@ -504,7 +506,7 @@ class VectorIndex:
         query: Any,
         top_k: int = 10,
         *,
-        server: str | InferenceServer | None = None,
+        server: ServerSpec = None,
         nprobe: int | None = None,
     ) -> list[IndexHit]:
         """Async twin of `search`: the query's embedding awaited, the search in a worker thread."""
@@ -522,7 +524,7 @@ class VectorIndex:
         query: Any,
         top_k: int = 10,
         *,
-        server: str | InferenceServer | None = None,
+        server: ServerSpec = None,
         nprobe: int | None = None,
     ) -> list[IndexHit]:
         """The ``top_k`` rows most similar (cosine) to a vector, a text, or an image.
@@ -532,8 +534,8 @@ class VectorIndex:
                 image as bytes, a `pathlib.Path`, or a str path/https URL ending in an image suffix.
                 Texts and images are embedded with the index's model family and version.
             top_k: How many hits (at least 1).
-            server: For text and image queries: an `InferenceServer`, or its URL
-                (default: ``INFERENCE_SERVER_URL``, then ``http://localhost:9001``).
+            server: For text and image queries: an `InferenceServer`, a saved one's name, a URL or
+                a list of URLs (default: ``INFERENCE_SERVER_URL``, then ``http://localhost:9001``).
             nprobe: IVF lists to visit (more: better recall, slower); a size-based default.
 
         Raises:
@@ -607,7 +609,7 @@ class VectorIndex:
         return _normalise(array, "query")
 
     def _query(
-        self, query: Any, server: str | InferenceServer | None
+        self, query: Any, server: ServerSpec
     ) -> tuple[np.ndarray, Clip | PerceptionEncoder | None, Any]:
         """``(vector, None, None)`` for a vector; ``(empty, model, text-or-image)`` to embed — checked first."""
         if self.rows == 0:
@@ -618,7 +620,7 @@ class VectorIndex:
             raise InvalidInputError("query", f"expected a vector, a text or an image, got {type(query).__name__}")
         assert self.family is not None and self.version is not None
         subject = query if isinstance(query, str) and not _looks_like_image(query) else _image_input(query)
-        model = _BLOCKS[self.family](server=_resolve_server(server), version=self.version)
+        model = _BLOCKS[self.family](server=resolve_server(server), version=self.version)
         return np.empty(0, dtype=np.float32), model, subject
 
     def _checked_embedding(self, embedded: np.ndarray) -> np.ndarray:
@@ -729,17 +731,6 @@ def _read_ann(store: _Store, name: str) -> Any:
     if store.remote:
         return faiss.deserialize_index(np.frombuffer(store.read_bytes(name), dtype=np.uint8))
     return faiss.read_index(str(store.local_file(name)))
-
-
-def _resolve_server(server: str | InferenceServer | None) -> InferenceServer:
-    if isinstance(server, InferenceServer):
-        return server
-    if server is not None and not isinstance(server, str):
-        raise InvalidInputError("server", f"expected an InferenceServer or a URL, got {type(server).__name__}")
-    url = server or os.environ.get("INFERENCE_SERVER_URL") or "http://localhost:9001"
-    if "://" in url:
-        return InferenceServer(api_url=url)
-    return InferenceServer.load(url)
 
 
 def _looks_like_image(query: str) -> bool:
