@@ -31,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -231,6 +232,7 @@ async def _manifests(images: ImageSource, out: str, plan: FanOut) -> Any:
     while chunk := await asyncio.to_thread(_take, refs, plan.shard_size):
         shard = Shard(index=index, manifest=join(join(out, SHARDS_FOLDER), f"part-{index:05d}.json"))
         await asyncio.to_thread(write_bytes, shard.manifest, json.dumps(chunk).encode())
+        await asyncio.to_thread(_forget_result, out, index)
         yield shard, len(chunk)
         index += 1
 
@@ -277,6 +279,12 @@ def _write_lost_shard(job: _Job, outcome: _Outcome) -> None:
         sink.write([{"image_ref": ref, "status": "failed", "error": reason} for ref in refs])
     counts = {"images": len(refs), "succeeded": 0, "failed": len(refs)}
     write_bytes(_result_path(job.out, outcome.shard.index), json.dumps(counts).encode())
+
+
+def _forget_result(out: str, index: int) -> None:
+    """Delete the counts an earlier job left for this shard number (a store that cannot delete keeps them)."""
+    with contextlib.suppress(NotImplementedError):
+        delete(_result_path(out, index))
 
 
 def _result_path(out: str, index: int) -> str:
