@@ -27,7 +27,7 @@ from _e2e import PrefectServer, Process, wait_for
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image
 from support.postgres import PostgresCluster, postgres_cluster
-from support.s3 import REGION, MotoServer, aws_env
+from support.s3 import REGION, MotoServer, aws_env, saved_bucket_block
 
 pytestmark = pytest.mark.slow
 
@@ -99,20 +99,13 @@ def _bucket_client(endpoint: str) -> Any:
     )
 
 
-def _save_blocks(prefect: PrefectServer, env: dict[str, str]) -> None:
+def _save_blocks(prefect: PrefectServer, endpoint: str) -> None:
     """S3Bucket blocks for the shared content caches, saved on the PostgreSQL-backed server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect_aws import AwsCredentials, S3Bucket
 
     with temporary_settings({PREFECT_API_URL: prefect.api.url}):
         for name, folder in (("roboflow-cache", "cache"), ("overlap-cache", "overlap-cache")):
-            credentials = AwsCredentials(
-                aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                region_name=REGION,
-                aws_client_parameters={"endpoint_url": env["AWS_ENDPOINT_URL"]},
-            )
-            S3Bucket(bucket_name="results", bucket_folder=folder, credentials=credentials).save(name, overwrite=True)
+            saved_bucket_block(endpoint, "results", folder=folder, name=name)
 
 
 def _deploy(prefect: PrefectServer, root: Path) -> str:
@@ -161,7 +154,7 @@ def _cluster(root: Path, database: PostgresCluster, proxy: FaultProxy) -> Iterat
         for i in range(IMAGES):
             s3.put_object(Bucket="photos", Key=f"job/photo_{i:04d}.png", Body=make_image(20_000 + i, (96, 72)))
         env = prefect.env(**aws_env(moto.endpoint, root))
-        _save_blocks(prefect, env)
+        _save_blocks(prefect, moto.endpoint)
         deployment_id = _deploy(prefect, root)
         worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
         worker_env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the workers log each run they submit

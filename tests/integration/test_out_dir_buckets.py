@@ -22,7 +22,7 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from support.fault_proxy import FaultProxy
 from support.images import make_scene
-from support.s3 import ACCESS_KEY, REGION, MotoBucket, s3, s3_server  # noqa: F401
+from support.s3 import ACCESS_KEY, MotoBucket, s3, s3_server, saved_bucket_block  # noqa: F401
 
 from prefect_roboflow.blocks import InvalidInputError
 from prefect_roboflow.flows import (
@@ -50,17 +50,7 @@ def _upload(s3: MotoBucket) -> list[str]:  # noqa: F811
 
 def _block(s3: MotoBucket, secret: str, folder: str = "") -> str:  # noqa: F811
     """A saved S3Bucket block that carries its own credentials and endpoint; its name."""
-    from prefect_aws import AwsCredentials, S3Bucket
-
-    credentials = AwsCredentials(
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=secret,
-        region_name=REGION,
-        aws_client_parameters={"endpoint_url": s3.endpoint},
-    )
-    name = f"out-{secrets.token_hex(4)}"
-    S3Bucket(bucket_name=s3.bucket, credentials=credentials, bucket_folder=folder).save(name, overwrite=True)
-    return name
+    return str(saved_bucket_block(s3.endpoint, s3.bucket, folder=folder, secret=secret)._block_document_name)
 
 
 def _table(s3: MotoBucket, key: str) -> pd.DataFrame:  # noqa: F811

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from support.images import make_image
-from support.s3 import ACCESS_KEY, REGION, MotoBucket, s3, s3_server  # noqa: F401
+from support.s3 import SECRET_KEY, MotoBucket, s3, s3_server, saved_bucket_block  # noqa: F401
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 from prefect_roboflow.flows import _storage
@@ -130,18 +130,8 @@ def test_a_key_deleted_after_listing_fails_that_item_only(s3: MotoBucket) -> Non
     assert read_bytes(refs[1]) == PNG
 
 
-def _saved_bucket_block(s3: MotoBucket, folder: str, secret: str = "testing-secret-key") -> Any:  # noqa: F811
-    from prefect_aws import AwsCredentials, S3Bucket
-
-    credentials = AwsCredentials(
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=secret,
-        region_name=REGION,
-        aws_client_parameters={"endpoint_url": s3.endpoint},
-    )
-    block = S3Bucket(bucket_name=s3.bucket, credentials=credentials, bucket_folder=folder)
-    block.save(f"photos-{secrets.token_hex(4)}", overwrite=True)
-    return block
+def _saved_bucket_block(s3: MotoBucket, folder: str, secret: str = SECRET_KEY) -> Any:  # noqa: F811
+    return saved_bucket_block(s3.endpoint, s3.bucket, folder=folder, secret=secret)
 
 
 def test_a_saved_s3_bucket_block_plus_a_path(s3: MotoBucket, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811

@@ -108,6 +108,25 @@ def aws_env(endpoint: str, tmp: Path) -> dict[str, str]:
     }
 
 
+def saved_bucket_block(
+    endpoint: str, bucket: str, *, folder: str = "", secret: str = SECRET_KEY, name: str | None = None
+) -> Any:
+    """A prefect-aws ``S3Bucket`` block on the test server that carries its own credentials and
+    endpoint (no AWS environment needed), saved to the current Prefect API under ``name`` (or a new
+    name: ``block._block_document_name``)."""
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    credentials = AwsCredentials(
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=secret,
+        region_name=REGION,
+        aws_client_parameters={"endpoint_url": endpoint},
+    )
+    block = S3Bucket(bucket_name=bucket, credentials=credentials, bucket_folder=folder)
+    block.save(name or f"bucket-{secrets.token_hex(4)}", overwrite=True)
+    return block
+
+
 _UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
 
 
