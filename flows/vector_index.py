@@ -608,9 +608,7 @@ class VectorIndex:
             )
         return _normalise(array, "query")
 
-    def _query(
-        self, query: Any, server: ServerSpec
-    ) -> tuple[np.ndarray, Clip | PerceptionEncoder | None, Any]:
+    def _query(self, query: Any, server: ServerSpec) -> tuple[np.ndarray, Clip | PerceptionEncoder | None, Any]:
         """``(vector, None, None)`` for a vector; ``(empty, model, text-or-image)`` to embed — checked first."""
         if self.rows == 0:
             raise InvalidInputError("query", f"the index at {self.path} is empty")
