@@ -174,8 +174,15 @@ async def fan_out(
         InvalidInputError: naming ``fan_out``, when there is no deployment to run the shards on.
     """
     job = _Job(await _deployment(plan), _shard_parameters(), out, stem, schema, plan.retries)
-    shards = [asyncio.create_task(_run(job, shard, refs)) async for shard, refs in _manifests(images, out, plan)]
-    outcomes = list(await asyncio.gather(*shards))
+    shards: list[asyncio.Task[_Outcome]] = []
+    try:
+        async for shard, refs in _manifests(images, out, plan):  # each shard starts once its manifest is up
+            shards.append(asyncio.create_task(_run(job, shard, refs)))
+        outcomes = list(await asyncio.gather(*shards))
+    except BaseException:
+        for task in shards:  # stop waiting on the others; their sub-runs finish on their workers
+            task.cancel()
+        raise
     table = join(out, stem)
     _remove_stale_parts(table, len(outcomes))
     rows = [o.row() for o in outcomes]
