@@ -20,7 +20,8 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.server import normalise_api_urls
 
 from ._cache import ContentCache
-from ._storage import _split_url, check_output
+from ._locate import split_url
+from ._storage import check_output
 
 __all__ = [
     "DEFAULT_SERVER_URL",
@@ -199,7 +200,7 @@ def resolve_out_dir(out_dir: str | os.PathLike[str]) -> str:
         ```
     """
     location = os.fspath(out_dir)
-    scheme, rest = _split_url(location)
+    scheme, rest = split_url(location)
     if scheme == "file":
         host, _, path = rest.partition("/")
         if host not in {"", "localhost"}:

@@ -22,16 +22,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ._storage import (
-    LIST_PAGE_SIZE,
-    AtomicParquetWriter,
-    _LocalReplace,
-    _locate,
-    _output_error,
-    _Store,
-    is_remote,
-    write_bytes,
-)
+from ._locate import locate
+from ._storage import LIST_PAGE_SIZE, AtomicParquetWriter, is_remote, write_bytes
+from ._stores import LocalReplace, Store, output_error
 
 __all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type", "publish_folder", "show_location", "write_output"]
 
@@ -41,7 +34,7 @@ UPLOAD_CONCURRENCY = 8
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old file or the whole new one."""
-    with _LocalReplace(path) as (handle, _):
+    with LocalReplace(path) as (handle, _):
         handle.write(data)
 
 
@@ -81,7 +74,7 @@ def publish_folder(folder: Path, url: str, index: Sequence[str] = ()) -> int:
         InvalidInputError: naming ``out_dir``, when the store refuses a write.
     """
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    store, base = _locate(url.rstrip("/") + "/", "out_dir")
+    store, base = locate(url.rstrip("/") + "/", "out_dir")
     last = [name for name in files if name in index]
     first = [name for name in files if name not in index]
 
@@ -95,7 +88,7 @@ def publish_folder(folder: Path, url: str, index: Sequence[str] = ()) -> int:
         for name in last:
             upload(name)
     except Exception as exc:
-        error = _output_error(store, url, "out_dir", exc)
+        error = output_error(store, url, "out_dir", exc)
         if error is None:
             raise
         raise error from None
@@ -103,7 +96,7 @@ def publish_folder(folder: Path, url: str, index: Sequence[str] = ()) -> int:
     return len(files)
 
 
-def _delete_stale(store: _Store, base: str, keep: set[str]) -> None:
+def _delete_stale(store: Store, base: str, keep: set[str]) -> None:
     """Delete objects under ``base`` that are not in ``keep`` (nothing where the store cannot list)."""
     try:
         listed = list(store.list(base, recursive=True, page_size=LIST_PAGE_SIZE))

@@ -27,7 +27,8 @@ failed row; a single source string is checked (a missing object or bucket is an 
 references pass through unchanged (downloaded elsewhere). Order is stable: full-path
 (key) order, as S3 lists. Outputs (`write_bytes`, `AtomicParquetWriter`) appear whole or not at
 all: a local temp file renamed into place (mode from the umask), one S3 PUT or completed multipart
-upload, one object upload elsewhere.
+upload, one object upload elsewhere. The storage systems are in `_stores`; which one holds a reference,
+in `_locate`.
 
 Examples:
     ```python
@@ -41,16 +42,16 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
-import shutil
 import tempfile
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
+
+from ._locate import BLOCK_SCHEME, MAGIC, locate, split_url
+from ._stores import LocalReplace, LocalStore, S3Store, Store, output_error, s3_code
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -75,374 +76,10 @@ __all__ = [
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: Keys per S3 listing request (the S3 maximum).
 LIST_PAGE_SIZE = 1000
-BLOCK_SCHEME = "block"
 _PASSTHROUGH = frozenset({"http", "https"})
-_MAGIC = re.compile(r"[*?\[]")
-_SLUG = re.compile(r"[a-z0-9-]+")
 
 
-# --- stores: one storage system each, addressed by paths relative to a base -------------------
-
-
-class _Store:
-    """A storage system. ``rel`` paths are '/'-separated; a folder's ends with '/' ('' is the root)."""
-
-    def __init__(self, ref_base: str) -> None:
-        self.ref_base = ref_base
-
-    def ref(self, rel: str) -> str:
-        return self.ref_base + rel
-
-    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
-        raise NotImplementedError(f"{self.ref_base} cannot list files: name the files")
-
-    def kind(self, rel: str) -> str:
-        """``"file"``, ``"dir"`` or ``"missing"``."""
-        return "file"
-
-    def read(self, rel: str) -> bytes:
-        raise NotImplementedError
-
-    def write(self, rel: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def upload(self, rel: str, file: IO[bytes]) -> None:
-        self.write(rel, file.read())
-
-    def delete(self, rel: str) -> None:
-        """Remove a file; a missing one is no error."""
-        raise NotImplementedError(f"{self.ref_base} cannot delete files")
-
-    def explain(self, exc: BaseException) -> str | None:
-        """Why an operation failed, for a user (no secrets); None for errors that are bugs."""
-        if isinstance(exc, NotImplementedError | OSError):
-            return str(exc) if isinstance(exc, NotImplementedError) else f"{type(exc).__name__}: {exc}"
-        return None
-
-
-def _walk(entries: Callable[[str], Iterable[tuple[str, bool]]], folder: str, recursive: bool) -> Iterator[str]:
-    """Files under ``folder`` in full-path order, one directory listed at a time."""
-    for path, is_dir in sorted(entries(folder), key=lambda entry: entry[0] + "/" * entry[1]):
-        if not is_dir:
-            yield path
-        elif recursive:
-            yield from _walk(entries, path + "/", recursive)
-
-
-class _LocalStore(_Store):
-    def __init__(self, ref_base: str = "", base: str = "") -> None:
-        super().__init__(ref_base)
-        self.base = base
-
-    def _entries(self, folder: str) -> Iterator[tuple[str, bool]]:
-        with os.scandir(self.base + folder or ".") as scan:
-            for entry in scan:
-                yield folder + entry.name, entry.is_dir()
-
-    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
-        return _walk(self._entries, folder, recursive)
-
-    def kind(self, rel: str) -> str:
-        path = self.base + rel
-        return "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else "missing"
-
-    def read(self, rel: str) -> bytes:
-        return Path(self.base + rel).read_bytes()
-
-    def write(self, rel: str, data: bytes) -> None:
-        with _LocalReplace(Path(self.base + rel)) as (file, _):
-            file.write(data)
-
-    def upload(self, rel: str, file: IO[bytes]) -> None:
-        with _LocalReplace(Path(self.base + rel)) as (out, _):
-            shutil.copyfileobj(file, out)
-
-    def delete(self, rel: str) -> None:
-        Path(self.base + rel).unlink(missing_ok=True)
-
-
-class _LocalReplace:
-    """A new file beside ``path``, created with the umask's mode, renamed onto ``path`` on success."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
-
-    def __enter__(self) -> tuple[IO[bytes], Path]:
-        return self.file, self.tmp
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-class _S3Store(_Store):
-    def __init__(self, client: Any, bucket: str, ref_base: str, base: str = "") -> None:
-        super().__init__(ref_base)
-        self.client, self.bucket, self.base = client, bucket, base
-
-    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket,
-            Prefix=self.base + folder,
-            Delimiter="" if recursive else "/",
-            PaginationConfig={"PageSize": page_size},
-        )
-        for page in pages:  # each page is requested only when the previous one is used up
-            for item in page.get("Contents", ()):
-                if not item["Key"].endswith("/"):
-                    yield item["Key"][len(self.base) :]
-
-    def kind(self, rel: str) -> str:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.base + rel)
-            return "file"
-        except ClientError as exc:
-            if _s3_code(exc) not in {"404", "NoSuchKey", "NotFound"}:
-                raise
-        page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.base}{rel}/", MaxKeys=1)
-        return "dir" if page.get("KeyCount", 0) else "missing"
-
-    def read(self, rel: str) -> bytes:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.base + rel)["Body"].read()
-        except ClientError as exc:
-            if _s3_code(exc) in {"404", "NoSuchKey"}:
-                raise FileNotFoundError(self.ref(rel)) from None
-            raise
-
-    def write(self, rel: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.base + rel, Body=data)  # one PUT: atomic
-
-    def upload(self, rel: str, file: IO[bytes]) -> None:
-        # A single PUT, or a multipart upload that readers see only once it is completed (and that
-        # boto3 aborts when a part fails).
-        self.client.upload_fileobj(file, self.bucket, self.base + rel)
-
-    def delete(self, rel: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self.base + rel)
-
-    def explain(self, exc: BaseException) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
-
-        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return (
-                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
-                "or give an AwsCredentials or S3Bucket block"
-            )
-        if isinstance(exc, ClientError):
-            return _S3_REASONS.get(_s3_code(exc), "S3 answered {code}").format(bucket=self.bucket, code=_s3_code(exc))
-        if isinstance(exc, BotoCoreError):
-            return f"S3 request failed: {type(exc).__name__}: {exc}"
-        return super().explain(exc)
-
-
-_S3_REASONS = {
-    "NoSuchBucket": "bucket {bucket!r} does not exist",
-    "AccessDenied": "access denied to bucket {bucket!r}",
-    "403": "access denied to bucket {bucket!r}",
-    "AllAccessDisabled": "access denied to bucket {bucket!r}",
-    "InvalidAccessKeyId": "the storage rejected the credentials ({code})",
-    "SignatureDoesNotMatch": "the storage rejected the credentials ({code})",
-    "ExpiredToken": "the storage rejected the credentials ({code})",
-    "InvalidBucketName": "{bucket!r} is not a valid bucket name",
-}
-
-
-def _s3_code(exc: Any) -> str:
-    response = getattr(exc, "response", None)
-    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-
-
-class _FsspecStore(_Store):
-    def __init__(self, fs: Any, ref_base: str, base: str = "") -> None:
-        super().__init__(ref_base)
-        self.fs, self.base = fs, base
-
-    def _entries(self, folder: str) -> Iterator[tuple[str, bool]]:
-        for info in self.fs.ls((self.base + folder).rstrip("/") or "/", detail=True):
-            name = info["name"].rstrip("/")
-            yield name[len(self.base) :], info["type"] == "directory"
-
-    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
-        return _walk(self._entries, folder, recursive)
-
-    def kind(self, rel: str) -> str:
-        path = self.base + rel
-        return "dir" if self.fs.isdir(path) else "file" if self.fs.isfile(path) else "missing"
-
-    def read(self, rel: str) -> bytes:
-        return bytes(self.fs.cat_file(self.base + rel))
-
-    def write(self, rel: str, data: bytes) -> None:
-        self.fs.pipe_file(self.base + rel, data)
-
-    def upload(self, rel: str, file: IO[bytes]) -> None:
-        with self.fs.open(self.base + rel, "wb") as out:  # object stores publish the object on close
-            shutil.copyfileobj(file, out)
-
-    def delete(self, rel: str) -> None:
-        if self.fs.exists(self.base + rel):
-            self.fs.rm_file(self.base + rel)
-
-
-class _BlockStore(_Store):
-    """Any other Prefect file-system block: read and write through it; it cannot list."""
-
-    def __init__(self, block: Any, ref_base: str) -> None:
-        super().__init__(ref_base)
-        self.block = block
-
-    def read(self, rel: str) -> bytes:
-        return bytes(_resolved(self.block.read_path(rel)))
-
-    def write(self, rel: str, data: bytes) -> None:
-        _resolved(self.block.write_path(rel, data))
-
-
-def _resolved(value: Any) -> Any:
-    import inspect
-
-    if inspect.iscoroutine(value):
-        from prefect.utilities.asyncutils import run_coro_as_sync
-
-        return run_coro_as_sync(value)
-    return value
-
-
-# --- clients, per process -------------------------------------------------------------------------
-
-_LOCK = threading.Lock()
-_CLIENTS: dict[tuple[Any, ...], Any] = {}
-#: Environment that selects the S3 client's configuration (the secret key is not part of the key).
-_AWS_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-)
-
-
-def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
-    """One object per process and key: clients are made afresh in each task process."""
-    key = (os.getpid(), *key)
-    with _LOCK:
-        if key not in _CLIENTS:
-            _CLIENTS[key] = make()
-        return _CLIENTS[key]
-
-
-def _s3_client(credentials: Any, field: str) -> Any:
-    if credentials is not None:
-        return credentials.get_s3_client()  # prefect-aws caches it per process and block
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise InvalidInputError(field, "s3:// needs the s3 extra: pip install 'prefect-roboflow[s3]'") from None
-    config = Config(
-        connect_timeout=10, read_timeout=60, retries={"mode": "standard", "max_attempts": 4}, max_pool_connections=16
-    )
-    env = tuple(os.environ.get(name) for name in _AWS_ENV)
-    return _cached(("s3", env), lambda: boto3.session.Session().client("s3", config=config))
-
-
-def _load_block(slug: str, name: str, field: str) -> Any:
-    from prefect.blocks.core import Block
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        return _cached(("block", slug, name), lambda: Block.load(f"{slug}/{name}", _sync=True))  # type: ignore[call-arg]
-    except (ObjectNotFound, ValueError, KeyError):
-        raise InvalidInputError(field, f"no saved block {slug}/{name}") from None
-
-
-# --- parsing --------------------------------------------------------------------------------------
-
-
-def _split_url(ref: str) -> tuple[str, str]:
-    """``(scheme, rest)`` of ``scheme://rest``; ``("", ref)`` for a local path."""
-    scheme, sep, rest = ref.partition("://")
-    return (scheme.lower(), rest) if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) else ("", ref)
-
-
-def _reject_userinfo(scheme: str, rest: str, field: str) -> None:
-    authority = rest.split("/", 1)[0]
-    userinfo = authority.rpartition("@")[0]
-    if userinfo and (scheme in {"s3", "s3a"} or ":" in userinfo):
-        raise InvalidInputError(
-            field, f"credentials in a {scheme}:// URL are not accepted: use the store's configuration or a block"
-        )
-
-
-def _locate(ref: str, field: str, credentials: Any = None) -> tuple[_Store, str]:
-    """The store holding ``ref`` and the path of ``ref`` in it."""
-    scheme, rest = _split_url(ref)
-    if not scheme:
-        return _LocalStore(), ref
-    _reject_userinfo(scheme, rest, field)
-    if scheme == "file":
-        host, _, path = rest.partition("/")
-        if host not in {"", "localhost"}:
-            raise InvalidInputError(field, f"file:// URLs name this machine, not {host!r}")
-        return _LocalStore(ref_base=f"file://{host}"), "/" + path
-    if scheme in {"s3", "s3a"}:
-        bucket, _, key = rest.partition("/")
-        if not bucket or _MAGIC.search(bucket):
-            raise InvalidInputError(field, f"{scheme}:// URLs need a bucket name without wildcards")
-        return _S3Store(_s3_client(credentials, field), bucket, f"{scheme}://{bucket}/"), key
-    if scheme == BLOCK_SCHEME:
-        return _locate_block(rest, field)
-    return _fsspec_store(scheme, ref, field)
-
-
-def _fsspec_store(scheme: str, ref: str, field: str) -> tuple[_Store, str]:
-    import fsspec
-    from fsspec.registry import known_implementations, registry
-
-    if scheme not in known_implementations and scheme not in registry:
-        raise InvalidInputError(field, f"unknown URL scheme {scheme!r}")
-    try:
-        fs = fsspec.filesystem(scheme)
-    except ImportError:
-        hint = known_implementations.get(scheme, {}).get("err", "its fsspec backend is not installed")
-        raise InvalidInputError(field, f"{scheme}:// is not available here: {hint}") from None
-    rel = fs._strip_protocol(ref)
-    rel = rel + "/" if ref.endswith("/") and not rel.endswith("/") else rel
-    return _FsspecStore(fs, f"{scheme}://"), rel
-
-
-def _locate_block(rest: str, field: str) -> tuple[_Store, str]:
-    slug, _, tail = rest.partition("/")
-    name, _, rel = tail.partition("/")
-    if not (_SLUG.fullmatch(slug) and _SLUG.fullmatch(name)):
-        raise InvalidInputError(field, "expected block://<block-type-slug>/<block-name>/<path>")
-    block = _load_block(slug, name, field)
-    ref_base = f"{BLOCK_SCHEME}://{slug}/{name}/"
-    if slug == "s3-bucket":
-        folder = (block.bucket_folder or "").strip("/")
-        client = block.credentials.get_s3_client()
-        return _S3Store(client, block.bucket_name, ref_base, folder + "/" if folder else ""), rel
-    if slug == "local-file-system":
-        base = str(Path(block.basepath or ".").expanduser()) + "/"
-        return _LocalStore(ref_base, base), rel
-    if slug == "remote-file-system":
-        fs = block.filesystem
-        return _FsspecStore(fs, ref_base, fs._strip_protocol(block.basepath).rstrip("/") + "/"), rel
-    return _BlockStore(block, ref_base), rel
+# --- sources --------------------------------------------------------------------------------------
 
 
 def block_source(block: Any, path: str = "", field: str = "images") -> str:
@@ -459,15 +96,12 @@ def block_source(block: Any, path: str = "", field: str = "images") -> str:
     return f"{BLOCK_SCHEME}://{block.get_block_type_slug()}/{name}/{path.lstrip('/')}"
 
 
-# --- sources --------------------------------------------------------------------------------------
-
-
 def _expand(ref: str, field: str, credentials: Any, probe: bool, page_size: int) -> Iterator[str]:
     """The references one source string names (the string itself for a plain file)."""
-    store, rel = _locate(ref, field, credentials)
-    remote = bool(_split_url(ref)[0])
+    store, rel = locate(ref, field, credentials)
+    remote = bool(split_url(ref)[0])
     try:
-        magic = _MAGIC.search(rel)
+        magic = MAGIC.search(rel)
         if magic:
             yield from _expand_glob(store, rel, magic.start(), field, page_size)
             return
@@ -491,7 +125,7 @@ def _expand(ref: str, field: str, credentials: Any, probe: bool, page_size: int)
         raise InvalidInputError(field, f"{reason} (listing {ref})") from None
 
 
-def _expand_glob(store: _Store, rel: str, first_magic: int, field: str, page_size: int) -> Iterator[str]:
+def _expand_glob(store: Store, rel: str, first_magic: int, field: str, page_size: int) -> Iterator[str]:
     from fsspec.utils import glob_translate
 
     folder = rel[: rel.rfind("/", 0, first_magic) + 1]
@@ -545,7 +179,7 @@ def iter_refs(
         if not isinstance(ref, str | os.PathLike):
             raise InvalidInputError(name, f"expected paths or URLs as strings, got {type(ref).__name__}")
         ref = os.fspath(ref)
-        if _split_url(ref)[0] in _PASSTHROUGH:
+        if split_url(ref)[0] in _PASSTHROUGH:
             found = True
             yield ref
             continue
@@ -577,9 +211,9 @@ def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> by
         read_bytes("s3://photos/2024/a.jpg")[:3]  # b'\\xff\\xd8\\xff'
         ```
     """
-    if _split_url(ref)[0] in _PASSTHROUGH:
+    if split_url(ref)[0] in _PASSTHROUGH:
         raise ValueError(f"{ref} is downloaded over HTTP, not read from storage")
-    store, rel = _locate(ref, field, credentials)
+    store, rel = locate(ref, field, credentials)
     try:
         return store.read(rel)
     except FileNotFoundError:
@@ -593,7 +227,7 @@ def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> by
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
     """Whether an output location is an object store or block (else a local folder)."""
-    scheme = _split_url(os.fspath(location))[0]
+    scheme = split_url(os.fspath(location))[0]
     return bool(scheme) and scheme != "file"
 
 
@@ -603,18 +237,13 @@ def join(location: str | os.PathLike[str], name: str) -> str:
     return f"{location.rstrip('/')}/{name}" if location else name
 
 
-def _output_error(store: _Store, url: str, field: str, exc: Exception) -> InvalidInputError | None:
-    reason = store.explain(exc)
-    return None if reason is None else InvalidInputError(field, f"cannot write {url}: {reason}")
-
-
 def write_bytes(url: str, data: bytes, *, credentials: Any = None, field: str = "out_dir") -> None:
     """Write one whole object or file: readers see the old one or the new one, never a part."""
-    store, rel = _locate(url, field, credentials)
+    store, rel = locate(url, field, credentials)
     try:
         store.write(rel, data)
     except Exception as exc:
-        error = _output_error(store, url, field, exc)
+        error = output_error(store, url, field, exc)
         if error is None:
             raise
         raise error from None
@@ -623,8 +252,8 @@ def write_bytes(url: str, data: bytes, *, credentials: Any = None, field: str = 
 def list_files(location: str | os.PathLike[str], *, field: str = "out_dir") -> Iterator[str]:
     """The files directly in a folder or prefix, as full references, in name order (lazily)."""
     folder = os.fspath(location).rstrip("/") + "/"
-    store, rel = _locate(folder, field)
-    if store.kind(rel.rstrip("/")) == "missing" and not isinstance(store, _S3Store):
+    store, rel = locate(folder, field)
+    if store.kind(rel.rstrip("/")) == "missing" and not isinstance(store, S3Store):
         return
     for path in store.list(rel, recursive=False, page_size=LIST_PAGE_SIZE):
         yield store.ref(path)
@@ -632,7 +261,7 @@ def list_files(location: str | os.PathLike[str], *, field: str = "out_dir") -> I
 
 def delete(url: str, *, field: str = "out_dir") -> None:
     """Remove one file or object; a missing one is no error."""
-    store, rel = _locate(url, field)
+    store, rel = locate(url, field)
     store.delete(rel)
 
 
@@ -642,16 +271,16 @@ def check_output(location: str | os.PathLike[str], *, credentials: Any = None, f
     Local folders are created; S3 buckets are checked with one HEAD request.
     """
     location = os.fspath(location)
-    store, rel = _locate(location, field, credentials)
+    store, rel = locate(location, field, credentials)
     try:
-        if isinstance(store, _S3Store):
+        if isinstance(store, S3Store):
             store.client.head_bucket(Bucket=store.bucket)
-        elif isinstance(store, _LocalStore):
+        elif isinstance(store, LocalStore):
             Path(store.base + rel).mkdir(parents=True, exist_ok=True)
     except Exception as exc:
-        if isinstance(store, _S3Store) and _s3_code(exc) in {"404", "NoSuchBucket"}:  # HEAD has no error code
+        if isinstance(store, S3Store) and s3_code(exc) in {"404", "NoSuchBucket"}:  # HEAD has no error code
             raise InvalidInputError(field, f"bucket {store.bucket!r} does not exist") from None
-        error = _output_error(store, location, field, exc)
+        error = output_error(store, location, field, exc)
         if error is None:
             raise
         raise error from None
@@ -681,10 +310,10 @@ class AtomicParquetWriter:
         import pyarrow.parquet as pq
 
         self.url, self.schema, self.field, self.rows = os.fspath(url), schema, field, 0
-        self._store, self._rel = _locate(self.url, field, credentials)
-        self._local: _LocalReplace | None = None
-        if isinstance(self._store, _LocalStore):
-            self._local = _LocalReplace(Path(self._store.base + self._rel))
+        self._store, self._rel = locate(self.url, field, credentials)
+        self._local: LocalReplace | None = None
+        if isinstance(self._store, LocalStore):
+            self._local = LocalReplace(Path(self._store.base + self._rel))
             self._file: IO[bytes] = self._local.file
         else:
             self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by commit or abort
@@ -711,7 +340,7 @@ class AtomicParquetWriter:
             self._file.seek(0)
             self._store.upload(self._rel, self._file)
         except Exception as exc:
-            error = _output_error(self._store, self.url, self.field, exc)
+            error = output_error(self._store, self.url, self.field, exc)
             if error is None:
                 raise
             raise error from None

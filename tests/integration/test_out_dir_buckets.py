@@ -26,7 +26,9 @@ from support.s3 import ACCESS_KEY, MotoBucket, s3, s3_server, saved_bucket_block
 
 from prefect_roboflow.blocks import InvalidInputError
 from prefect_roboflow.flows import (
+    _locate,
     _storage,
+    _stores,
     auto_label,
     classify_images,
     detect_crop_classify,
@@ -151,12 +153,12 @@ def test_every_flow_writes_into_a_bucket_by_url_and_by_block(
     # given secret keys that moto accepts, in the environment and in saved blocks, and scenes in the bucket
     sentinel = f"SENTINEL{secrets.token_hex(8)}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", sentinel)
-    _storage._CLIENTS.clear()
+    _locate._CLIENTS.clear()
     keys = _upload(s3)
     cache = str(tmp_path / "cache")
     caplog.set_level(logging.DEBUG)
     reads: Counter[str] = Counter()
-    client = _storage._s3_client(None, "images")
+    client = _locate._s3_client(None, "images")
     read = "before-parameter-build.s3.GetObject"
     client.meta.events.register(read, lambda params, **_: reads.update([params["Key"]]))
 
@@ -321,14 +323,14 @@ def test_auto_label_publishes_each_dataset_index_last(
     old_coco = _objects(s3, "run/coco/")
 
     # when a rerun over three of them dies while publishing the COCO index
-    upload = _storage._S3Store.upload
+    upload = _stores.S3Store.upload
 
     def crash_on_index(self: Any, rel: str, file: Any) -> None:
         if rel.endswith("coco/annotations.json"):
             raise RuntimeError("crashed while publishing")
         upload(self, rel, file)
 
-    monkeypatch.setattr(_storage._S3Store, "upload", crash_on_index)
+    monkeypatch.setattr(_stores.S3Store, "upload", crash_on_index)
     fewer = [f"{s3.url}{k}" for k in keys[:3]]
     with pytest.raises(RuntimeError, match="crashed"):
         auto_label(fewer, examples, CLASSES, out, **kwargs)
@@ -338,7 +340,7 @@ def test_auto_label_publishes_each_dataset_index_last(
     assert len(sv.DetectionDataset.from_coco(str(local / "images"), str(local / "annotations.json"))) == 5
 
     # and a finished rerun replaces the index and removes the images it no longer names
-    monkeypatch.setattr(_storage._S3Store, "upload", upload)
+    monkeypatch.setattr(_stores.S3Store, "upload", upload)
     auto_label(fewer, examples, CLASSES, out, **kwargs)
     for fmt in ("coco", "yolo"):
         assert len(s3.keys(f"run/{fmt}/images/")) == 3

@@ -1,7 +1,8 @@
-"""Object storage in and out (flows/_storage.py) against a real S3-compatible server (moto) on loopback.
+"""Object storage in and out (flows/_storage.py, _locate.py, _stores.py) against moto on loopback.
 
-Sources are listed lazily (one page of keys at a time), read in whichever process runs the task,
-written whole; bad sources are typed errors naming the parameter; credentials never show.
+moto is a real S3-compatible server. Sources are listed lazily (one page of keys at a time), read in
+whichever process runs the task, written whole; bad sources are typed errors naming the parameter;
+credentials never show.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from support.images import make_image
 from support.s3 import SECRET_KEY, MotoBucket, s3, s3_server, saved_bucket_block  # noqa: F401
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
-from prefect_roboflow.flows import _storage
+from prefect_roboflow.flows import _locate
 from prefect_roboflow.flows._storage import (
     AtomicParquetWriter,
     block_source,
@@ -84,7 +85,7 @@ def test_listing_streams_pages_instead_of_listing_everything_first(s3: MotoBucke
     # given 2,500 keys, listed 100 per request
     s3.put_many((f"many/{i:05d}.jpg", b"x") for i in range(2500))
     calls: list[str] = []
-    client = _storage._s3_client(None, "images")
+    client = _locate._s3_client(None, "images")
     client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: calls.append("list"))
     refs = iter_refs(f"s3://{s3.bucket}/many/", page_size=100)
     # when the first reference is taken, one page has been requested
@@ -197,7 +198,7 @@ def test_a_large_parquet_table_goes_up_as_one_multipart_object(s3: MotoBucket) -
     schema = pa.schema([("blob", pa.binary())])
     url = f"s3://{s3.bucket}/out/big.parquet"
     parts: list[str] = []
-    client = _storage._s3_client(None, "out_dir")
+    client = _locate._s3_client(None, "out_dir")
     client.meta.events.register("before-call.s3.UploadPart", lambda **_: parts.append("part"))
     with AtomicParquetWriter(url, schema) as sink:
         sink.write([{"blob": os.urandom(1 << 20)} for _ in range(12)])
@@ -303,7 +304,7 @@ def test_credentials_never_appear_in_logs_references_or_errors(
     # given secret keys that moto accepts, in the environment and in a saved block
     sentinel = f"SENTINEL{secrets.token_hex(8)}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", sentinel)
-    _storage._CLIENTS.clear()
+    _locate._CLIENTS.clear()
     _tree(s3)
     block = _saved_bucket_block(s3, "photos", secret=sentinel + "block")
     caplog.set_level(logging.DEBUG)  # botocore's own debug logging included

@@ -10,7 +10,7 @@ import fsspec
 import pytest
 
 from prefect_roboflow.blocks import InvalidInputError
-from prefect_roboflow.flows import _storage
+from prefect_roboflow.flows import _stores
 from prefect_roboflow.flows._config import resolve_out_dir
 from prefect_roboflow.flows._output import publish_folder, show_location, write_output
 
@@ -57,14 +57,14 @@ def test_publish_folder_uploads_each_file_whole_with_the_index_last(
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     order: list[str] = []
-    upload = _storage._FsspecStore.upload
+    upload = _stores.FsspecStore.upload
 
-    def recorded(self: _storage._FsspecStore, rel: str, file: object) -> None:
+    def recorded(self: _stores.FsspecStore, rel: str, file: object) -> None:
         order.append(rel.rsplit("/coco/", 1)[1])
         assert memory.cat_file(f"{url}/annotations.json") == b"old index"  # the old index until the last upload
         upload(self, rel, file)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_storage._FsspecStore, "upload", recorded)
+    monkeypatch.setattr(_stores.FsspecStore, "upload", recorded)
     # when the new version is published
     assert publish_folder(folder, url, index=["annotations.json"]) == 3
     # then the index went last, and the old image is gone once it did

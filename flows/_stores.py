@@ -1,0 +1,278 @@
+"""Storage systems, one class each, addressed by paths relative to a base.
+
+A `Store` reads, writes, lists and deletes files of one storage system (a local folder, an S3
+bucket, an fsspec file system, a Prefect file-system block) and explains its failures for a user
+without secrets; `_locate` picks the store that holds a reference. Writes are whole or nothing:
+`LocalReplace` renames a finished temp file into place, S3 takes one PUT or a completed multipart
+upload, other file systems publish an object on close.
+
+Examples:
+    ```python
+    store = LocalStore(base="/data/")
+    store.write("out/a.txt", b"hi")  # /data/out/a.txt appears whole
+    list(store.list("out/", recursive=False, page_size=1000))  # ['out/a.txt']
+    ```
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+__all__ = [
+    "BlockStore",
+    "FsspecStore",
+    "LocalReplace",
+    "LocalStore",
+    "S3Store",
+    "Store",
+    "output_error",
+    "s3_code",
+]
+
+
+class Store:
+    """A storage system. ``rel`` paths are '/'-separated; a folder's ends with '/' ('' is the root)."""
+
+    def __init__(self, ref_base: str) -> None:
+        self.ref_base = ref_base
+
+    def ref(self, rel: str) -> str:
+        return self.ref_base + rel
+
+    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
+        raise NotImplementedError(f"{self.ref_base} cannot list files: name the files")
+
+    def kind(self, rel: str) -> str:
+        """``"file"``, ``"dir"`` or ``"missing"``."""
+        return "file"
+
+    def read(self, rel: str) -> bytes:
+        raise NotImplementedError
+
+    def write(self, rel: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def upload(self, rel: str, file: IO[bytes]) -> None:
+        self.write(rel, file.read())
+
+    def delete(self, rel: str) -> None:
+        """Remove a file; a missing one is no error."""
+        raise NotImplementedError(f"{self.ref_base} cannot delete files")
+
+    def explain(self, exc: BaseException) -> str | None:
+        """Why an operation failed, for a user (no secrets); None for errors that are bugs."""
+        if isinstance(exc, NotImplementedError | OSError):
+            return str(exc) if isinstance(exc, NotImplementedError) else f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def _walk(entries: Callable[[str], Iterable[tuple[str, bool]]], folder: str, recursive: bool) -> Iterator[str]:
+    """Files under ``folder`` in full-path order, one directory listed at a time."""
+    for path, is_dir in sorted(entries(folder), key=lambda entry: entry[0] + "/" * entry[1]):
+        if not is_dir:
+            yield path
+        elif recursive:
+            yield from _walk(entries, path + "/", recursive)
+
+
+class LocalStore(Store):
+    def __init__(self, ref_base: str = "", base: str = "") -> None:
+        super().__init__(ref_base)
+        self.base = base
+
+    def _entries(self, folder: str) -> Iterator[tuple[str, bool]]:
+        with os.scandir(self.base + folder or ".") as scan:
+            for entry in scan:
+                yield folder + entry.name, entry.is_dir()
+
+    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
+        return _walk(self._entries, folder, recursive)
+
+    def kind(self, rel: str) -> str:
+        path = self.base + rel
+        return "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else "missing"
+
+    def read(self, rel: str) -> bytes:
+        return Path(self.base + rel).read_bytes()
+
+    def write(self, rel: str, data: bytes) -> None:
+        with LocalReplace(Path(self.base + rel)) as (file, _):
+            file.write(data)
+
+    def upload(self, rel: str, file: IO[bytes]) -> None:
+        with LocalReplace(Path(self.base + rel)) as (out, _):
+            shutil.copyfileobj(file, out)
+
+    def delete(self, rel: str) -> None:
+        Path(self.base + rel).unlink(missing_ok=True)
+
+
+class LocalReplace:
+    """A new file beside ``path``, created with the umask's mode, renamed onto ``path`` on success."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+    def __enter__(self) -> tuple[IO[bytes], Path]:
+        return self.file, self.tmp
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+class S3Store(Store):
+    def __init__(self, client: Any, bucket: str, ref_base: str, base: str = "") -> None:
+        super().__init__(ref_base)
+        self.client, self.bucket, self.base = client, bucket, base
+
+    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket,
+            Prefix=self.base + folder,
+            Delimiter="" if recursive else "/",
+            PaginationConfig={"PageSize": page_size},
+        )
+        for page in pages:  # each page is requested only when the previous one is used up
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):
+                    yield item["Key"][len(self.base) :]
+
+    def kind(self, rel: str) -> str:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.base + rel)
+            return "file"
+        except ClientError as exc:
+            if s3_code(exc) not in {"404", "NoSuchKey", "NotFound"}:
+                raise
+        page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.base}{rel}/", MaxKeys=1)
+        return "dir" if page.get("KeyCount", 0) else "missing"
+
+    def read(self, rel: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.base + rel)["Body"].read()
+        except ClientError as exc:
+            if s3_code(exc) in {"404", "NoSuchKey"}:
+                raise FileNotFoundError(self.ref(rel)) from None
+            raise
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.base + rel, Body=data)  # one PUT: atomic
+
+    def upload(self, rel: str, file: IO[bytes]) -> None:
+        # A single PUT, or a multipart upload that readers see only once it is completed (and that
+        # boto3 aborts when a part fails).
+        self.client.upload_fileobj(file, self.bucket, self.base + rel)
+
+    def delete(self, rel: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.base + rel)
+
+    def explain(self, exc: BaseException) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return (
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or give an AwsCredentials or S3Bucket block"
+            )
+        if isinstance(exc, ClientError):
+            return _S3_REASONS.get(s3_code(exc), "S3 answered {code}").format(bucket=self.bucket, code=s3_code(exc))
+        if isinstance(exc, BotoCoreError):
+            return f"S3 request failed: {type(exc).__name__}: {exc}"
+        return super().explain(exc)
+
+
+_S3_REASONS = {
+    "NoSuchBucket": "bucket {bucket!r} does not exist",
+    "AccessDenied": "access denied to bucket {bucket!r}",
+    "403": "access denied to bucket {bucket!r}",
+    "AllAccessDisabled": "access denied to bucket {bucket!r}",
+    "InvalidAccessKeyId": "the storage rejected the credentials ({code})",
+    "SignatureDoesNotMatch": "the storage rejected the credentials ({code})",
+    "ExpiredToken": "the storage rejected the credentials ({code})",
+    "InvalidBucketName": "{bucket!r} is not a valid bucket name",
+}
+
+
+def s3_code(exc: Any) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+class FsspecStore(Store):
+    def __init__(self, fs: Any, ref_base: str, base: str = "") -> None:
+        super().__init__(ref_base)
+        self.fs, self.base = fs, base
+
+    def _entries(self, folder: str) -> Iterator[tuple[str, bool]]:
+        for info in self.fs.ls((self.base + folder).rstrip("/") or "/", detail=True):
+            name = info["name"].rstrip("/")
+            yield name[len(self.base) :], info["type"] == "directory"
+
+    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
+        return _walk(self._entries, folder, recursive)
+
+    def kind(self, rel: str) -> str:
+        path = self.base + rel
+        return "dir" if self.fs.isdir(path) else "file" if self.fs.isfile(path) else "missing"
+
+    def read(self, rel: str) -> bytes:
+        return bytes(self.fs.cat_file(self.base + rel))
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.fs.pipe_file(self.base + rel, data)
+
+    def upload(self, rel: str, file: IO[bytes]) -> None:
+        with self.fs.open(self.base + rel, "wb") as out:  # object stores publish the object on close
+            shutil.copyfileobj(file, out)
+
+    def delete(self, rel: str) -> None:
+        if self.fs.exists(self.base + rel):
+            self.fs.rm_file(self.base + rel)
+
+
+class BlockStore(Store):
+    """Any other Prefect file-system block: read and write through it; it cannot list."""
+
+    def __init__(self, block: Any, ref_base: str) -> None:
+        super().__init__(ref_base)
+        self.block = block
+
+    def read(self, rel: str) -> bytes:
+        return bytes(_resolved(self.block.read_path(rel)))
+
+    def write(self, rel: str, data: bytes) -> None:
+        _resolved(self.block.write_path(rel, data))
+
+
+def _resolved(value: Any) -> Any:
+    import inspect
+
+    if inspect.iscoroutine(value):
+        from prefect.utilities.asyncutils import run_coro_as_sync
+
+        return run_coro_as_sync(value)
+    return value
+
+
+def output_error(store: Store, url: str, field: str, exc: Exception) -> InvalidInputError | None:
+    """The error naming ``field`` for a failed write to ``url``; None for errors that are bugs."""
+    reason = store.explain(exc)
+    return None if reason is None else InvalidInputError(field, f"cannot write {url}: {reason}")
