@@ -266,9 +266,10 @@ def test_an_object_storage_url_works_like_a_folder(vectors: np.ndarray):
 
 CRASHING_ADD = """
 import sys, numpy as np
+from prefect_roboflow.flows import _index_store
 from prefect_roboflow.flows import vector_index as vi
 point = sys.argv[2]
-original = getattr(vi._Store, point)
+original = getattr(_index_store._Store, point)
 
 def blocked(self, name, *args):
     if point == "put_file" or name == vi.MANIFEST:
@@ -276,7 +277,7 @@ def blocked(self, name, *args):
         sys.stdin.readline()  # held here until the test kills this process
     return original(self, name, *args)
 
-setattr(vi._Store, point, blocked)
+setattr(_index_store._Store, point, blocked)
 index = vi.VectorIndex.open(sys.argv[1])
 vectors = np.load(sys.argv[3])
 refs = [f"new/{i}.jpg" for i in range(len(vectors))]
