@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeVar
@@ -131,7 +131,7 @@ class _Outcome:
     shard: Shard
     run: FlowRun
     attempts: int
-    refs: int
+    images: int  # how many images its manifest names
 
     @property
     def completed(self) -> bool:
@@ -144,7 +144,7 @@ class _Outcome:
             "flow_run": self.run.name,
             "state": state.name if state else "unknown",
             "attempts": self.attempts,
-            "images": self.refs,
+            "images": self.images,
         }
 
 
@@ -176,8 +176,8 @@ async def fan_out(
     job = _Job(await _deployment(plan), _shard_parameters(), out, stem, schema, plan.retries)
     shards: list[asyncio.Task[_Outcome]] = []
     try:
-        async for shard, refs in _manifests(images, out, plan):  # each shard starts once its manifest is up
-            shards.append(asyncio.create_task(_run(job, shard, refs)))
+        async for shard, count in _manifests(images, out, plan):  # each shard starts once its manifest is up
+            shards.append(asyncio.create_task(_run(job, shard, count)))
         outcomes = list(await asyncio.gather(*shards))
     except BaseException:
         for task in shards:  # stop waiting on the others; their sub-runs finish on their workers
@@ -232,12 +232,12 @@ def _shard_parameters() -> dict[str, Any]:
     return {**this_run.parameters, "fan_out": None, "index_path": None}
 
 
-async def _manifests(images: ImageSource, out: str, plan: FanOut) -> Any:
+async def _manifests(images: ImageSource, out: str, plan: FanOut) -> AsyncIterator[tuple[Shard, int]]:
     """Each shard and its number of references, once its manifest is written (listing in a thread)."""
     refs = iter_image_refs(images)
     index = 0
     while chunk := await asyncio.to_thread(_take, refs, plan.shard_size):
-        shard = Shard(index=index, manifest=join(join(out, SHARDS_FOLDER), f"part-{index:05d}.json"))
+        shard = Shard(index=index, manifest=_shards_file(out, index, "json"))
         await asyncio.to_thread(write_bytes, shard.manifest, json.dumps(chunk).encode())
         await asyncio.to_thread(_forget_result, out, index)
         yield shard, len(chunk)
@@ -248,7 +248,7 @@ def _take(refs: Iterator[str], n: int) -> list[str]:
     return list(islice(refs, n))
 
 
-async def _run(job: _Job, shard: Shard, refs: int) -> _Outcome:
+async def _run(job: _Job, shard: Shard, images: int) -> _Outcome:
     """One shard as a sub-run, run again alone while it does not complete."""
     for attempt in range(1, job.retries + 2):
         shard = shard.model_copy(update={"attempt": attempt})
@@ -259,7 +259,7 @@ async def _run(job: _Job, shard: Shard, refs: int) -> _Outcome:
             poll_interval=POLL_SECONDS,
             as_subflow=True,
         )
-        outcome = _Outcome(shard, run, attempt, refs)
+        outcome = _Outcome(shard, run, attempt, images)
         if outcome.completed:
             break
     if not outcome.completed:
@@ -295,7 +295,12 @@ def _forget_result(out: str, index: int) -> None:
 
 
 def _result_path(out: str, index: int) -> str:
-    return join(join(out, SHARDS_FOLDER), f"part-{index:05d}.result.json")
+    return _shards_file(out, index, "result.json")
+
+
+def _shards_file(out: str, index: int, suffix: str) -> str:
+    """A file of shard ``index`` in ``<out>/_shards/``: its manifest (``json``) or counts (``result.json``)."""
+    return join(join(out, SHARDS_FOLDER), f"part-{index:05d}.{suffix}")
 
 
 def _sum_results(out: str, outcomes: list[_Outcome]) -> dict[str, Any]:
