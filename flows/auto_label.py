@@ -20,15 +20,17 @@ from prefect.futures import PrefectFuture
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from . import steps
-from ._config import EmbeddingFamily, detector_model, embedding_model, resolve_cache, resolve_out_dir, resolve_server
-from ._dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
-from ._flow import roboflow_flow
-from ._operations import image_size, normalise
-from ._output import ParquetSink, show_location
-from ._run import BatchRun, ImageCounts, markdown_table
-from ._sources import ImageSource, load
-from ._storage import join
-from ._tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
+from ._outputs.dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
+from ._outputs.files import ParquetSink, show_location
+from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
+from ._run.batch import BatchRun, ImageCounts, markdown_table
+from ._run.flow import roboflow_flow
+from ._run.parameters import resolve_out_dir
+from ._steps.cache import resolve_cache
+from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
+from ._steps.operations import image_size, normalise
+from ._steps.sources import ImageSource, load
+from ._storage.access import join
 from .records import Batch, ImageRecord, LabelSet
 from .steps import ExampleSpec
 

@@ -12,11 +12,12 @@ from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._config import embedding_model, is_index, resolve_server
-from ._flow import roboflow_flow
-from ._operations import normalise
-from ._run import emit_completed, markdown_table, publish_summary
-from ._sources import read_bytes
+from ._index.store import is_index
+from ._run.batch import emit_completed, markdown_table, publish_summary
+from ._run.flow import roboflow_flow
+from ._steps.models import embedding_model, resolve_server
+from ._steps.operations import normalise
+from ._steps.sources import read_bytes
 from .vector_index import VectorIndex
 
 __all__ = ["SearchHit", "SearchImagesResult", "search_images"]

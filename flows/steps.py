@@ -41,9 +41,9 @@ from prefect_roboflow.blocks._http import describe_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.tasks import retry_if_retryable
 
-from . import _operations as ops
-from ._config import CacheStorage, resolve_cache
-from ._sources import read_bytes
+from ._steps import operations as ops
+from ._steps.cache import CacheStorage, resolve_cache
+from ._steps.sources import read_bytes
 from .records import Batch, Crop, Failure, ImageRecord, Label, LabelSet, StepReport
 
 __all__ = [

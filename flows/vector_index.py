@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -52,21 +51,19 @@ from pydantic import BaseModel
 from prefect_roboflow.blocks._compat import async_dispatch
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._config import ServerSpec
-
 # The layout's and tuning constants are defined where they are used; the `X as X` imports keep them
 # public here.
-from ._index_add import RETRAIN_GROWTH as RETRAIN_GROWTH
-from ._index_add import SEGMENT_ROWS as SEGMENT_ROWS
-from ._index_add import _commit_add
-from ._index_rows import PREAD_MAX_RUNS as PREAD_MAX_RUNS
-from ._index_rows import SCAN_BLOCK as SCAN_BLOCK
-from ._index_rows import _OpenIndex
-from ._index_search import _check_top_k, _checked_embedding, _knn, _looks_like_image, _query
-from ._index_store import DEFAULT_EXACT_BELOW, MANIFEST, MIN_EXACT_BELOW, _Manifest, _Store
-from ._index_store import FORMAT as FORMAT
-from ._index_store import FORMAT_VERSION as FORMAT_VERSION
-from ._index_store import META_SCHEMA as META_SCHEMA
+from ._index.add import _commit_add
+from ._index.rows import RowBatch, _OpenIndex
+from ._index.search import _check_top_k, _checked_embedding, _knn, _looks_like_image, _query
+from ._index.store import (
+    DEFAULT_EXACT_BELOW,
+    MANIFEST,
+    MIN_EXACT_BELOW,
+    _Manifest,
+    _Store,
+)
+from ._steps.models import ServerSpec
 
 __all__ = [
     "DEFAULT_EXACT_BELOW",
@@ -124,16 +121,6 @@ class AddResult(BaseModel):
     retrained: bool
 
 
-@dataclass
-class RowBatch:
-    """Rows to add: references, content hashes and one vector each (detection index optional)."""
-
-    image_refs: Sequence[str]
-    image_sha256s: Sequence[str | None]
-    vectors: Any  # array-like (n, dim)
-    detection_indices: Sequence[int | None] | None = None
-
-
 # --- the index ----------------------------------------------------------------------------------
 
 
@@ -151,7 +138,7 @@ class VectorIndex(_OpenIndex):
     """
 
     # Its facts (`rows`, `dim`, `family`, ...), row reads (`vectors`, `iter_vectors`, `metadata`)
-    # and `close` come from `_OpenIndex` (flows/_index_rows.py).
+    # and `close` come from `_OpenIndex` (flows/_index/rows.py).
 
     # -- opening ----------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ manifest to train and fill a new IVF-PQ.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import faiss
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._index_store import META_SCHEMA, _Manifest, _Store
+from .store import META_SCHEMA, _Manifest, _Store
 
 __all__ = ["PREAD_MAX_RUNS", "SCAN_BLOCK", "_OpenIndex", "_normalise"]
 
@@ -30,6 +31,16 @@ SCAN_BLOCK = 32_768
 PREAD_MAX_RUNS = 2_048
 
 _Self = TypeVar("_Self", bound="_OpenIndex")
+
+
+@dataclass
+class RowBatch:
+    """Rows to add: references, content hashes and one vector each (detection index optional)."""
+
+    image_refs: Sequence[str]
+    image_sha256s: Sequence[str | None]
+    vectors: Any  # array-like (n, dim)
+    detection_indices: Sequence[int | None] | None = None
 
 
 class _OpenIndex:

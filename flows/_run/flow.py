@@ -68,7 +68,7 @@ def _run_name(template: str) -> Callable[[], str]:
     def name() -> str:
         from prefect.context import FlowRunContext
 
-        from ._fanout import Shard
+        from .fanout import Shard
 
         context = FlowRunContext.get()
         parameters = dict(context.parameters or {}) if context else {}

@@ -18,8 +18,8 @@ import numpy as np
 from prefect_roboflow.blocks import Clip, PerceptionEncoder
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._config import ServerSpec, resolve_server
-from ._index_rows import _normalise, _OpenIndex
+from .._steps.models import ServerSpec, resolve_server
+from .rows import _normalise, _OpenIndex
 
 __all__ = [
     "_check_queries",

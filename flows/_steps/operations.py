@@ -19,9 +19,9 @@ from prefect_roboflow.blocks._embedding import EmbeddingModel
 from prefect_roboflow.blocks.images import to_request_image
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
-from ._cache import ContentCache, content_key, through_cache
-from ._sources import load_all
-from .records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
+from ..records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
+from .cache import ContentCache, content_key, through_cache
+from .sources import load_all
 
 if TYPE_CHECKING:
     import supervision as sv

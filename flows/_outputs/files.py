@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ._locate import locate
-from ._storage import LIST_PAGE_SIZE, AtomicParquetWriter, is_remote, write_bytes
-from ._stores import LocalReplace, Store, output_error
+from .._storage.access import is_remote, write_bytes
+from .._storage.listing import LIST_PAGE_SIZE
+from .._storage.locate import locate
+from .._storage.parquet import AtomicParquetWriter
+from .._storage.stores import LocalReplace, Store, output_error
 
 __all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type", "publish_folder", "show_location", "write_output"]
 

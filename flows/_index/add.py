@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
@@ -20,11 +20,8 @@ import pyarrow.parquet as pq
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._index_rows import SCAN_BLOCK, _normalise, _OpenIndex
-from ._index_store import MANIFEST, META_SCHEMA, _Manifest, _new_name, _Segment, _Store
-
-if TYPE_CHECKING:
-    from .vector_index import RowBatch
+from .rows import SCAN_BLOCK, RowBatch, _normalise, _OpenIndex
+from .store import MANIFEST, META_SCHEMA, _Manifest, _new_name, _Segment, _Store
 
 __all__ = ["RETRAIN_GROWTH", "SEGMENT_ROWS", "_commit_add"]
 
