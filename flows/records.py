@@ -62,6 +62,8 @@ class Crop:
         xyxy: The detected box in the parent's pixels (before padding).
         detector_class: The class the detector gave it.
         detector_confidence: The detector's score.
+        tracker_id: For a crop of a video frame, the tracked object it shows (same id in every
+            frame of that video where the tracker follows it); None elsewhere.
     """
 
     parent_sha256: str
@@ -69,6 +71,7 @@ class Crop:
     xyxy: tuple[float, float, float, float]
     detector_class: str
     detector_confidence: float | None
+    tracker_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,14 @@ class ImageRecord:
         embedding: What `embed` returned (float32).
         label: What `classify` chose.
         failure: Why a step could not produce its result; later steps skip the record.
+        frame_index: For a frame of a video (``ref`` ``clip.mp4#frame=120``), its index in the
+            decoded stream; None for a photo.
+        frame_time_s: For a frame of a video, its presentation time in seconds; None for a photo.
 
     A whole image's bytes do not travel with it: pickled (to a Dask worker, to the flow process
     from one, to a result store), a record keeps its ``ref`` and ``sha256`` and the step that
-    needs the bytes reads them again where it runs, checked against that ``sha256``. A crop keeps
-    its bytes: they cannot be read again from a reference.
+    needs the bytes reads them again where it runs, checked against that ``sha256``. A crop and a
+    video frame keep their bytes: they cannot be read again from a reference.
 
     Examples:
         ```python
@@ -130,11 +136,13 @@ class ImageRecord:
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
     label: Label | None = None
     failure: Failure | None = None
+    frame_index: int | None = None
+    frame_time_s: float | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling keeps: everything but a whole image's bytes (references travel, not pixels)."""
         state = dict(self.__dict__)
-        if self.crop is None:
+        if self.crop is None and self.frame_index is None:
             state["data"] = None
         return state
 

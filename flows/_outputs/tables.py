@@ -22,6 +22,7 @@ __all__ = [
     "REVIEW_SCHEMA",
     "detection_rows",
     "record_rows",
+    "video_schema",
 ]
 
 Columns = list[tuple[str, pa.DataType]]
@@ -43,6 +44,11 @@ OUTCOME: Columns = [
     ("error", pa.string()),
 ]
 
+#: Added after the image columns when a run saw a video: null for photos.
+FRAME: Columns = [("frame_index", pa.int64()), ("frame_time_s", pa.float64())]
+#: Added after the detection columns on video: the tracked object a detection shows (null for photos).
+TRACK: Columns = [("tracker_id", pa.int64())]
+
 EMBEDDINGS_SCHEMA = pa.schema(IMAGE + OUTCOME)
 CLASSIFICATIONS_SCHEMA = pa.schema(IMAGE + LABEL + OUTCOME)
 DETECTIONS_SCHEMA = pa.schema(IMAGE + DETECTION + LABEL + OUTCOME)
@@ -50,6 +56,18 @@ DETECTIONS_SCHEMA = pa.schema(IMAGE + DETECTION + LABEL + OUTCOME)
 REVIEW_SCHEMA = pa.schema(
     IMAGE + DETECTION[:2] + [("guesses", pa.list_(pa.string())), ("guess_scores", pa.list_(pa.float32()))]
 )
+
+
+def video_schema(schema: pa.Schema, tracked: bool = False) -> pa.Schema:
+    """``schema`` with the frame columns after the image ones (and ``tracker_id`` after the
+    detection ones when ``tracked``): the table of a run that saw a video."""
+    fields = list(schema)
+    at = len(IMAGE)
+    fields[at:at] = [pa.field(name, kind) for name, kind in FRAME]
+    if tracked and "detector_confidence" in schema.names:
+        after = fields.index(schema.field("detector_confidence")) + 1
+        fields[after:after] = [pa.field(name, kind) for name, kind in TRACK]
+    return pa.schema(fields)
 
 
 def _values(record: ImageRecord, model: ModelBlock, status: str | None) -> dict[str, Any]:
@@ -60,12 +78,15 @@ def _values(record: ImageRecord, model: ModelBlock, status: str | None) -> dict[
         "version": model.version,
         "status": status or ("ok" if record.ok else "failed"),
         "error": record.failure.reason if record.failure else None,
+        "frame_index": record.frame_index,
+        "frame_time_s": record.frame_time_s,
     }
     if record.crop is not None:
         values["detection_index"] = record.crop.detection_index
         values["box_xyxy"] = list(record.crop.xyxy)
         values["detector_class"] = record.crop.detector_class
         values["detector_confidence"] = record.crop.detector_confidence
+        values["tracker_id"] = record.crop.tracker_id
     if record.ok and record.label is not None:
         values.update(label=record.label.name, label_score=record.label.score, label_scores=list(record.label.scores))
     if record.ok and record.embedding is not None:
@@ -78,13 +99,13 @@ def record_rows(records: list[ImageRecord], model: ModelBlock, schema: pa.Schema
     return [{name: values.get(name) for name in schema.names} for values in (_values(r, model, None) for r in records)]
 
 
-def detection_rows(batch: Batch, model: ModelBlock) -> list[dict[str, Any]]:
+def detection_rows(batch: Batch, model: ModelBlock, schema: pa.Schema = DETECTIONS_SCHEMA) -> list[dict[str, Any]]:
     """A crop batch's rows: one per detection, one per image without any (``"no_detections"``) and
     one per failed image, so every image has a row."""
     rows = []
     for parent, crops in batch.by_parent():
         if not crops:
             status = "no_detections" if parent.ok else None
-            rows.append({k: _values(parent, model, status).get(k) for k in DETECTIONS_SCHEMA.names})
-        rows.extend(record_rows(crops, model, DETECTIONS_SCHEMA))
+            rows.append({k: _values(parent, model, status).get(k) for k in schema.names})
+        rows.extend(record_rows(crops, model, schema))
     return rows

@@ -36,7 +36,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from .._outputs.files import ParquetSink
-from .._steps.sources import ImageSource, count_images, iter_batches
+from .._steps.sources import ImageSource, count_records, iter_record_batches
+from .._video.sample import VideoSampling
 from ..records import Batch, StepReport
 
 __all__ = [
@@ -145,7 +146,7 @@ class Progress:
         self.done += 1
         now = time.monotonic()
         if self._id is not None and (self.done >= self.total or now - self._sent_at >= self.interval):
-            await aupdate_progress_artifact(self._id, 100.0 * self.done / self.total)
+            await aupdate_progress_artifact(self._id, min(100.0, 100.0 * self.done / self.total))
             self._sent_at = now
 
 
@@ -172,16 +173,21 @@ class BatchRun:
         steps: Per-step figures, in the order the steps first reported.
         images: How many images (a crop batch's parents, else its records) the run took.
         images_failed: How many of them some step failed.
+        videos: How many of the source's references are videos (their frames are the run's images).
         statuses: Rows written, by ``status``.
         labels: Rows written, by ``label``.
         sample: The first rows written, for the summary.
     """
 
-    def __init__(self, flow_key: str, images: ImageSource, batch_size: int, description: str) -> None:
+    def __init__(
+        self, flow_key: str, images: ImageSource, batch_size: int, description: str, video: VideoSampling | None = None
+    ) -> None:
         self.flow_key = flow_key
         self.source = images
         self.batch_size = batch_size
-        self.total_batches = math.ceil(count_images(images) / batch_size)
+        self.video = video
+        records, self.videos = count_records(images, video)  # a video's frames estimated from its header
+        self.total_batches = math.ceil(records / batch_size)
         self.progress = Progress(self.total_batches, description)
         self.steps: dict[str, StepStats] = {}
         self.images = self.images_failed = 0
@@ -190,9 +196,10 @@ class BatchRun:
         self.sample: list[dict[str, Any]] = []
 
     def batches(self) -> Iterator[Batch]:
-        """The source's references in batches labelled ``"i/n"``, nothing read yet."""
-        for index, refs in enumerate(iter_batches(self.source, self.batch_size)):
-            yield Batch.of(refs, f"{index + 1}/{self.total_batches}")
+        """The source's records in batches labelled ``"i/n"``: photos not read yet, a video's
+        sampled frames decoded as the batches are made (``n`` estimated for videos)."""
+        for index, records in enumerate(iter_record_batches(self.source, self.batch_size, self.video)):
+            yield Batch(records, f"{index + 1}/{max(index + 1, self.total_batches)}")
 
     async def process(self, submit: Callable[[Batch], PrefectFuture[Batch]], window: int = 2) -> AsyncIterator[Batch]:
         """Each batch after the steps ``submit`` chains for it, pipelined ``window`` batches deep.

@@ -11,6 +11,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._storage.access import check_output
 from .._storage.locate import split_url
+from .._video.sample import VideoSampling, check_sampling
 
 
 def check_index(index_path: str | None, model: ModelBlock) -> None:
@@ -84,3 +85,13 @@ def resolve_out_dir(out_dir: str | os.PathLike[str]) -> str:
         raise InvalidInputError("out_dir", f"{scheme}:// URLs cannot be written to: give a folder or a bucket")
     check_output(location, field="out_dir")
     return location
+
+
+def check_video(video_fps: float | None, video_sample: str) -> VideoSampling:
+    """How a run samples its videos' frames (``video_fps``, ``video_sample``), checked before any request.
+
+    Raises:
+        InvalidInputError: naming ``video_fps`` (zero, negative, not finite) or ``video_sample``
+            (not ``"fps"``, ``"keyframes"`` or ``"scene"``).
+    """
+    return check_sampling(video_fps, video_sample)

@@ -210,6 +210,8 @@ def _crops_of(parent: ImageRecord, padding: int) -> list[ImageRecord]:
             continue
         data = encode_jpeg(sv.crop_image(pixels, (x1, y1, x2, y2)))
         crops.append(ImageRecord(parent.ref, hashlib.sha256(data).hexdigest(), data, crop=origin))
+    if parent.frame_index is not None:  # a video frame's crops say which frame they come from
+        crops = [c.with_result(frame_index=parent.frame_index, frame_time_s=parent.frame_time_s) for c in crops]
     return crops
 
 

@@ -17,7 +17,9 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.images import read_image_bytes, validate_encoded_image, validate_url
 
 from .._storage.access import read_bytes as storage_read_bytes
-from .._storage.listing import count_refs, iter_refs
+from .._storage.listing import count_refs, is_video, iter_refs
+from .._video.frames import estimate_frames, frame_records
+from .._video.sample import VideoSampling
 from ..records import Failure, ImageRecord
 
 if TYPE_CHECKING:
@@ -140,3 +142,44 @@ def iter_batches(images: ImageSource, batch_size: int) -> Iterator[list[str]]:
 def count_images(images: ImageSource) -> int:
     """How many images a source holds (references streamed and counted, nothing read)."""
     return count_refs(images)
+
+
+def iter_records(images: ImageSource, video: VideoSampling | None = None) -> Iterator[ImageRecord]:
+    """The source's records in order: a photo's not yet read, a video's sampled frames read as
+    they decode (see `_video.frames`: a frame's ref names the video and frame), lazily."""
+    sampling = video or VideoSampling()
+    for ref in iter_image_refs(images):
+        if is_video(ref):
+            yield from frame_records(ref, sampling)
+        else:
+            yield ImageRecord(ref)
+
+
+def iter_record_batches(
+    images: ImageSource, batch_size: int, video: VideoSampling | None = None
+) -> Iterator[list[ImageRecord]]:
+    """`iter_records` in consecutive batches of ``batch_size`` (a video's frames fill batches like photos)."""
+    if batch_size < 1:
+        raise InvalidInputError("batch_size", f"must be at least 1, got {batch_size}")
+    batch: list[ImageRecord] = []
+    for record in iter_records(images, video):
+        batch.append(record)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def count_records(images: ImageSource, video: VideoSampling | None = None) -> tuple[int, int]:
+    """About how many records a source makes, and how many of its references are videos (a local
+    video counted by its header's duration, a remote one as 1: nothing is downloaded or decoded)."""
+    sampling = video or VideoSampling()
+    records = videos = 0
+    for ref in iter_image_refs(images):
+        if is_video(ref):
+            videos += 1
+            records += estimate_frames(ref, sampling)
+        else:
+            records += 1
+    return records, videos

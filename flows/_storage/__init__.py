@@ -39,7 +39,7 @@ Examples:
 """
 
 from .access import check_output, delete, is_remote, join, list_files, read_bytes, write_bytes
-from .listing import IMAGE_SUFFIXES, block_source, count_refs, iter_refs
+from .listing import IMAGE_SUFFIXES, VIDEO_SUFFIXES, block_source, count_refs, iter_refs
 from .locate import BLOCK_SCHEME
 from .parquet import AtomicParquetWriter
 from .stores import LIST_PAGE_SIZE
@@ -48,6 +48,7 @@ __all__ = [
     "BLOCK_SCHEME",
     "IMAGE_SUFFIXES",
     "LIST_PAGE_SIZE",
+    "VIDEO_SUFFIXES",
     "AtomicParquetWriter",
     "block_source",
     "check_output",

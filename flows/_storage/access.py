@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 
@@ -33,6 +33,24 @@ def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> by
     store, rel = locate(ref, field, credentials)
     try:
         return store.read(rel)
+    except FileNotFoundError:
+        raise InvalidImageError(field, f"not found: {ref}") from None
+    except Exception as exc:
+        reason = store.explain(exc)
+        if reason is None:
+            raise
+        raise InvalidImageError(field, f"cannot read {ref}: {reason}") from None
+
+
+def download_to(ref: str, file: IO[bytes], *, credentials: Any = None, field: str = "image") -> None:
+    """Copy one reference into an open file, streamed (a large video never whole in memory).
+
+    Raises:
+        InvalidImageError: as `read_bytes`.
+    """
+    store, rel = locate(ref, field, credentials)
+    try:
+        store.download(rel, file)
     except FileNotFoundError:
         raise InvalidImageError(field, f"not found: {ref}") from None
     except Exception as exc:

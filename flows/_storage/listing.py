@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     pass
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: Video files, listed beside images; a run expands each into its sampled frames (see `_video`).
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"})
+
+
+def is_video(ref: str) -> bool:
+    """Whether a reference names a video file (by its extension; a query string is ignored)."""
+    return os.path.splitext(ref.split("?")[0])[1].lower() in VIDEO_SUFFIXES
 
 
 def block_source(block: Any, path: str = "", field: str = "images") -> str:
@@ -46,7 +53,7 @@ def _expand(ref: str, field: str, credentials: Any, probe: bool, page_size: int)
         if not rel or rel.endswith("/") or kind == "dir":
             folder = rel + "/" if kind == "dir" else rel
             for path in store.list(folder, recursive=False, page_size=page_size):
-                if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+                if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
                     yield store.ref(path)
         elif remote and kind == "missing":
             raise InvalidInputError(field, f"nothing found at {ref}")

@@ -60,6 +60,10 @@ class Store:
     def read(self, rel: str) -> bytes:
         raise NotImplementedError
 
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        """Copy one object into an open file, streamed where the store can (whole otherwise)."""
+        file.write(self.read(rel))
+
     def write(self, rel: str, data: bytes) -> None:
         raise NotImplementedError
 
@@ -105,6 +109,10 @@ class LocalStore(Store):
 
     def read(self, rel: str) -> bytes:
         return Path(self.base + rel).read_bytes()
+
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        with open(self.base + rel, "rb") as source:
+            shutil.copyfileobj(source, file)
 
     def write(self, rel: str, data: bytes) -> None:
         with LocalReplace(Path(self.base + rel)) as (file, _):
@@ -177,6 +185,16 @@ class S3Store(Store):
                 raise FileNotFoundError(self.ref(rel)) from None
             raise
 
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.download_fileobj(self.bucket, self.base + rel, file)
+        except ClientError as exc:
+            if s3_code(exc) in {"404", "NoSuchKey"}:
+                raise FileNotFoundError(self.ref(rel)) from None
+            raise
+
     def write(self, rel: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.base + rel, Body=data)  # one PUT: atomic
 
@@ -239,6 +257,10 @@ class FsspecStore(Store):
 
     def read(self, rel: str) -> bytes:
         return bytes(self.fs.cat_file(self.base + rel))
+
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        with self.fs.open(self.base + rel, "rb") as source:
+            shutil.copyfileobj(source, file)
 
     def write(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self.base + rel, data)
