@@ -8,10 +8,10 @@ from prefect.futures import PrefectFuture
 
 from . import steps
 from ._outputs.files import ParquetSink
-from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows
+from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows, video_schema
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, resolve_out_dir
+from ._run.parameters import check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -43,6 +43,8 @@ async def classify_images(
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
     index_path: str | None = None,
+    video_fps: float | None = 1.0,
+    video_sample: str = "fps",
 ) -> ClassifyImagesResult:
     """Label each image with the prompt it is most similar to; write ``classifications.parquet``.
 
@@ -63,21 +65,27 @@ async def classify_images(
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its table) above this share of failed images.
         index_path: A vector index (folder or object-storage URL) to add this run's new rows to.
+        video_fps: For videos among ``images`` (``.mp4 .mov .avi .mkv .webm .m4v``): frames taken
+            per second of video time; None takes every frame.
+        video_sample: ``"fps"`` (a fixed rate), ``"keyframes"`` (the container's keyframes) or
+            ``"scene"`` (a frame when the picture changes; see `_video.sample`).
     """
+    video = check_video(video_fps, video_sample)
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Classifying images with {embedder.label}")
+    run = BatchRun(FLOW_KEY, images, batch_size, f"Classifying images with {embedder.label}", video=video)
     label_set = steps.embed_labels(embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:
         embedded: Any = steps.embed.submit(embedder, batch, cache)  # resolved by Prefect before classify runs
         return steps.classify.submit(embedded, label_set, min_score)
 
-    with ParquetSink(join(out, "classifications.parquet"), CLASSIFICATIONS_SCHEMA) as sink:
+    schema = video_schema(CLASSIFICATIONS_SCHEMA) if run.videos else CLASSIFICATIONS_SCHEMA
+    with ParquetSink(join(out, "classifications.parquet"), schema) as sink:
         async for batch in run.process(submit):
-            run.write(sink, record_rows(batch.records, embedder, CLASSIFICATIONS_SCHEMA))
+            run.write(sink, record_rows(batch.records, embedder, schema))
     result = ClassifyImagesResult(
         **run.counts(),
         label_counts=dict(run.labels.most_common()),

@@ -11,18 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.futures import PrefectFuture
+from pydantic import Field
 
 from . import steps
 from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
-from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows
+from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows, video_schema
 from ._run.batch import BatchRun, RequestFigures, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import resolve_out_dir
+from ._run.parameters import check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource
 from ._storage.access import join
+from ._video.sink import AnnotatedVideoSink
+from ._video.track import VideoTracks
 from .steps import ExampleSpec
 
 __all__ = ["DETECTIONS_SCHEMA", "DetectCropClassifyResult", "ExampleSpec", "detect_crop_classify"]
@@ -42,6 +45,8 @@ class DetectCropClassifyResult(RequestFigures):
     label_counts: dict[str, int]
     detections_path: str
     annotated_dir: str
+    object_counts: dict[str, int] = Field(default_factory=dict)  # videos: distinct tracked objects per label
+    annotated_videos: list[str] = Field(default_factory=list)
 
 
 @roboflow_flow(name="detect-crop-classify", flow_run_name="detect-crop-classify[{model}]", validate_parameters=True)
@@ -60,6 +65,8 @@ async def detect_crop_classify(
     batch_size: int = 32,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
+    video_fps: float | None = 1.0,
+    video_sample: str = "fps",
 ) -> DetectCropClassifyResult:
     """Find objects like the examples, crop them, embed the crops, and label each crop.
 
@@ -81,18 +88,27 @@ async def detect_crop_classify(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its outputs) above this share of failed images.
+        video_fps: For videos among ``images`` (``.mp4 .mov .avi .mkv .webm .m4v``): frames taken
+            per second of video time; None takes every frame.
+        video_sample: ``"fps"`` (a fixed rate), ``"keyframes"`` (the container's keyframes) or
+            ``"scene"`` (a frame when the picture changes; see `_video.sample`).
 
     Returns:
         Counts, label counts and output paths. One row per detection, one per image without any
-        (``status="no_detections"``), and one per failed image: every image has a row.
+        (``status="no_detections"``), and one per failed image: every image has a row. On video,
+        each sampled frame is an image; its detections are tracked across the video's frames
+        (``tracker_id``), ``object_counts`` counts distinct objects per label, and ``annotated/``
+        also holds one annotated MP4 per video.
     """
+    video = check_video(video_fps, video_sample)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
     annotated = AnnotatedImageSink(join(out, "annotated"))
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Detecting with {detector.label}, labelling with {embedder.label}")
+    description = f"Detecting with {detector.label}, labelling with {embedder.label}"
+    run = BatchRun(FLOW_KEY, images, batch_size, description, video=video)
     label_set = steps.embed_labels(embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:  # each step gets its input as a future
@@ -101,14 +117,22 @@ async def detect_crop_classify(
         embedded: Any = steps.embed.submit(embedder, cropped, cache)
         return steps.classify.submit(embedded, label_set, min_score)
 
-    with ParquetSink(join(out, "detections.parquet"), DETECTIONS_SCHEMA) as sink:
+    schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
+    tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder, video.fps) if run.videos else None
+    with ParquetSink(join(out, "detections.parquet"), schema) as sink:
         async for batch in run.process(submit):
-            run.write(sink, detection_rows(batch, embedder))
+            batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
+            run.write(sink, detection_rows(batch, embedder, schema))
             annotated.write(batch)
-    return await run.finish(*_outcome(run, str(sink.path), annotated.folder), max_failure_rate)
+            if videos is not None:
+                videos.write(batch)
+    written = videos.close() if videos is not None else []
+    return await run.finish(*_outcome(run, str(sink.path), annotated.folder, tracks, written), max_failure_rate)
 
 
-def _outcome(run: BatchRun, table: str, annotated: str) -> tuple[DetectCropClassifyResult, str, list[str]]:
+def _outcome(
+    run: BatchRun, table: str, annotated: str, tracks: VideoTracks, videos: list[str]
+) -> tuple[DetectCropClassifyResult, str, list[str]]:
     """The run's result, summary title and summary sections."""
     result = DetectCropClassifyResult(
         images=run.images,
@@ -120,6 +144,8 @@ def _outcome(run: BatchRun, table: str, annotated: str) -> tuple[DetectCropClass
         **run.figures(),
         detections_path=table,
         annotated_dir=annotated,
+        object_counts=tracks.object_counts(),
+        annotated_videos=videos,
     )
     sample = [{**r, "label_score": "" if r["label_score"] is None else f"{r['label_score']:.3f}"} for r in run.sample]
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
@@ -128,6 +154,10 @@ def _outcome(run: BatchRun, table: str, annotated: str) -> tuple[DetectCropClass
         "## Example rows\n\n" + markdown_table(sample, SAMPLE_COLUMNS),
         f"## Outputs\n\n- table: `{table}`\n- annotated images: `{annotated}`",
     ]
+    if run.videos:
+        objects = [{"label": k, "objects": v} for k, v in result.object_counts.items()]
+        sections.insert(1, "## Objects in videos (tracked)\n\n" + markdown_table(objects, ["label", "objects"]))
+        sections[-1] += "".join(f"\n- annotated video: `{v}`" for v in videos)
     title = (
         f"{result.detections} objects found in {result.images} images ({result.images_without_detections} without any)"
     )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from . import steps
 from ._outputs.files import ParquetSink
-from ._outputs.tables import EMBEDDINGS_SCHEMA, record_rows
+from ._outputs.tables import EMBEDDINGS_SCHEMA, record_rows, video_schema
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.fanout import FanOut, Shard, fan_out, finish_fanned_out
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, resolve_out_dir
+from ._run.parameters import check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -39,6 +39,8 @@ async def embed_images(
     index_path: str | None = None,
     fan_out: FanOut | None = None,
     shard: Shard | None = None,
+    video_fps: float | None = 1.0,
+    video_sample: str = "fps",
 ) -> EmbedImagesResult:
     """Embed every image and write ``embeddings.parquet`` to ``out_dir``.
 
@@ -60,22 +62,29 @@ async def embed_images(
             this flow's deployment on the workers of its pool (see `FanOut`); the table is then a
             folder ``embeddings/`` of one part per shard, read as one table by pyarrow, pandas, duckdb.
         shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
+        video_fps: For videos among ``images`` (``.mp4 .mov .avi .mkv .webm .m4v``): frames taken
+            per second of video time; None takes every frame.
+        video_sample: ``"fps"`` (a fixed rate), ``"keyframes"`` (the container's keyframes) or
+            ``"scene"`` (a frame when the picture changes; see `_video.sample`).
 
     Returns:
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
         embedding, status ("ok" | "failed"), error``.
     """
+    video = check_video(video_fps, video_sample)
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
     if fan_out is not None:
         return await _fanned_out(images, out, fan_out, embedder.label, index_path, max_failure_rate)
-    run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, f"Embedding images with {embedder.label}")
+    source = shard.refs() if shard else images
+    run = BatchRun(FLOW_KEY, source, batch_size, f"Embedding images with {embedder.label}", video=video)
     table = shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet")
-    with ParquetSink(table, EMBEDDINGS_SCHEMA) as sink:
+    schema = video_schema(EMBEDDINGS_SCHEMA) if run.videos else EMBEDDINGS_SCHEMA
+    with ParquetSink(table, schema) as sink:
         async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
-            run.write(sink, record_rows(batch.records, embedder, EMBEDDINGS_SCHEMA))
+            run.write(sink, record_rows(batch.records, embedder, schema))
     result = EmbedImagesResult(
         **run.counts(),
         embeddings_path=str(sink.path),

@@ -84,6 +84,19 @@ def write_bytes(url: str, data: bytes, *, credentials: Any = None, field: str = 
         raise error from None
 
 
+def upload_file(url: str, path: str | os.PathLike[str], *, credentials: Any = None, field: str = "out_dir") -> None:
+    """Publish a finished local file as one whole file or object (streamed, not read into memory)."""
+    store, rel = locate(url, field, credentials)
+    try:
+        with open(path, "rb") as file:
+            store.upload(rel, file)
+    except Exception as exc:
+        error = output_error(store, url, field, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
 def list_files(location: str | os.PathLike[str], *, field: str = "out_dir") -> Iterator[str]:
     """The files directly in a folder or prefix, as full references, in name order (lazily)."""
     folder = os.fspath(location).rstrip("/") + "/"
