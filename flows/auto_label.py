@@ -16,21 +16,23 @@ from typing import Any, Literal
 
 import numpy as np
 from prefect.futures import PrefectFuture
+from pydantic import Field
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from . import steps
 from ._outputs.dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
 from ._outputs.files import ParquetSink, show_location
-from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
+from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import resolve_out_dir
+from ._run.parameters import check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.operations import image_size, normalise
 from ._steps.sources import ImageSource, load
 from ._storage.access import join
+from ._video.track import VideoTracks
 from .records import Batch, ImageRecord, LabelSet
 from .steps import ExampleSpec
 
@@ -54,6 +56,7 @@ class AutoLabelResult(ImageCounts):
     labels_path: str
     review_path: str
     gallery_path: str
+    object_counts: dict[str, int] = Field(default_factory=dict)  # videos: distinct tracked objects per class
 
 
 def class_prompts(classes: Classes | Mapping[str, Any]) -> dict[str, list[str]]:
@@ -99,6 +102,7 @@ class _Labeller:
 
     def __init__(self, classes: Sequence[str], min_score: float, gallery: GallerySink) -> None:
         self.classes, self.min_score, self.gallery = list(classes), min_score, gallery
+        self.schema = DETECTIONS_SCHEMA  # with the frame and tracker columns on video
         self.images: list[LabelledImage] = []
         self.review: list[ReviewItem] = []
 
@@ -109,13 +113,13 @@ class _Labeller:
         for parent, crops in batch.by_parent():
             if not parent.ok or not crops:
                 status = "failed" if not parent.ok else "no_detections"
-                rows.extend({**r, "status": status} for r in record_rows([parent], model, DETECTIONS_SCHEMA))
+                rows.extend({**r, "status": status} for r in record_rows([parent], model, self.schema))
             if not parent.ok:
                 continue
             parent = load(parent)  # from a Dask worker the bytes did not travel (see ImageRecord)
             labelled = LabelledImage(parent)
             width, height = image_size(parent.data or b"")
-            for crop, row in zip(crops, record_rows(crops, model, DETECTIONS_SCHEMA), strict=True):
+            for crop, row in zip(crops, record_rows(crops, model, self.schema), strict=True):
                 rows.append(row)
                 if not crop.ok or crop.crop is None:
                     continue
@@ -135,7 +139,9 @@ class _Labeller:
             self.gallery.add(labelled)
             # keep the bytes only where the dataset export cannot read the image again from its path
             self.images.append(
-                replace(labelled, image=replace(parent, data=None)) if "://" not in parent.ref else labelled
+                replace(labelled, image=replace(parent, data=None))
+                if "://" not in parent.ref and parent.frame_index is None
+                else labelled
             )
         return rows, review_rows
 
@@ -178,6 +184,8 @@ async def auto_label(
     batch_size: int = 32,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
+    video_fps: float | None = 1.0,
+    video_sample: str = "fps",
 ) -> AutoLabelResult:
     """Find objects like the examples, label each with a class, and write a detection dataset.
 
@@ -197,16 +205,26 @@ async def auto_label(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its outputs) above this share of failed images.
+        video_fps: For videos among ``images`` (``.mp4 .mov .avi .mkv .webm .m4v``): frames taken
+            per second of video time; None takes every frame.
+        video_sample: ``"fps"`` (a fixed rate), ``"keyframes"`` (the container's keyframes) or
+            ``"scene"`` (a frame when the picture changes; see `_video.sample`). On video, each
+            sampled frame is an image of the dataset, detections are tracked (``tracker_id``) and
+            ``object_counts`` counts distinct objects per class.
     """
+    video = check_video(video_fps, video_sample)
     _check(min_score, formats)
     prompts = class_prompts(classes)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Auto-labelling with {detector.label} and {embedder.label}")
+    description = f"Auto-labelling with {detector.label} and {embedder.label}"
+    run = BatchRun(FLOW_KEY, images, batch_size, description, video=video)
     all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
     class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
     labeller = _Labeller(list(prompts), min_score, GallerySink(join(out, "gallery"), list(prompts)))
+    labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
+    tracks = VideoTracks()
 
     def submit(batch: Batch) -> PrefectFuture[Batch]:
         found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
@@ -215,16 +233,18 @@ async def auto_label(
         return steps.classify.submit(embedded, class_set)
 
     with (
-        ParquetSink(join(out, "labels.parquet"), DETECTIONS_SCHEMA) as sink,
+        ParquetSink(join(out, "labels.parquet"), labeller.schema) as sink,
         ParquetSink(join(out, "review.parquet"), REVIEW_SCHEMA) as review,
     ):
         async for batch in run.process(submit):
-            rows, review_rows = labeller.rows(batch, embedder)
+            rows, review_rows = labeller.rows(tracks.track(batch), embedder)
             run.write(sink, rows)
             review.write(review_rows)
     datasets = write_datasets(labeller.images, list(prompts), formats, out)
     gallery = labeller.gallery.finish(labeller.review)
-    return await run.finish(*_outcome(run, datasets, str(sink.path), str(review.path), gallery), max_failure_rate)
+    outcome = _outcome(run, datasets, str(sink.path), str(review.path), gallery)
+    outcome[0].object_counts = tracks.object_counts()
+    return await run.finish(*outcome, max_failure_rate)
 
 
 def _outcome(

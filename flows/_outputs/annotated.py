@@ -15,8 +15,11 @@ __all__ = ["AnnotatedImageSink", "annotated_name"]
 
 
 def annotated_name(image: ImageRecord) -> str:
-    """File name of an image's annotated copy: its stem plus a content prefix (refs may clash)."""
-    return f"{Path(image.ref.split('?')[0]).stem}-{(image.sha256 or '')[:10]}.jpg"
+    """File name of an image's annotated copy: its stem (and a video frame's index) plus a content
+    prefix (refs may clash)."""
+    stem = Path(image.ref.split("?")[0].split("#frame=")[0]).stem
+    frame = "" if image.frame_index is None else f"-frame{image.frame_index}"
+    return f"{stem}{frame}-{(image.sha256 or '')[:10]}.jpg"
 
 
 class AnnotatedImageSink:

@@ -94,7 +94,7 @@ def _stage_images(images: Sequence[LabelledImage], folder: Path) -> dict[str, st
     staged = {}
     for labelled in images:
         image = labelled.image
-        suffix = Path(image.ref.split("?")[0]).suffix.lower() or ".jpg"
+        suffix = ".jpg" if image.frame_index is not None else Path(image.ref.split("?")[0]).suffix.lower() or ".jpg"
         target = folder / f"{Path(annotated_name(image)).stem}{suffix}"
         source = Path(image.ref)
         if "://" not in image.ref and source.is_file():

@@ -34,6 +34,11 @@ from .sample import THUMBNAIL, FpsGate, SceneGate, VideoSampling
 __all__ = ["Frame", "VideoReadError", "iter_frames", "local_video", "probe_frames"]
 
 
+#: A video decoding to fewer than this share of the frames its header announces is reported truncated
+#: (after the frames it has): some containers (AVI) end silently where the file was cut.
+TRUNCATED_SHARE = 0.98
+
+
 class VideoReadError(InvalidImageError):
     """A video that cannot be opened or decoded (empty, truncated, corrupt, no video stream, no decoder).
 
@@ -93,14 +98,14 @@ def _open(path: str) -> Any:
     try:
         container = av.open(path, metadata_errors="ignore")
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise VideoReadError(f"not a readable video: {exc}") from None
+        raise VideoReadError(f"not a readable video: {_reason(exc)}") from None
     if not container.streams.video:
         container.close()
         raise VideoReadError("the file has no video stream (audio only?)")
     stream = container.streams.video[0]
     if stream.codec_context is None or stream.codec_context.codec is None:
         container.close()
-        raise VideoReadError(f"no decoder for the video's codec ({stream.codec_tag or 'unknown'})")
+        raise VideoReadError("no decoder for the video's codec (unknown or unsupported codec)")
     return container
 
 
@@ -159,6 +164,16 @@ def iter_frames(path: str, sampling: VideoSampling) -> Iterator[Frame]:
                 yield Frame(index, round(time_s, 6), frame.to_ndarray(format="rgb24"))
                 read += 1
         except (av.FFmpegError, OSError, ValueError) as exc:
-            raise VideoReadError(f"decoding stopped after frame {position}: {exc}", read) from None
+            raise VideoReadError(f"decoding stopped after frame {position}: {_reason(exc)}", read) from None
+        announced = stream.frames  # 0 when the container does not say
     if read == 0:
         raise VideoReadError("no frame could be decoded")
+    if not keyframes and announced and position + 1 < announced * TRUNCATED_SHARE:
+        raise VideoReadError(
+            f"the video ends early: {position + 1} of the {announced} frames its header announces (truncated?)", read
+        )
+
+
+def _reason(exc: Exception) -> str:
+    """An FFmpeg error's message, without the (possibly temporary) file name."""
+    return str(getattr(exc, "strerror", None) or exc)
