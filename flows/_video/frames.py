@@ -12,15 +12,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from prefect_roboflow.blocks.images import JPEG_QUALITY
+
 from .._storage.listing import is_video
 from ..records import Failure, ImageRecord
 from .decode import VideoReadError, iter_frames, local_video, probe_frames
 from .sample import VideoSampling
 
-__all__ = ["FRAME_JPEG_QUALITY", "encode_frame", "estimate_frames", "frame_records", "frame_ref", "is_video"]
-
-#: Quality of the JPEG each sampled frame is sent as (libjpeg output is deterministic per pixels).
-FRAME_JPEG_QUALITY = 95
+__all__ = ["encode_frame", "estimate_frames", "frame_records", "frame_ref", "is_video"]
 
 
 def frame_ref(video_ref: str, index: int) -> str:
@@ -29,11 +28,11 @@ def frame_ref(video_ref: str, index: int) -> str:
 
 
 def encode_frame(rgb: np.ndarray) -> bytes:
-    """A frame's RGB pixels as JPEG bytes; the same pixels always give the same bytes."""
+    """A frame's RGB pixels as JPEG bytes (the library's `JPEG_QUALITY`); the same pixels always give the same bytes."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=FRAME_JPEG_QUALITY)
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
