@@ -33,6 +33,7 @@ from .._storage.locate import split_url
 from .fanout import FanOut, Shard
 
 __all__ = [
+    "CONTRACTS",
     "AutoLabelParameters",
     "ClassifyImagesParameters",
     "DetectCropClassifyParameters",
@@ -284,7 +285,8 @@ class SearchImagesParameters(FlowParameters):
     top_k: Count
 
 
-_CONTRACTS: dict[str, type[FlowParameters]] = {
+#: Each shipped flow's contract, by the flow function's name.
+CONTRACTS: dict[str, type[FlowParameters]] = {
     c.flow: c
     for c in (
         EmbedImagesParameters,
@@ -300,7 +302,7 @@ _CONTRACTS: dict[str, type[FlowParameters]] = {
 def contract_of(fn: Callable[..., Any]) -> Callable[[Mapping[str, Any]], None] | None:
     """The check of a shipped flow function's contract, taking the call's parameters (its
     defaults filled in), or None for a function without one."""
-    contract = _CONTRACTS.get(getattr(fn, "__name__", ""))
+    contract = CONTRACTS.get(getattr(fn, "__name__", ""))
     if contract is None or not getattr(fn, "__module__", "").startswith(__name__.rsplit(".", 2)[0]):
         return None
     signature = inspect.signature(fn)
