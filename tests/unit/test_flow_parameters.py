@@ -3,6 +3,7 @@ and its defaults, names the parameter of any value outside it, and names only re
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import pickle
 from pathlib import Path
@@ -99,3 +100,11 @@ def test_a_function_without_a_contract_has_none() -> None:
     def embed_images_lookalike() -> None: ...
 
     assert contract_of(embed_images_lookalike) is None
+
+
+def test_a_call_that_skips_prefects_validation_is_checked_by_the_flow_body(tmp_path: Path) -> None:
+    # the flow function itself, as a caller of `.fn` or a flow with validate_parameters=False runs it
+    with pytest.raises(InvalidInputError) as caught:
+        asyncio.run(embed_images.fn(str(tmp_path), str(tmp_path / "out"), batch_size=0))
+    assert caught.value.field == "batch_size"
+    assert not (tmp_path / "out").exists()
