@@ -209,6 +209,15 @@ class _BatchFlowParameters(FlowParameters):
     version: Text | None
     batch_size: Count
     max_failure_rate: Fraction
+    # a batch flow that fans out takes both (their default covers a flow that does not)
+    fan_out: FanOut | None = None
+    shard: Shard | None = None
+
+    @model_validator(mode="after")
+    def _fan_out_or_shard(self) -> _BatchFlowParameters:
+        if self.fan_out is not None and self.shard is not None:
+            raise InvalidInputError("fan_out", "a shard's run does not fan out again: give fan_out or shard, not both")
+        return self
 
 
 class _DetectingParameters(_BatchFlowParameters):
@@ -229,14 +238,6 @@ class EmbedImagesParameters(_BatchFlowParameters):
 
     flow = "embed_images"
     index_path: Text | None
-    fan_out: FanOut | None
-    shard: Shard | None
-
-    @model_validator(mode="after")
-    def _fan_out_or_shard(self) -> EmbedImagesParameters:
-        if self.fan_out is not None and self.shard is not None:
-            raise InvalidInputError("fan_out", "a shard's run does not fan out again: give fan_out or shard, not both")
-        return self
 
 
 class ClassifyImagesParameters(_BatchFlowParameters):

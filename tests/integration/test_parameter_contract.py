@@ -5,6 +5,7 @@ and nothing is written to ``out_dir``."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.fault_proxy import FaultProxy
 from support.images import make_image
-from support.parameter_mistakes import BOX, good_parameters, mistakes, names_parameter
+from support.parameter_mistakes import BOX, good_parameters, mistakes, names_parameter, of_flow
 
 from prefect_roboflow.blocks import InvalidInputError
 from prefect_roboflow.flows import (
@@ -72,7 +73,7 @@ def test_a_mistake_in_any_parameter_is_refused_before_any_request(
     flow: str, data: st.DataObject, proxy: FaultProxy, image_dir: Path, reference: str, tmp_path: Path
 ) -> None:
     scratch = _scratch(tmp_path)
-    strategies = mistakes(reference)[flow]
+    strategies = of_flow(mistakes(reference)[flow], inspect.signature(FLOWS[flow].fn).parameters)
     parameter = data.draw(st.sampled_from(sorted(strategies)), label="parameter")
     value = data.draw(strategies[parameter], label="value")
     good = good_parameters(flow, str(image_dir), reference, scratch / "out", str(scratch / "embeddings.parquet"))

@@ -6,6 +6,7 @@ is one correct call with one parameter replaced."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def mistakes(reference: str, off_image: bool = True) -> dict[str, dict[str, st.S
         "version": bad_optional_text,
         "batch_size": bad_counts,
         "max_failure_rate": bad_fractions,
+        "fan_out": bad_fan_outs,  # for the batch flows that fan out (see `of_flow`)
     }
     detecting = {
         **batch,
@@ -105,7 +107,7 @@ def mistakes(reference: str, off_image: bool = True) -> dict[str, dict[str, st.S
         "confidence": bad_fractions,
     }
     return {
-        "embed_images": {**batch, "index_path": blank, "fan_out": bad_fan_outs},
+        "embed_images": {**batch, "index_path": blank},
         "classify_images": {**batch, "labels": bad_prompts, "min_score": bad_similarities, "index_path": blank},
         "detect_crop_classify": {
             **detecting,
@@ -127,6 +129,12 @@ def mistakes(reference: str, off_image: bool = True) -> dict[str, dict[str, st.S
         },
         "search_images": {"query": blank, "embeddings_path": blank, "top_k": bad_counts},
     }
+
+
+def of_flow(strategies: dict[str, Any], parameters: Iterable[str]) -> dict[str, Any]:
+    """The strategies for the parameters a flow has."""
+    names = set(parameters)
+    return {name: strategy for name, strategy in strategies.items() if name in names}
 
 
 def good_parameters(flow: str, images: str, reference: str, out_dir: Path, table: str) -> dict[str, Any]:
