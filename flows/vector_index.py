@@ -55,7 +55,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 # public here.
 from ._index.add import _commit_add
 from ._index.rows import RowBatch, _OpenIndex
-from ._index.search import _check_top_k, _checked_embedding, _knn, _looks_like_image, _query
+from ._index.search import _check_top_k, _checked_embedding, _knn, _query
 from ._index.store import (
     DEFAULT_EXACT_BELOW,
     MANIFEST,
@@ -64,6 +64,7 @@ from ._index.store import (
     _Store,
 )
 from ._steps.models import ServerSpec
+from ._storage.listing import looks_like_image
 
 __all__ = [
     "DEFAULT_EXACT_BELOW",
@@ -188,7 +189,7 @@ class VectorIndex(_OpenIndex):
         _check_top_k(top_k)
         vector, model, subject = _query(self, query, server)
         if model is not None:
-            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            texts = isinstance(subject, str) and not looks_like_image(subject)
             embedded = await (model.aembed_texts([subject]) if texts else model.aembed_images([subject]))
             vector = _checked_embedding(self, embedded)
         return await asyncio.to_thread(self._hits, vector, top_k, nprobe)
@@ -226,7 +227,7 @@ class VectorIndex(_OpenIndex):
         _check_top_k(top_k)
         vector, model, subject = _query(self, query, server)
         if model is not None:
-            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            texts = isinstance(subject, str) and not looks_like_image(subject)
             vector = _checked_embedding(self, model.embed_texts([subject]) if texts else model.embed_images([subject]))
         return self._hits(vector, top_k, nprobe)
 

@@ -9,11 +9,24 @@ from typing import TYPE_CHECKING, Any
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 
+from .atomic import atomic_write_bytes
 from .locate import WEB_SCHEMES, locate, split_url
-from .stores import LIST_PAGE_SIZE, LocalStore, S3Store, output_error, s3_code
+from .stores import LIST_PAGE_SIZE, LocalStore, S3Store, Store, output_error, s3_code
 
 if TYPE_CHECKING:
     pass
+
+__all__ = [
+    "atomic_write_bytes",
+    "check_output",
+    "delete",
+    "is_remote",
+    "join",
+    "list_files",
+    "read_at",
+    "read_bytes",
+    "write_bytes",
+]
 
 
 def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> bytes:
@@ -31,6 +44,12 @@ def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> by
     if split_url(ref)[0] in WEB_SCHEMES:
         raise ValueError(f"{ref} is downloaded over HTTP, not read from storage")
     store, rel = locate(ref, field, credentials)
+    return read_at(store, rel, field=field)
+
+
+def read_at(store: Store, rel: str, *, field: str) -> bytes:
+    """`read_bytes` of a file of a store already located (the one storage read: same errors)."""
+    ref = store.ref(rel)
     try:
         return store.read(rel)
     except FileNotFoundError:
