@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ __all__ = [
     "is_remote",
     "join",
     "list_files",
+    "local_copy",
     "read_at",
     "read_bytes",
     "write_bytes",
@@ -59,6 +62,34 @@ def read_at(store: Store, rel: str, *, field: str) -> bytes:
         if reason is None:
             raise
         raise InvalidImageError(field, f"cannot read {ref}: {reason}") from None
+
+
+@contextlib.contextmanager
+def local_copy(ref: str | os.PathLike[str], *, credentials: Any = None, field: str = "image") -> Iterator[Path]:
+    """A local file holding the bytes of ``ref``: the file itself for a local path, else the object
+    streamed into a temp file (never whole in memory) that is removed on leaving the block.
+
+    Raises:
+        InvalidInputError: naming ``field``, when the object is missing or cannot be read.
+    """
+    ref = os.fspath(ref)
+    store, rel = locate(ref, field, credentials)
+    if isinstance(store, LocalStore):
+        yield Path(store.base + rel)
+        return
+    with tempfile.TemporaryDirectory(prefix="prefect-roboflow-") as folder:
+        path = Path(folder) / (rel.rsplit("/", 1)[-1] or "object")
+        try:
+            with path.open("wb") as file:
+                store.download(rel, file)
+        except FileNotFoundError:
+            raise InvalidInputError(field, f"not found: {ref}") from None
+        except Exception as exc:
+            reason = store.explain(exc)
+            if reason is None:
+                raise
+            raise InvalidInputError(field, f"cannot read {ref}: {reason}") from None
+        yield path
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
