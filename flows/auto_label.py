@@ -26,7 +26,7 @@ from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_video, resolve_out_dir
+from ._run.parameters import AutoLabelParameters, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource, load
@@ -211,6 +211,7 @@ async def auto_label(
             sampled frame is an image of the dataset, detections are tracked (``tracker_id``) and
             ``object_counts`` counts distinct objects per class.
     """
+    AutoLabelParameters.check(locals())
     video = check_video(video_fps, video_sample)
     _check(min_score, formats)
     prompts = class_prompts(classes)

@@ -11,7 +11,7 @@ from ._outputs.files import ParquetSink
 from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows, video_schema
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, check_video, resolve_out_dir
+from ._run.parameters import ClassifyImagesParameters, check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -64,12 +64,13 @@ async def classify_images(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its table) above this share of failed images.
-        index_path: A vector index (folder or object-storage URL) to add this run's new rows to.
+        index_path: A vector index (folder, object-storage URL or ``block://`` path) to add this run's new rows to.
         video_fps: For videos among ``images`` (``.mp4 .mov .avi .mkv .webm .m4v``): frames taken
             per second of video time; None takes every frame.
         video_sample: ``"fps"`` (a fixed rate), ``"keyframes"`` (the container's keyframes) or
             ``"scene"`` (a frame when the picture changes; see `_video.sample`).
     """
+    ClassifyImagesParameters.check(locals())
     video = check_video(video_fps, video_sample)
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)

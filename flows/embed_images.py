@@ -8,7 +8,7 @@ from ._outputs.tables import EMBEDDINGS_SCHEMA, record_rows, video_schema
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.fanout import FanOut, Shard, fan_out, finish_fanned_out
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, check_video, resolve_out_dir
+from ._run.parameters import EmbedImagesParameters, check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -56,7 +56,7 @@ async def embed_images(
         cache_storage: Where per-image results are kept: a folder, or a saved file-system block
             as ``"block-type/name"``; ``$PREFECT_HOME/prefect-roboflow-cache`` by default.
         max_failure_rate: The run fails (after writing its table) when a larger share of images fails.
-        index_path: A vector index (folder or object-storage URL) to add this run's new rows to,
+        index_path: A vector index (folder, object-storage URL or ``block://`` path) to add this run's new rows to,
             for `search_images` and `VectorIndex` at millions of rows.
         fan_out: Split the job into shards of ``fan_out.shard_size`` images that run as sub-runs of
             this flow's deployment on the workers of its pool (see `FanOut`); the table is then a
@@ -71,6 +71,7 @@ async def embed_images(
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
         embedding, status ("ok" | "failed"), error``.
     """
+    EmbedImagesParameters.check(locals())
     video = check_video(video_fps, video_sample)
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)

@@ -17,18 +17,16 @@ for frame in iter_frames("clip.mp4", VideoSampling(fps=1.0)):
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from prefect_roboflow.blocks.exceptions import InvalidImageError
+from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 
-from .._storage.access import download_to, is_remote
+from .._storage.access import local_copy
 from .sample import THUMBNAIL, FpsGate, SceneGate, VideoSampling
 
 __all__ = ["Frame", "VideoReadError", "iter_frames", "local_video", "probe_frames"]
@@ -68,26 +66,21 @@ class Frame:
 
 @contextmanager
 def local_video(ref: str) -> Iterator[str]:
-    """A local path holding the video ``ref``: the file itself, or a temporary copy of a remote one.
+    """A local path holding the video ``ref``: the file itself, or a temporary copy of a remote one
+    (`_storage.access.local_copy`: streamed, removed on leaving).
 
     Raises:
         VideoReadError: the file or object is missing or cannot be read.
     """
-    if not is_remote(ref):
-        path = ref[len("file://") :] if ref.startswith("file://") else ref
-        if not os.path.isfile(path):
-            raise VideoReadError(f"not found: {ref}")
-        yield path
-        return
-    suffix = Path(ref.split("?")[0]).suffix
-    with tempfile.TemporaryDirectory(prefix="prefect-roboflow-video-") as folder:
-        path = os.path.join(folder, f"video{suffix}")
-        try:
-            with open(path, "wb") as file:
-                download_to(ref, file)
-        except InvalidImageError as error:
-            raise VideoReadError(error.reason) from None
-        yield path
+    try:
+        with local_copy(ref) as path:
+            if not path.is_file():
+                raise VideoReadError(f"not found: {ref}")
+            yield str(path)
+    except VideoReadError:
+        raise
+    except InvalidInputError as error:
+        raise VideoReadError(error.reason) from None
 
 
 def _open(path: str) -> Any:
