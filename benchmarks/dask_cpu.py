@@ -26,7 +26,7 @@ BATCH = 4
 def cpu_side(refs: Sequence[str]) -> tuple[int, float]:
     """Read, hash, check and resize a batch of photos as the embed step does; (bytes sent, CPU s)."""
     from prefect_roboflow.blocks import Clip, InferenceServer
-    from prefect_roboflow.flows._sources import load_all
+    from prefect_roboflow.flows._steps.sources import load_all
     from prefect_roboflow.flows.records import ImageRecord
 
     started = time.process_time()  # every thread of this process, the resize threads included

@@ -63,7 +63,7 @@ def _rounds(url: str, sources: dict[str, str], rounds: int, work: Path) -> dict[
 
 def _list_and_read(source: str) -> tuple[float, float, int]:
     """Seconds to list the source, and to read every image the way a task does (one client per call)."""
-    from prefect_roboflow.flows._sources import iter_image_refs, read_bytes
+    from prefect_roboflow.flows._steps.sources import iter_image_refs, read_bytes
 
     started = time.perf_counter()
     refs = list(iter_image_refs(source))

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .exceptions import InvalidImageError, InvalidInputError
-from .images import ImageInput, read_image_bytes, to_request_image, validate_encoded_image
+from .images import JPEG_QUALITY, ImageInput, read_image_bytes, to_request_image, validate_encoded_image
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -75,7 +75,6 @@ MARGIN = 1.5
 #: is sent as it is, whatever its size relative to the model's input: resizing it would not pay.
 SMALL_FILE_BYTES = 256 * 1024
 SMALL_IMAGE_PIXELS = 1_000_000
-JPEG_QUALITY = 95
 #: Bumped whenever the resize's output changes, so caches keyed on `resize_settings` notice.
 #: 2: small images (`SMALL_FILE_BYTES`, `SMALL_IMAGE_PIXELS`) are no longer resized.
 RESIZE_REVISION = 2

@@ -20,15 +20,17 @@ from prefect.futures import PrefectFuture
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from . import steps
-from ._config import EmbeddingFamily, detector_model, embedding_model, resolve_cache, resolve_out_dir, resolve_server
-from ._dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
-from ._flow import roboflow_flow
-from ._operations import image_size, normalise
-from ._output import ParquetSink, show_location
-from ._run import BatchRun, ImageCounts, markdown_table
-from ._sources import ImageSource, load
-from ._storage import join
-from ._tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
+from ._outputs.dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
+from ._outputs.files import ParquetSink, show_location
+from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
+from ._run.batch import BatchRun, ImageCounts, markdown_table
+from ._run.flow import roboflow_flow
+from ._run.parameters import resolve_out_dir
+from ._steps.cache import resolve_cache
+from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
+from ._steps.sources import ImageSource, load
+from ._steps.vectors import normalise
+from ._storage.access import join
 from .records import Batch, ImageRecord, LabelSet
 from .steps import ExampleSpec
 
@@ -112,12 +114,11 @@ class _Labeller:
                 continue
             parent = load(parent)  # from a Dask worker the bytes did not travel (see ImageRecord)
             labelled = LabelledImage(parent)
-            width, height = image_size(parent.data or b"")
             for crop, row in zip(crops, record_rows(crops, model, DETECTIONS_SCHEMA), strict=True):
                 rows.append(row)
                 if not crop.ok or crop.crop is None:
                     continue
-                box = np.clip(np.asarray(crop.crop.xyxy, dtype=np.float32), 0, [width, height, width, height])
+                box = np.asarray(crop.crop.xyxy, dtype=np.float32)  # clipped to the image (the box policy)
                 probabilities = _probabilities(crop)
                 best = int(probabilities.argmax())
                 row.update(box_xyxy=box.tolist(), label_score=float(probabilities[best]))

@@ -13,21 +13,16 @@ from typing import Any
 from prefect.futures import PrefectFuture
 
 from . import steps
-from ._annotated import AnnotatedImageSink
-from ._config import (
-    EmbeddingFamily,
-    detector_model,
-    embedding_model,
-    resolve_cache,
-    resolve_out_dir,
-    resolve_server,
-)
-from ._flow import roboflow_flow
-from ._output import ParquetSink
-from ._run import BatchRun, RequestFigures, markdown_table
-from ._sources import ImageSource
-from ._storage import join
-from ._tables import DETECTIONS_SCHEMA, detection_rows
+from ._outputs.annotated import AnnotatedImageSink
+from ._outputs.files import ParquetSink
+from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows
+from ._run.batch import BatchRun, RequestFigures, markdown_table
+from ._run.flow import roboflow_flow
+from ._run.parameters import resolve_out_dir
+from ._steps.cache import resolve_cache
+from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
+from ._steps.sources import ImageSource
+from ._storage.access import join
 from .steps import ExampleSpec
 
 __all__ = ["DETECTIONS_SCHEMA", "DetectCropClassifyResult", "ExampleSpec", "detect_crop_classify"]

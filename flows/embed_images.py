@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from . import steps
-from ._config import EmbeddingFamily, check_index, embedding_model, resolve_cache, resolve_out_dir, resolve_server
-from ._fanout import FanOut, Shard, fan_out, finish_fanned_out
-from ._flow import roboflow_flow
-from ._output import ParquetSink
-from ._run import BatchRun, ImageCounts, markdown_table
-from ._sources import ImageSource
-from ._storage import join
-from ._tables import EMBEDDINGS_SCHEMA, record_rows
+from ._outputs.files import ParquetSink
+from ._outputs.tables import EMBEDDINGS_SCHEMA, record_rows
+from ._run.batch import BatchRun, ImageCounts, markdown_table
+from ._run.fanout import FanOut, Shard, fan_out, finish_fanned_out
+from ._run.flow import roboflow_flow
+from ._run.parameters import check_index, resolve_out_dir
+from ._steps.cache import resolve_cache
+from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
+from ._steps.sources import ImageSource
+from ._storage.access import join
 from .vector_index import update_index_from_table
 
 __all__ = ["EMBEDDINGS_SCHEMA", "EmbedImagesResult", "embed_images"]

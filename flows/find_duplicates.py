@@ -21,14 +21,14 @@ from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._config import resolve_out_dir
+from ._run.parameters import resolve_out_dir
 
 if TYPE_CHECKING:
     import pandas as pd
-from ._flow import roboflow_flow
-from ._output import ParquetSink
-from ._run import emit_completed, markdown_table, publish_summary
-from ._storage import is_remote, join
+from ._outputs.files import ParquetSink
+from ._run.batch import emit_completed, markdown_table, publish_summary
+from ._run.flow import roboflow_flow
+from ._storage.access import is_remote, join
 from .vector_index import MANIFEST, VectorIndex, update_index_from_table
 
 __all__ = ["DUPLICATES_SCHEMA", "FindDuplicatesResult", "find_duplicates"]

@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -49,24 +48,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from prefect_roboflow.blocks import EmbeddingModel, model_class, model_families
 from prefect_roboflow.blocks._compat import async_dispatch
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._config import ServerSpec
-
 # The layout's and tuning constants are defined where they are used; the `X as X` imports keep them
 # public here.
-from ._index_add import RETRAIN_GROWTH as RETRAIN_GROWTH
-from ._index_add import SEGMENT_ROWS as SEGMENT_ROWS
-from ._index_add import _commit_add
-from ._index_rows import PREAD_MAX_RUNS as PREAD_MAX_RUNS
-from ._index_rows import SCAN_BLOCK as SCAN_BLOCK
-from ._index_rows import _OpenIndex
-from ._index_search import _check_top_k, _checked_embedding, _knn, _looks_like_image, _query
-from ._index_store import DEFAULT_EXACT_BELOW, MANIFEST, MIN_EXACT_BELOW, _Manifest, _Store
-from ._index_store import FORMAT as FORMAT
-from ._index_store import FORMAT_VERSION as FORMAT_VERSION
-from ._index_store import META_SCHEMA as META_SCHEMA
+from ._index.add import _commit_add
+from ._index.rows import RowBatch, _OpenIndex
+from ._index.search import _check_top_k, _checked_embedding, _knn, _query
+from ._index.store import (
+    DEFAULT_EXACT_BELOW,
+    MANIFEST,
+    MIN_EXACT_BELOW,
+    _Manifest,
+    _Store,
+)
+from ._steps.models import ServerSpec
+from ._storage.listing import looks_like_image
 
 __all__ = [
     "DEFAULT_EXACT_BELOW",
@@ -78,13 +77,6 @@ __all__ = [
     "update_index_from_table",
 ]
 
-_FAMILIES = {
-    "clip": "clip",
-    "perception_encoder": "perception_encoder",
-    "Clip": "clip",
-    "PerceptionEncoder": "perception_encoder",
-}
-
 
 def family_name(model: str, field_name: str = "model") -> str:
     """The model family of a table's ``model`` value: ``"clip"`` or ``"perception_encoder"``.
@@ -95,12 +87,14 @@ def family_name(model: str, field_name: str = "model") -> str:
         >>> family_name("Clip")
         'clip'
     """
+    families = sorted(f for f, cls in model_families().items() if issubclass(cls, EmbeddingModel))
     try:
-        return _FAMILIES[model]
-    except (KeyError, TypeError):
-        raise InvalidInputError(
-            field_name, f"unknown model family {model!r}; expected one of {sorted(_FAMILIES)}"
-        ) from None
+        cls = model_class(model, field_name)
+    except InvalidInputError:
+        cls = None
+    if cls is None or not issubclass(cls, EmbeddingModel):
+        raise InvalidInputError(field_name, f"unknown model family {model!r}; expected one of {families}")
+    return cls.family
 
 
 class IndexHit(BaseModel):
@@ -124,16 +118,6 @@ class AddResult(BaseModel):
     retrained: bool
 
 
-@dataclass
-class RowBatch:
-    """Rows to add: references, content hashes and one vector each (detection index optional)."""
-
-    image_refs: Sequence[str]
-    image_sha256s: Sequence[str | None]
-    vectors: Any  # array-like (n, dim)
-    detection_indices: Sequence[int | None] | None = None
-
-
 # --- the index ----------------------------------------------------------------------------------
 
 
@@ -151,7 +135,7 @@ class VectorIndex(_OpenIndex):
     """
 
     # Its facts (`rows`, `dim`, `family`, ...), row reads (`vectors`, `iter_vectors`, `metadata`)
-    # and `close` come from `_OpenIndex` (flows/_index_rows.py).
+    # and `close` come from `_OpenIndex` (flows/_index/rows.py).
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -201,7 +185,7 @@ class VectorIndex(_OpenIndex):
         _check_top_k(top_k)
         vector, model, subject = _query(self, query, server)
         if model is not None:
-            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            texts = isinstance(subject, str) and not looks_like_image(subject)
             embedded = await (model.aembed_texts([subject]) if texts else model.aembed_images([subject]))
             vector = _checked_embedding(self, embedded)
         return await asyncio.to_thread(self._hits, vector, top_k, nprobe)
@@ -239,7 +223,7 @@ class VectorIndex(_OpenIndex):
         _check_top_k(top_k)
         vector, model, subject = _query(self, query, server)
         if model is not None:
-            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            texts = isinstance(subject, str) and not looks_like_image(subject)
             vector = _checked_embedding(self, model.embed_texts([subject]) if texts else model.embed_images([subject]))
         return self._hits(vector, top_k, nprobe)
 

@@ -31,7 +31,7 @@ from support.images import make_image, make_scene
 from prefect_roboflow.blocks import Clip, InferenceServer, _http
 from prefect_roboflow.blocks._http import _engines, get_engine
 from prefect_roboflow.flows import auto_label, classify_images, detect_crop_classify, embed_images
-from prefect_roboflow.flows._sources import load
+from prefect_roboflow.flows._steps.sources import load
 from prefect_roboflow.flows.demo import example_spec
 from prefect_roboflow.flows.records import Batch, Crop, ImageRecord
 

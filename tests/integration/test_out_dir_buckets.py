@@ -26,15 +26,15 @@ from support.s3 import ACCESS_KEY, MotoBucket, s3, s3_server, saved_bucket_block
 
 from prefect_roboflow.blocks import InvalidInputError
 from prefect_roboflow.flows import (
-    _locate,
     _storage,
-    _stores,
     auto_label,
     classify_images,
     detect_crop_classify,
     embed_images,
     find_duplicates,
 )
+from prefect_roboflow.flows._storage import locate as _locate
+from prefect_roboflow.flows._storage import stores as _stores
 from prefect_roboflow.flows.demo import example_spec
 
 pytestmark = pytest.mark.server
@@ -291,7 +291,7 @@ def test_a_run_that_crashes_midway_leaves_the_previous_objects(
     assert "run/detections.parquet" in before and len(before) > 2
 
     # when a rerun over fewer images dies after its first batch
-    from prefect_roboflow.flows._annotated import AnnotatedImageSink
+    from prefect_roboflow.flows._outputs.annotated import AnnotatedImageSink
 
     original, calls = AnnotatedImageSink.write, []
 

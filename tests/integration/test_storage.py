@@ -1,4 +1,4 @@
-"""Object storage in and out (flows/_storage.py, _locate.py, _stores.py) against moto on loopback.
+"""Object storage in and out (flows/_storage/) against moto on loopback.
 
 moto is a real S3-compatible server. Sources are listed lazily (one page of keys at a time), read in
 whichever process runs the task, written whole; bad sources are typed errors naming the parameter;
@@ -26,17 +26,10 @@ from support.images import make_image
 from support.s3 import SECRET_KEY, MotoBucket, s3, s3_server, saved_bucket_block  # noqa: F401
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
-from prefect_roboflow.flows import _locate
-from prefect_roboflow.flows._storage import (
-    AtomicParquetWriter,
-    block_source,
-    check_output,
-    count_refs,
-    iter_refs,
-    join,
-    read_bytes,
-    write_bytes,
-)
+from prefect_roboflow.flows._storage import locate as _locate
+from prefect_roboflow.flows._storage.access import check_output, join, read_bytes, write_bytes
+from prefect_roboflow.flows._storage.listing import block_source, count_refs, iter_refs
+from prefect_roboflow.flows._storage.parquet import AtomicParquetWriter
 
 JPEG = make_image(1, fmt="JPEG")
 PNG = make_image(2, fmt="PNG")
@@ -104,7 +97,7 @@ def test_listing_streams_pages_instead_of_listing_everything_first(s3: MotoBucke
 
 
 def _read_in_child(ref: str) -> tuple[int, str, bytes]:
-    from prefect_roboflow.flows._storage import read_bytes
+    from prefect_roboflow.flows._storage.access import read_bytes
 
     return os.getpid(), ref, read_bytes(ref)
 

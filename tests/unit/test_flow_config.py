@@ -13,11 +13,19 @@ import pyarrow as pa
 import pytest
 from prefect.filesystems import LocalFileSystem
 
-from prefect_roboflow.blocks import Clip, InvalidInputError, OwlV2, PerceptionEncoder, model_class, model_families
-from prefect_roboflow.blocks._embedding import EmbeddingModel
-from prefect_roboflow.flows._cache import ContentCache, content_key
-from prefect_roboflow.flows._config import EmbeddingFamily, embedding_model, ensure_out_dir, resolve_cache
-from prefect_roboflow.flows._output import ParquetSink, atomic_write_bytes
+from prefect_roboflow.blocks import (
+    Clip,
+    EmbeddingModel,
+    InvalidInputError,
+    OwlV2,
+    PerceptionEncoder,
+    model_class,
+    model_families,
+)
+from prefect_roboflow.flows._outputs.files import ParquetSink, atomic_write_bytes
+from prefect_roboflow.flows._run.parameters import ensure_out_dir
+from prefect_roboflow.flows._steps.cache import ContentCache, content_key, resolve_cache
+from prefect_roboflow.flows._steps.models import EmbeddingFamily, embedding_model
 
 
 @pytest.fixture()
@@ -117,7 +125,7 @@ def test_a_storage_block_slug_is_known_before_its_collection_is_imported(tmp_pat
 
     code = (
         "import sys\n"
-        "from prefect_roboflow.flows._config import _is_block_slug\n"
+        "from prefect_roboflow.flows._storage.locate import _is_block_slug\n"
         "assert 'prefect_aws' not in sys.modules\n"
         "print(_is_block_slug('s3-bucket/cache'), _is_block_slug('my-folder/cache'))\n"
     )

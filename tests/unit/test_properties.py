@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from prefect_roboflow.blocks import Box
 from prefect_roboflow.blocks._embedding import SERVER_MAX_ITEMS, chunked
 from prefect_roboflow.blocks.owlv2 import to_detections
-from prefect_roboflow.flows._sources import iter_batches
+from prefect_roboflow.flows._steps.sources import iter_batches
 
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False)
 positive = st.floats(min_value=0.5, max_value=1e4, allow_nan=False, allow_infinity=False)

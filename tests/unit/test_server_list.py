@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from prefect_roboflow.blocks import Clip, InferenceServer, InvalidInputError
-from prefect_roboflow.flows._config import resolve_server
+from prefect_roboflow.flows._steps.models import resolve_server
 
 
 def test_one_url_in_a_list_is_the_plain_string_it_always_was() -> None:

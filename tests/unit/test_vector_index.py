@@ -266,7 +266,7 @@ def test_an_object_storage_url_works_like_a_folder(vectors: np.ndarray):
 
 CRASHING_ADD = """
 import sys, numpy as np
-from prefect_roboflow.flows import _index_store
+from prefect_roboflow.flows._index import store as _index_store
 from prefect_roboflow.flows import vector_index as vi
 point = sys.argv[2]
 original = getattr(_index_store._Store, point)

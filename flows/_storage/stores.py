@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 
+#: Keys per S3 listing request (the S3 maximum).
+LIST_PAGE_SIZE = 1000
+
+
 class Store:
     """A storage system. ``rel`` paths are '/'-separated; a folder's ends with '/' ('' is the root)."""
 

@@ -217,3 +217,13 @@ class _Store:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def is_index(path: str) -> bool:
+    """Whether ``path`` (a folder or an object-storage URL) holds a vector index, not a table."""
+    if path.endswith(".parquet"):
+        return False
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(f"{root.rstrip('/')}/{MANIFEST}"))

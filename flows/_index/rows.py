@@ -9,7 +9,8 @@ manifest to train and fill a new IVF-PQ.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import faiss
@@ -19,9 +20,9 @@ import pyarrow.parquet as pq
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._index_store import META_SCHEMA, _Manifest, _Store
+from .store import META_SCHEMA, _Manifest, _Store
 
-__all__ = ["PREAD_MAX_RUNS", "SCAN_BLOCK", "_OpenIndex", "_normalise"]
+__all__ = ["PREAD_MAX_RUNS", "SCAN_BLOCK", "RowBatch", "_OpenIndex"]
 
 #: Rows scored at once by an exact scan (bounds the scan's memory to block × queries floats).
 SCAN_BLOCK = 32_768
@@ -30,6 +31,16 @@ SCAN_BLOCK = 32_768
 PREAD_MAX_RUNS = 2_048
 
 _Self = TypeVar("_Self", bound="_OpenIndex")
+
+
+@dataclass
+class RowBatch:
+    """Rows to add: references, content hashes and one vector each (detection index optional)."""
+
+    image_refs: Sequence[str]
+    image_sha256s: Sequence[str | None]
+    vectors: Any  # array-like (n, dim)
+    detection_indices: Sequence[int | None] | None = None
 
 
 class _OpenIndex:
@@ -167,15 +178,6 @@ class _OpenIndex:
             source = self._store.local_file(f"{name}.parquet")
             self._meta[s] = pq.read_table(source, columns=["image_ref", "image_sha256", "detection_index"])
         return self._meta[s]
-
-
-def _normalise(array: np.ndarray, name: str) -> np.ndarray:
-    if not np.isfinite(array).all():
-        raise InvalidInputError(name, "vectors must be finite (no NaN or inf)")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise InvalidInputError(name, f"row {int(np.flatnonzero(norms == 0)[0])} is a zero vector")
-    return np.ascontiguousarray(array / norms, dtype=np.float32)
 
 
 def _pread_rows(handle: Any, mapped: np.ndarray, local: np.ndarray) -> np.ndarray:

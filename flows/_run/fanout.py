@@ -49,10 +49,10 @@ from pydantic import BaseModel, Field
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._output import ParquetSink
-from ._run import ImageCounts, check_failure_rate, emit_completed, markdown_table, publish_summary
-from ._sources import ImageSource, iter_image_refs
-from ._storage import delete, join, list_files, read_bytes, write_bytes
+from .._outputs.files import ParquetSink
+from .._steps.sources import ImageSource, iter_image_refs
+from .._storage.access import delete, join, list_files, read_bytes, write_bytes
+from .batch import ImageCounts, check_failure_rate, emit_completed, markdown_table, publish_summary
 
 __all__ = ["FanOut", "FannedOut", "Shard", "fan_out", "finish_fanned_out"]
 

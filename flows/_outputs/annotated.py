@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._operations import decode_rgb, encode_jpeg
-from ._output import write_output
-from ._sources import load
-from ._storage import is_remote, join
-from .records import Batch, ImageRecord
+from .._steps.operations import decode_rgb, encode_jpeg
+from .._steps.sources import load
+from .._storage.access import is_remote, join
+from ..records import Batch, ImageRecord
+from .files import write_output
 
 __all__ = ["AnnotatedImageSink", "annotated_name"]
 

@@ -16,11 +16,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prefect.blocks.core import Block
 from prefect.filesystems import WritableFileSystem
+from prefect.settings import PREFECT_HOME
 
 from prefect_roboflow.blocks import InferenceError, ResponseInfo, record_responses
+from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._output import atomic_write_bytes
+from .._storage.access import atomic_write_bytes
+from .._storage.locate import _is_block_slug
 
 __all__ = ["ContentCache", "content_key", "through_cache"]
 
@@ -135,3 +139,25 @@ def through_cache(
                 cache.put(keys[i], encode(answer))
             outcomes[i] = answer
     return outcomes, len(misses), infos
+
+
+#: A flow's ``cache_storage`` parameter: a folder, a saved block as ``type-slug/name``, a cache, or None.
+CacheStorage = str | ContentCache | None
+
+
+def resolve_cache(cache_storage: CacheStorage) -> ContentCache:
+    """The per-item content cache of a flow.
+
+    ``cache_storage`` is a folder (absolute or relative, existing or not), or a saved
+    `WritableFileSystem` block as ``"block-type-slug/name"`` of a registered block type (e.g.
+    ``"s3-bucket/cache"``); ``None`` means ``$PREFECT_HOME/prefect-roboflow-cache``.
+    """
+    if isinstance(cache_storage, ContentCache):
+        return cache_storage
+    if cache_storage is not None and _is_block_slug(cache_storage):
+        block = Block.load(cache_storage, _sync=True)  # type: ignore[call-arg]
+        if not isinstance(block, WritableFileSystem):
+            raise InvalidInputError("cache_storage", f"{cache_storage} is not a writable file system block")
+        return ContentCache(block)
+    folder = Path(cache_storage) if cache_storage else Path(PREFECT_HOME.value()) / "prefect-roboflow-cache"
+    return ContentCache(folder.expanduser().resolve())

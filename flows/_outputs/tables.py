@@ -12,8 +12,8 @@ import pyarrow as pa
 
 from prefect_roboflow.blocks import ModelBlock
 
-from ._output import embedding_type
-from .records import Batch, ImageRecord
+from ..records import Batch, ImageRecord
+from .files import embedding_type
 
 __all__ = [
     "CLASSIFICATIONS_SCHEMA",

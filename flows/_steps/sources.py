@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.images import read_image_bytes, validate_encoded_image, validate_url
 
-from ._storage import count_refs, iter_refs
-from ._storage import read_bytes as storage_read_bytes
-from .records import Failure, ImageRecord
+from .._storage.access import read_bytes as storage_read_bytes
+from .._storage.listing import count_refs, iter_refs
+from ..records import Failure, ImageRecord
 
 if TYPE_CHECKING:
     import httpx

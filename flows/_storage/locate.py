@@ -21,13 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prefect.blocks.core import Block
+from prefect.plugins import load_prefect_collections
+from prefect.utilities.dispatch import get_registry_for_type
+
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._stores import BlockStore, FsspecStore, LocalStore, S3Store, Store
+from .stores import BlockStore, FsspecStore, LocalStore, S3Store, Store
 
 __all__ = ["BLOCK_SCHEME", "MAGIC", "locate", "split_url"]
 
 BLOCK_SCHEME = "block"
+#: Schemes a flow downloads over HTTP itself: passed through by listing, never read from storage.
+WEB_SCHEMES = frozenset({"http", "https"})
 #: A glob wildcard character.
 MAGIC = re.compile(r"[*?\[]")
 _SLUG = re.compile(r"[a-z0-9-]+")
@@ -157,3 +163,15 @@ def _locate_block(rest: str, field: str) -> tuple[Store, str]:
         fs = block.filesystem
         return FsspecStore(fs, ref_base, fs._strip_protocol(block.basepath).rstrip("/") + "/"), rel
     return BlockStore(block, ref_base), rel
+
+
+def _is_block_slug(value: str) -> bool:
+    """``"block-type/name"`` of a registered block type, and no path that exists."""
+    match = re.fullmatch(r"([a-z0-9-]+)/([\w-]+)", value)
+    if match is None or Path(value).expanduser().exists():
+        return False
+    if match.group(1) not in (get_registry_for_type(Block) or {}):
+        # A worker's flow-run process has imported no collection yet: register their block types
+        # (prefect-aws's s3-bucket…), or "s3-bucket/cache" would silently become a local folder.
+        load_prefect_collections()
+    return match.group(1) in (get_registry_for_type(Block) or {})

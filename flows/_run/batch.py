@@ -35,9 +35,9 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from ._output import ParquetSink
-from ._sources import ImageSource, count_images, iter_batches
-from .records import Batch, StepReport
+from .._outputs.files import ParquetSink
+from .._steps.sources import ImageSource, count_images, iter_batches
+from ..records import Batch, StepReport
 
 __all__ = [
     "BatchRun",

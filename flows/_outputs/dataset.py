@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._annotated import annotated_name
-from ._operations import decode_rgb
-from ._output import publish_folder, write_output
-from ._storage import is_remote, join
-from .records import ImageRecord
+from .._steps.operations import decode_rgb
+from .._storage.access import is_remote, join
+from ..records import ImageRecord
+from .annotated import annotated_name
+from .files import publish_folder, write_output
 
 if TYPE_CHECKING:
     import supervision as sv

@@ -1,0 +1,1 @@
+"""What a flow writes: its tables, annotated images, datasets and gallery."""

@@ -1,0 +1,71 @@
+"""The models and server a flow's parameters name: an `InferenceServer` from a block, a saved
+block name, a URL or a list of URLs, and the model blocks at their versions."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, TypeAlias, get_args
+
+from prefect_roboflow.blocks import EmbeddingModel, InferenceServer, OwlV2, model_class
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+from prefect_roboflow.blocks.server import normalise_api_urls
+
+#: The ``model`` parameter of the flows: the ``family`` of an embedding block.
+EmbeddingFamily = Literal["clip", "perception_encoder"]
+DEFAULT_SERVER_URL = "http://localhost:9001"
+#: A flow's ``server`` parameter: a saved block name, a URL, a list of URLs, a block, or None.
+ServerSpec: TypeAlias = str | list[str] | InferenceServer | None
+
+
+def resolve_server(server: ServerSpec) -> InferenceServer:
+    """An `InferenceServer` from a block, a saved block name, a URL, or a list of URLs.
+
+    ``None`` means the ``INFERENCE_SERVER_URL`` environment variable, then
+    ``http://localhost:9001``. A list of URLs names interchangeable servers that share the load
+    (see `InferenceServer`).
+
+    Raises:
+        InvalidInputError: naming ``server``, for a URL or list of URLs that is malformed (empty,
+            a server twice, not http(s), a query string), before any request.
+
+    Examples:
+        ```python
+        resolve_server(["http://gpu-a:9001", "http://gpu-b:9001"]).api_urls
+        # ('http://gpu-a:9001', 'http://gpu-b:9001')
+        resolve_server([])  # InvalidInputError: server: expected at least one server URL, got an empty list
+        ```
+    """
+    if isinstance(server, InferenceServer):
+        return server
+    if server is None:
+        server = os.environ.get("INFERENCE_SERVER_URL") or DEFAULT_SERVER_URL
+    if not isinstance(server, str) or "://" in server:
+        return InferenceServer(api_url=_server_urls(server))
+    name = server.split("/", 1)[1] if server.startswith("roboflow-inference-server/") else server
+    return InferenceServer.load(name, _sync=True)  # sync even inside an async flow
+
+
+def _server_urls(server: object) -> str | list[str]:
+    """The checked URL or URLs of a ``server`` parameter (see `normalise_api_urls`)."""
+    if not isinstance(server, (str, list, tuple)) or not all(isinstance(url, str) for url in server):
+        raise InvalidInputError("server", f"expected a URL, a list of URLs or a block, got {server!r:.200}")
+    try:
+        return normalise_api_urls(server)
+    except ValueError as error:
+        raise InvalidInputError("server", str(error)) from None
+
+
+def embedding_model(family: str, version: str | None, server: InferenceServer) -> EmbeddingModel:
+    """The embedding block of a family (``"clip"``, ``"perception_encoder"``), at its default version
+    unless one is given."""
+    if family not in get_args(EmbeddingFamily):
+        raise InvalidInputError("model", f"expected one of {list(get_args(EmbeddingFamily))}, got {family!r}")
+    cls = model_class(family)
+    model = cls(server=server) if version is None else cls(server=server, version=version)
+    assert isinstance(model, EmbeddingModel)
+    return model
+
+
+def detector_model(version: str | None, server: InferenceServer) -> OwlV2:
+    """The OWLv2 block, at its default version unless one is given."""
+    return OwlV2(server=server) if version is None else OwlV2(server=server, version=version)

@@ -1,0 +1,98 @@
+"""A parquet table streamed to a local temp file or spool and published whole."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+from .locate import locate
+from .stores import LocalReplace, LocalStore, output_error
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+_W = TypeVar("_W", bound="AtomicParquetWriter")
+
+
+class AtomicParquetWriter:
+    """Stream rows into a parquet table that appears whole at ``url`` on `commit`.
+
+    Local tables are written beside their final name and renamed into place; remote ones are
+    spooled to a local temp file and uploaded as one object. On an exception nothing changes at
+    ``url``. The result is a plain parquet object: pandas, pyarrow and duckdb read it from the bucket.
+
+    Examples:
+        ```python
+        with AtomicParquetWriter("s3://results/run-1/embeddings.parquet", schema) as sink:
+            sink.write([{"image_ref": "s3://photos/a.jpg", ...}])
+        pandas.read_parquet("s3://results/run-1/embeddings.parquet")
+        ```
+    """
+
+    def __init__(
+        self, url: str | os.PathLike[str], schema: pa.Schema, *, credentials: Any = None, field: str = "out_dir"
+    ) -> None:
+        import pyarrow.parquet as pq
+
+        self.url, self.schema, self.field, self.rows = os.fspath(url), schema, field, 0
+        self._store, self._rel = locate(self.url, field, credentials)
+        self._local: LocalReplace | None = None
+        if isinstance(self._store, LocalStore):
+            self._local = LocalReplace(Path(self._store.base + self._rel))
+            self._file: IO[bytes] = self._local.file
+        else:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by commit or abort
+        self._writer: Any = pq.ParquetWriter(self._file, schema, compression="zstd")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows (dicts keyed by column name)."""
+        import pyarrow as pa
+
+        if rows:
+            assert self._writer is not None, "writer already closed"
+            self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+            self.rows += len(rows)
+
+    def commit(self) -> str:
+        """Finish the table and publish it at ``url``; returns ``url``."""
+        assert self._writer is not None, "writer already closed"
+        self._writer.close()
+        self._writer = None
+        if self._local is not None:
+            self._local.__exit__(None)
+            return self.url
+        try:
+            self._file.seek(0)
+            self._store.upload(self._rel, self._file)
+        except Exception as exc:
+            error = output_error(self._store, self.url, self.field, exc)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            self._file.close()
+        return self.url
+
+    def abort(self) -> None:
+        """Drop everything written; ``url`` is left as it was."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._local is not None:
+            self._local.__exit__(RuntimeError)
+        else:
+            self._file.close()
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
