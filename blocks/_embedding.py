@@ -84,11 +84,19 @@ class EmbeddingModel(ModelBlock, ABC):
         known = self.dimensions.get(self.version)
         return known if known is not None else self._engine.learned_dimensions.get((self.family, self.version))
 
+    def learn_dimension(self, size: int) -> int:
+        """The embedding size in force: the known or learned `dimension`, else ``size`` (learned now,
+        for this family and version in this process: the first answer, cached vector or index met)."""
+        known = self.dimension
+        if known is not None:
+            return known
+        return self._engine.learned_dimensions.setdefault((self.family, self.version), size)
+
     def _parse_embeddings(self, answer: dict[str, Any], n: int, endpoint: str) -> list[np.ndarray]:
         """`_parse_vectors` against `dimension`; the first answer of an unknown version fixes it."""
         vectors = _parse_vectors(answer, n, endpoint, self.dimension)
-        if vectors and self.version not in self.dimensions:
-            self._engine.learned_dimensions.setdefault((self.family, self.version), int(vectors[0].shape[0]))
+        if vectors:
+            self.learn_dimension(int(vectors[0].shape[0]))
         return vectors
 
     # --- input checks, per model family -------------------------------------------------

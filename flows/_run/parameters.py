@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prefect_roboflow.blocks import ModelBlock
+from prefect_roboflow.blocks import EmbeddingModel, ModelBlock
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._storage.access import check_output
@@ -31,6 +31,11 @@ def check_index(index_path: str | None, model: ModelBlock) -> None:
     if index.family is not None and (index.family, index.version) != (model.family, model.version):
         raise InvalidInputError(
             "index_path", f"holds {index.family} {index.version} rows; this run embeds with {model.label}"
+        )
+    dim = index.dim
+    if dim and isinstance(model, EmbeddingModel) and model.learn_dimension(dim) != dim:
+        raise InvalidInputError(
+            "index_path", f"holds {dim}-value rows; {model.label} embeddings have {model.dimension}"
         )
 
 
