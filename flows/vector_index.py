@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from prefect_roboflow.blocks import EmbeddingModel, model_class, model_families
 from prefect_roboflow.blocks._compat import async_dispatch
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
@@ -79,13 +80,6 @@ __all__ = [
     "update_index_from_table",
 ]
 
-_FAMILIES = {
-    "clip": "clip",
-    "perception_encoder": "perception_encoder",
-    "Clip": "clip",
-    "PerceptionEncoder": "perception_encoder",
-}
-
 
 def family_name(model: str, field_name: str = "model") -> str:
     """The model family of a table's ``model`` value: ``"clip"`` or ``"perception_encoder"``.
@@ -96,12 +90,14 @@ def family_name(model: str, field_name: str = "model") -> str:
         >>> family_name("Clip")
         'clip'
     """
+    families = sorted(f for f, cls in model_families().items() if issubclass(cls, EmbeddingModel))
     try:
-        return _FAMILIES[model]
-    except (KeyError, TypeError):
-        raise InvalidInputError(
-            field_name, f"unknown model family {model!r}; expected one of {sorted(_FAMILIES)}"
-        ) from None
+        cls = model_class(model, field_name)
+    except InvalidInputError:
+        cls = None
+    if cls is None or not issubclass(cls, EmbeddingModel):
+        raise InvalidInputError(field_name, f"unknown model family {model!r}; expected one of {families}")
+    return cls.family
 
 
 class IndexHit(BaseModel):

@@ -15,14 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from prefect_roboflow.blocks import Clip, PerceptionEncoder
+from prefect_roboflow.blocks import EmbeddingModel
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .._steps.models import ServerSpec, resolve_server
+from .._steps.models import ServerSpec, embedding_model, resolve_server
 from .._steps.sources import read_bytes
+from .._steps.vectors import normalise
 from .._storage.listing import looks_like_image
 from .._storage.locate import split_url
-from .rows import _normalise, _OpenIndex
+from .rows import _OpenIndex
 
 __all__ = [
     "_check_queries",
@@ -32,8 +33,6 @@ __all__ = [
     "_knn",
     "_query",
 ]
-
-_BLOCKS: dict[str, type[Clip] | type[PerceptionEncoder]] = {"clip": Clip, "perception_encoder": PerceptionEncoder}
 
 
 def _knn(
@@ -77,12 +76,10 @@ def _check_queries(index: _OpenIndex, queries: Any) -> np.ndarray:
         raise InvalidInputError(
             "query", f"expected vectors of dimension {index.dim} (the index's), got shape {array.shape}"
         )
-    return _normalise(array, "query")
+    return normalise(array, "query")
 
 
-def _query(
-    index: _OpenIndex, query: Any, server: ServerSpec
-) -> tuple[np.ndarray, Clip | PerceptionEncoder | None, Any]:
+def _query(index: _OpenIndex, query: Any, server: ServerSpec) -> tuple[np.ndarray, EmbeddingModel | None, Any]:
     """``(vector, None, None)`` for a vector; ``(empty, model, text-or-image)`` to embed — checked first."""
     if index.rows == 0:
         raise InvalidInputError("query", f"the index at {index.path} is empty")
@@ -92,7 +89,7 @@ def _query(
         raise InvalidInputError("query", f"expected a vector, a text or an image, got {type(query).__name__}")
     assert index.family is not None and index.version is not None
     subject = query if isinstance(query, str) and not looks_like_image(query) else _image_input(query)
-    model = _BLOCKS[index.family](server=resolve_server(server), version=index.version)
+    model = embedding_model(index.family, index.version, resolve_server(server))
     return np.empty(0, dtype=np.float32), model, subject
 
 
