@@ -26,8 +26,8 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._storage.access import read_at
 from .._storage.atomic import LocalReplace, publish_file, scratch_file
-from .._storage.locate import locate, split_url
-from .._storage.stores import BlockStore, LocalStore
+from .._storage.locate import locate
+from .._storage.stores import BlockStore, LocalStore, Store
 
 _T = TypeVar("_T")
 
@@ -140,21 +140,20 @@ class _Store:
     def __init__(self, location: str | os.PathLike[str], field: str = "path") -> None:
         text = os.fspath(location)
         self.location, self.field = text, field
-        scheme = split_url(text)[0]
-        self.remote = scheme not in {"", "file"}
-        if self.remote:
-            store, rel = locate(text.rstrip("/") + "/", field)
-            if isinstance(store, BlockStore):
-                raise InvalidInputError(
-                    field, f"{text}: a vector index needs a store that can list and delete (a folder, bucket or URL)"
-                )
+        store, rel = locate(text.rstrip("/") + "/", field)
+        self.remote = not isinstance(store, LocalStore)  # a local-file-system block's folder is local too
+        if isinstance(store, BlockStore):
+            raise InvalidInputError(
+                field, f"{text}: a vector index needs a store that can list and delete (a folder, bucket or URL)"
+            )
+        self.store: Store = store
+        if isinstance(store, LocalStore):
+            self.root = str(Path(store.base + rel).expanduser().resolve())
+            self.store, self.base = LocalStore(), self.root + "/"
+        else:
             self.store, self.base = store, rel
             digest = hashlib.sha256(text.encode()).hexdigest()[:24]
             self.cache = Path(tempfile.gettempdir()) / "prefect-roboflow-index-cache" / digest
-        else:
-            local = text.removeprefix("file://") if scheme else text
-            self.root = str(Path(local).expanduser().resolve())
-            self.store, self.base = LocalStore(), self.root + "/"
 
     def _call(self, operation: Callable[[], _T]) -> _T:
         """A storage call whose failure (no bucket, access denied…) is an error naming the field."""
@@ -187,8 +186,8 @@ class _Store:
             return Path(self.root) / name
         target = self.cache / name
         if not target.exists():
-            with LocalReplace(target) as (file, _):
-                self.store.download(self.base + name, file)
+            with LocalReplace(target) as (file, _):  # streamed, never whole in memory
+                self._call(lambda: self.store.download(self.base + name, file))
         return target
 
     def put_file(self, name: str, source: Path) -> None:
