@@ -28,6 +28,7 @@ from ._drift.baseline import latest_baseline, save_baseline
 from ._drift.history import PLOT_FILE, append_history, plot_history, read_history
 from ._drift.methods import DEFAULT_METHOD, METHODS, THRESHOLDS, DriftMethod, drift_score
 from ._drift.windows import Window, check_same, checked_vectors, read_window
+from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import show_location, write_output
 from ._run.batch import EVENT_PREFIX, BatchRun, check_failure_rate, emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
@@ -275,6 +276,16 @@ async def _publish(result: MonitorDriftResult, current: ImageSource) -> None:
         sections.append(f"Score over past runs: {show_location(str(result.plot_path))}")
     if result.baseline_path:
         sections.append(f"Baseline pinned: {show_location(result.baseline_path)}")
+    written = [p for p in (result.drift_path, result.plot_path, result.baseline_path) if p]
+    figures = {
+        "rows": len(result.scores),
+        "failed": 0,
+        "n_current": result.n_current,
+        "n_reference": result.n_reference,
+    }
+    keys = await materialize_outputs(FLOW_KEY, written, current, figures, [f"{result.model} {result.version}"])
+    if keys:
+        sections.append(assets_section(keys))
     await publish_summary(FLOW_KEY, title, sections)
     payload = {**result.model_dump(mode="json"), "current": current}
     if result.drifted:

@@ -15,8 +15,9 @@ on the rows it uses, so a 100,000-row reference costs what a few thousand rows c
 Rows are L2-normalised first (embeddings compare by cosine). Subsamples are drawn without
 replacement with ``numpy.random.default_rng(seed)``; the classifier's features are standardised over
 both windows (no labels used), its L2 penalty is 0.1 (a near nearest-mean classifier: it cannot buy
-a spurious out-of-fold AUC by overfitting) and its five fold models are fitted together by 100 steps
-of Nesterov gradient descent. (scikit-learn is not a dependency: this is numpy.)
+a spurious out-of-fold AUC by overfitting) and its five fold models are fitted together by 30 steps
+of Nesterov gradient descent (on planted data its AUC matches 300 steps' to 1e-4); numpy only,
+scikit-learn is not a dependency.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ MAX_ROWS: dict[str, int | None] = {
 METHODS: tuple[str, ...] = tuple(THRESHOLDS)
 FOLDS = 5
 PENALTY = 0.1
-STEPS = 100
+STEPS = 30
 KS_ALPHA = 0.05
 
 

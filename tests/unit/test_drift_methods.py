@@ -18,7 +18,7 @@ from prefect_roboflow.flows._drift.methods import METHODS, THRESHOLDS, drift_sco
 DIM = 512
 SEEDS = range(20)
 #: Rows per window and method (the classifier and the MMD kernel cost the most).
-ROWS = {"domain_classifier": 800, "mean_cosine": 1000, "share_drifted": 1000, "mmd": 400}
+ROWS = {"domain_classifier": 600, "mean_cosine": 1000, "share_drifted": 1000, "mmd": 400}
 
 
 def _directions(seed: int) -> tuple[np.ndarray, np.ndarray]:
