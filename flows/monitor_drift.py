@@ -26,7 +26,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from . import steps
 from ._drift.baseline import latest_baseline, save_baseline
 from ._drift.history import PLOT_FILE, append_history, plot_history, read_history
-from ._drift.methods import DEFAULT_METHOD, METHODS, THRESHOLDS, DriftMethod, drift_score
+from ._drift.methods import DEFAULT_METHOD, METHODS, THRESHOLDS, drift_score
 from ._drift.windows import Window, check_same, checked_vectors, read_window
 from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import show_location, write_output
@@ -113,7 +113,7 @@ async def monitor_drift(
     current: ImageSource,
     out_dir: str,
     reference: str | list[str] | None = None,
-    methods: list[DriftMethod] = [DEFAULT_METHOD],  # noqa: B006 - a flow parameter's shown default
+    methods: list[str] = [DEFAULT_METHOD],  # noqa: B006 - a flow parameter's shown default; checked by _check
     thresholds: dict[str, float] | None = None,
     save_baseline: bool = False,
     baseline_dir: str | None = None,
