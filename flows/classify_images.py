@@ -62,7 +62,7 @@ async def classify_images(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its table) above this share of failed images.
-        index_path: A vector index (folder or object-storage URL) to add this run's new rows to.
+        index_path: A vector index (folder, object-storage URL or ``block://`` path) to add this run's new rows to.
     """
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)

@@ -54,7 +54,7 @@ async def embed_images(
         cache_storage: Where per-image results are kept: a folder, or a saved file-system block
             as ``"block-type/name"``; ``$PREFECT_HOME/prefect-roboflow-cache`` by default.
         max_failure_rate: The run fails (after writing its table) when a larger share of images fails.
-        index_path: A vector index (folder or object-storage URL) to add this run's new rows to,
+        index_path: A vector index (folder, object-storage URL or ``block://`` path) to add this run's new rows to,
             for `search_images` and `VectorIndex` at millions of rows.
         fan_out: Split the job into shards of ``fan_out.shard_size`` images that run as sub-runs of
             this flow's deployment on the workers of its pool (see `FanOut`); the table is then a

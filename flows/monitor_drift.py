@@ -29,7 +29,7 @@ from ._drift.history import PLOT_FILE, append_history, plot_history, read_histor
 from ._drift.methods import DEFAULT_METHOD, METHODS, THRESHOLDS, drift_score
 from ._drift.windows import Window, check_same, checked_vectors, read_window
 from ._outputs.assets import assets_section, materialize_outputs
-from ._outputs.files import show_location, write_output
+from ._outputs.files import show_location
 from ._run.batch import EVENT_PREFIX, BatchRun, check_failure_rate, emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
@@ -37,6 +37,7 @@ from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource, count_images
 from ._storage.access import join
+from ._storage.publish import write_output
 
 __all__ = ["DRIFT_EVENT", "DriftScore", "MonitorDriftResult", "monitor_drift"]
 

@@ -48,13 +48,6 @@ STEPS = 30
 KS_ALPHA = 0.05
 
 
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Each row scaled to length 1 (float32; an all-zero row stays zero)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.float32(1e-12))
-
-
 def _subsample(vectors: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
     if limit is None or len(vectors) <= limit:
         return vectors
@@ -181,7 +174,7 @@ _SCORES: dict[str, Callable[[np.ndarray, np.ndarray, np.random.Generator], float
 
 
 def drift_score(method: str, reference: np.ndarray, current: np.ndarray, seed: int = 0) -> float:
-    """``method``'s score of ``current`` against ``reference`` (rows: unit vectors, see `unit_rows`),
+    """``method``'s score of ``current`` against ``reference`` (rows: unit vectors, see `_steps.vectors.normalise`),
     each side subsampled to ``MAX_ROWS[method]``, deterministic for ``seed``."""
     rng = np.random.default_rng(seed)
     limit = MAX_ROWS[method]

@@ -22,9 +22,9 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._index.store import is_index
 from .._steps.sources import ImageSource
+from .._steps.vectors import normalise
 from .._storage.access import is_remote, list_files, read_bytes
 from ..vector_index import VectorIndex, family_name
-from .methods import unit_rows
 
 __all__ = ["MIN_ROWS", "Window", "check_same", "checked_vectors", "is_table", "read_window"]
 
@@ -91,17 +91,12 @@ def _read_part(part: str, field: str) -> pa.Table:
 
 
 def checked_vectors(vectors: np.ndarray, field: str, source: str) -> np.ndarray:
-    """``vectors`` as L2-normalised float32 rows, refused when too few or not finite."""
+    """``vectors`` as L2-normalised float32 rows, refused when too few, not finite or zero."""
     if vectors.ndim != 2 or len(vectors) == 0:
         raise InvalidInputError(field, f"{source} holds no embeddings (an empty window)")
     if len(vectors) < MIN_ROWS:
         raise InvalidInputError(field, f"{source} holds {len(vectors)} row(s); a window needs at least {MIN_ROWS}")
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        raise InvalidInputError(
-            field, f"{source}: {int(bad.sum())} row(s) hold NaN or infinite values (first: row {int(np.argmax(bad))})"
-        )
-    return unit_rows(vectors)
+    return normalise(vectors, field)  # refuses NaN, inf and zero rows
 
 
 def _read_table(spec: str, field: str) -> Window:

@@ -22,7 +22,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .store import META_SCHEMA, _Manifest, _Store
 
-__all__ = ["PREAD_MAX_RUNS", "SCAN_BLOCK", "_OpenIndex", "_normalise"]
+__all__ = ["PREAD_MAX_RUNS", "SCAN_BLOCK", "RowBatch", "_OpenIndex"]
 
 #: Rows scored at once by an exact scan (bounds the scan's memory to block × queries floats).
 SCAN_BLOCK = 32_768
@@ -180,15 +180,6 @@ class _OpenIndex:
         return self._meta[s]
 
 
-def _normalise(array: np.ndarray, name: str) -> np.ndarray:
-    if not np.isfinite(array).all():
-        raise InvalidInputError(name, "vectors must be finite (no NaN or inf)")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise InvalidInputError(name, f"row {int(np.flatnonzero(norms == 0)[0])} is a zero vector")
-    return np.ascontiguousarray(array / norms, dtype=np.float32)
-
-
 def _pread_rows(handle: Any, mapped: np.ndarray, local: np.ndarray) -> np.ndarray:
     """Rows ``local`` of one segment's vectors file, read with one ``pread`` per run of adjacent rows."""
     dim = mapped.shape[1]
@@ -209,6 +200,4 @@ def _pread_rows(handle: Any, mapped: np.ndarray, local: np.ndarray) -> np.ndarra
 
 
 def _read_ann(store: _Store, name: str) -> Any:
-    if store.remote:
-        return faiss.deserialize_index(np.frombuffer(store.read_bytes(name), dtype=np.uint8))
-    return faiss.read_index(str(store.local_file(name)))
+    return faiss.read_index(str(store.local_file(name)))  # a remote file streamed once into the read cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from prefect.settings import PREFECT_HOME
 from prefect_roboflow.blocks import InferenceError, ResponseInfo, record_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .._outputs.files import atomic_write_bytes
+from .._storage.access import atomic_write_bytes, read_bytes
 from .._storage.locate import _is_block_slug
 
 __all__ = ["ContentCache", "content_key", "through_cache"]
@@ -78,7 +79,7 @@ class ContentCache:
         """The stored bytes for ``key``, or None."""
         try:
             if isinstance(self.storage, Path):
-                return (self.storage / self._relative(key)).read_bytes()
+                return read_bytes(os.fspath(self.storage / self._relative(key)), field="cache_storage")
             return _resolved(self.storage.read_path(self._relative(key)))
         except Exception:  # a missing or unreadable entry is a miss, whatever the storage
             return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prefect_roboflow.flows._drift.methods import METHODS, THRESHOLDS, drift_score, roc_auc, unit_rows
+from prefect_roboflow.flows._drift.methods import METHODS, THRESHOLDS, drift_score, roc_auc
 
 DIM = 512
 SEEDS = range(20)
@@ -33,7 +33,8 @@ def _directions(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _window(rng: np.random.Generator, direction: np.ndarray, rows: int) -> np.ndarray:
     noise = rng.standard_normal((rows, DIM)).astype(np.float32) / np.float32(np.sqrt(DIM))
-    return unit_rows(direction[None, :] + noise)
+    vectors = direction[None, :] + noise
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 @pytest.mark.parametrize("method", METHODS)
