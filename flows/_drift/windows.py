@@ -104,19 +104,20 @@ def _read_table(spec: str, field: str) -> Window:
     table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     if "status" in table.schema.names:
         table = table.filter(pc.equal(table.column("status"), "ok"))
-    pairs = {
-        (str(r["model"]), str(r["version"])) for r in table.group_by(["model", "version"]).aggregate([]).to_pylist()
-    }
-    families = {(family_name(m, field), v) for m, v in pairs}
-    if len(families) > 1:
-        raise InvalidInputError(field, f"{spec} mixes models: {sorted(families)}")
-    if not families:
+    models, versions = pc.unique(table.column("model")).to_pylist(), pc.unique(table.column("version")).to_pylist()
+    if len(models) * len(versions) > 1:  # (a mix; which pairs exist is for the message only)
+        pairs = table.select(["model", "version"]).group_by(["model", "version"]).aggregate([]).to_pylist()
+        found = sorted({(family_name(str(p["model"]), field), str(p["version"])) for p in pairs})
+        if len(found) > 1:
+            raise InvalidInputError(field, f"{spec} mixes models: {found}")
+    if not models:
         raise InvalidInputError(field, f"{spec} holds no successful rows (an empty window)")
-    embedding = table.column("embedding").combine_chunks()
+    families = {(family_name(str(models[0]), field), str(versions[0]))}
+    embedding = table.column("embedding")
     lengths = pc.list_value_length(embedding).to_numpy(zero_copy_only=False)
-    if len(set(lengths.tolist())) != 1 or int(lengths[0]) == 0:
+    if len(np.unique(lengths)) != 1 or not lengths[0] > 0:
         raise InvalidInputError(field, f"{spec} holds embeddings of several lengths: {sorted(set(lengths.tolist()))}")
-    flat = pc.list_flatten(embedding).to_numpy(zero_copy_only=False)
+    flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in embedding.chunks])
     vectors = np.asarray(flat, dtype=np.float32).reshape(len(lengths), int(lengths[0]))
     del table, embedding, flat
     family, version = families.pop()
