@@ -25,12 +25,22 @@ import shutil
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..records import ImageRecord
 
 if TYPE_CHECKING:
     import supervision as sv
 
-    from .dataset import LabelledImage
+
+class LabelledImage(Protocol):
+    """What the writers read of `dataset.LabelledImage` (a protocol: `dataset` imports this module)."""
+
+    image: ImageRecord
+    xyxy: list[list[float]]
+    class_ids: list[int]
+    scores: list[float]
+
 
 __all__ = [
     "CVAT_ZIP",
