@@ -25,7 +25,7 @@ from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import resolve_out_dir
+from ._run.parameters import AutoLabelParameters, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource, load
@@ -201,6 +201,7 @@ async def auto_label(
         image_prefix: Label Studio tasks name each image as this prefix + its file name (the images
             are then written under ``label_studio/images/``); by default, by its own reference.
     """
+    AutoLabelParameters.check(locals())
     _check(min_score, formats)
     prompts = class_prompts(classes)
     srv = resolve_server(server)

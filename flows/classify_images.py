@@ -11,7 +11,7 @@ from ._outputs.files import ParquetSink
 from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, resolve_out_dir
+from ._run.parameters import ClassifyImagesParameters, check_index, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -64,6 +64,7 @@ async def classify_images(
         max_failure_rate: The run fails (after writing its table) above this share of failed images.
         index_path: A vector index (folder, object-storage URL or ``block://`` path) to add this run's new rows to.
     """
+    ClassifyImagesParameters.check(locals())
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)

@@ -18,7 +18,7 @@ from ._outputs.files import ParquetSink
 from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows
 from ._run.batch import BatchRun, RequestFigures, markdown_table
 from ._run.flow import roboflow_flow
-from ._run.parameters import resolve_out_dir
+from ._run.parameters import DetectCropClassifyParameters, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -86,6 +86,7 @@ async def detect_crop_classify(
         Counts, label counts and output paths. One row per detection, one per image without any
         (``status="no_detections"``), and one per failed image: every image has a row.
     """
+    DetectCropClassifyParameters.check(locals())
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference = steps.reference_examples(examples)

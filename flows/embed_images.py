@@ -8,7 +8,7 @@ from ._outputs.tables import EMBEDDINGS_SCHEMA, record_rows
 from ._run.batch import BatchRun, ImageCounts, markdown_table
 from ._run.fanout import FanOut, Shard, fan_out, finish_fanned_out
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, resolve_out_dir
+from ._run.parameters import EmbedImagesParameters, check_index, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -65,6 +65,7 @@ async def embed_images(
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
         embedding, status ("ok" | "failed"), error``.
     """
+    EmbedImagesParameters.check(locals())
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
