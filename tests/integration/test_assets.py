@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -18,7 +19,7 @@ from prefect.events.worker import EventsWorker
 from support.fault_proxy import FaultProxy
 from support.images import make_image
 
-from prefect_roboflow.flows import embed_images
+from prefect_roboflow.flows import embed_images, find_duplicates
 
 pytestmark = pytest.mark.server
 
@@ -83,3 +84,10 @@ def test_outputs_are_assets_even_on_a_cached_rerun(proxy: FaultProxy, tmp_path: 
 
     assert table_key in _summary(first.state_details.flow_run_id)
     assert table_key in _summary(second.state_details.flow_run_id)
+
+    # find_duplicates: its table, with the embeddings table as upstream
+    found = find_duplicates(str(out / "embeddings.parquet"), str(tmp_path / "dups"))
+    (duplicates,) = _events(MATERIALIZED, f"file://{tmp_path}/dups/duplicates.parquet", expected=1)
+    written = pq.read_metadata(found.duplicates_path).num_rows
+    assert duplicates.payload["flow"] == "find-duplicates" and duplicates.payload["table_rows"] == written
+    assert {(r.id, r.role) for r in duplicates.related} >= {(table_key, "asset")}
