@@ -23,7 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from prefect.exceptions import ParameterTypeError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from prefect_roboflow.blocks import Box, ModelBlock
+from prefect_roboflow.blocks import Box, EmbeddingModel, ModelBlock
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.owlv2 import check_examples
 
@@ -333,6 +333,11 @@ def check_index(index_path: str | None, model: ModelBlock) -> None:
     if index.family is not None and (index.family, index.version) != (model.family, model.version):
         raise InvalidInputError(
             "index_path", f"holds {index.family} {index.version} rows; this run embeds with {model.label}"
+        )
+    dim = index.dim
+    if dim and isinstance(model, EmbeddingModel) and model.learn_dimension(dim) != dim:
+        raise InvalidInputError(
+            "index_path", f"holds {dim}-value rows; {model.label} embeddings have {model.dimension}"
         )
 
 
