@@ -9,6 +9,10 @@ Deployments (``<flow>/<name>``, name ``local`` unless ``--name``):
   and the images of each ``prefect_roboflow.images.arrived`` event for it (see ``webhook.py``).
 - ``detect-crop-classify``: the bundled few-shot examples and labels, run on each event's images.
 - ``classify-images`` and ``search-images``: on demand (``prefect deployment run``, or the UI).
+- ``monitor-drift``: scores ``IMAGES_DIR`` against the pinned embedding baseline daily
+  (``--drift-cron``); pin one first with ``--param save_baseline=true`` (see README.md).
+- ``auto-label``: on each ``prefect_roboflow.drift.detected`` event, labels the drifted window for
+  review (COCO, Label Studio tasks, CVAT zip) under ``OUT_DIR/auto-label/drift/<event id>/``.
 
 The inference server is ``--server`` / ``INFERENCE_SERVER_URL`` (a URL or a saved block name).
 Runs go to ``OUT_DIR/<flow>/``, and those started by an event to ``OUT_DIR/<flow>/events/<event id>/``.
@@ -50,11 +54,30 @@ def arrival_trigger(flow: str, out_dir: str) -> DeploymentEventTrigger:
     )
 
 
+def drift_trigger(out_dir: str) -> DeploymentEventTrigger:
+    """Run the deployment over the window of each drift event (``monitor_drift``'s ``current``)."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name="auto_label the drifted window",
+        expect={"prefect_roboflow.drift.detected"},
+        match={"prefect.resource.id": "prefect_roboflow.drift.*"},  # type: ignore[arg-type]
+        parameters={"images": "{{ event.payload.current }}", "out_dir": f"{out_dir}/drift/{{{{ event.id }}}}"},
+    )
+
+
 def deployments(args: argparse.Namespace) -> list[Any]:
-    """The four deployments, from the parsed command line."""
+    """The six deployments, from the parsed command line."""
     from prefect.types.entrypoint import EntrypointType
 
-    from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
+    from prefect_roboflow.flows import (
+        auto_label,
+        classify_images,
+        detect_crop_classify,
+        embed_images,
+        monitor_drift,
+        search_images,
+    )
     from prefect_roboflow.flows.demo import example_spec
 
     out = Path(args.out).expanduser().resolve()
@@ -94,6 +117,24 @@ def deployments(args: argparse.Namespace) -> list[Any]:
                 **common,
             },
         ),
+        monitor_drift.to_deployment(
+            **options,
+            cron=args.drift_cron,
+            concurrency_limit=1,  # one writer of drift.parquet at a time
+            parameters={"current": images, "out_dir": str(out / "monitor-drift"), **common},
+        ),
+        auto_label.to_deployment(
+            **options,
+            parameters={
+                "images": images,
+                "examples": examples,
+                "classes": labels,
+                "out_dir": str(out / "auto-label"),
+                "formats": ["coco", "label_studio", "cvat"],
+                **common,
+            },
+            triggers=[drift_trigger(str(out / "auto-label"))],
+        ),
     ]
 
 
@@ -108,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cron", default=env("EMBED_CRON", "0 2 * * *"), help="embed-images schedule ($EMBED_CRON)")
     parser.add_argument("--interval", type=float, default=float(env("EMBED_INTERVAL") or 0) or None,
                         help="embed-images every N seconds instead of the cron ($EMBED_INTERVAL)")  # fmt: skip
+    parser.add_argument("--drift-cron", default=env("DRIFT_CRON", "30 2 * * *"),
+                        help="monitor-drift schedule ($DRIFT_CRON)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=int(env("SERVE_LIMIT", "2")), help="concurrent runs at most")
     poll = float(env("PREFECT_RUNNER_POLL_FREQUENCY") or DEFAULT_POLL_SECONDS)
     parser.add_argument("--poll", type=float, default=poll, help="seconds between polls for runs to start "

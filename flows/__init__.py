@@ -7,6 +7,7 @@
 - `search_images`: a text or image query → the most similar rows of such a table.
 - `auto_label`: detection + zero-shot classes → a COCO/YOLO dataset, a review table and gallery.
 - `find_duplicates`: exact and near-duplicate groups from an embeddings table or vector index.
+- `monitor_drift`: has a window of new images drifted from a reference or pinned baseline?
 
 `VectorIndex` (``prefect_roboflow.flows.vector_index``) keeps embeddings searchable at millions of
 rows; the embedding flows add to one with ``index_path``.
@@ -24,6 +25,7 @@ from .classify_images import ClassifyImagesResult, classify_images
 from .detect_crop_classify import DetectCropClassifyResult, detect_crop_classify
 from .embed_images import EmbedImagesResult, embed_images
 from .find_duplicates import FindDuplicatesResult, find_duplicates
+from .monitor_drift import MonitorDriftResult, monitor_drift
 from .records import Batch, Failure, ImageRecord
 from .search_images import SearchHit, SearchImagesResult, search_images
 from .steps import ExampleSpec
@@ -40,6 +42,7 @@ __all__ = [
     "Failure",
     "ImageRecord",
     "IndexHit",
+    "MonitorDriftResult",
     "SearchHit",
     "SearchImagesResult",
     "VectorIndex",
@@ -48,6 +51,7 @@ __all__ = [
     "detect_crop_classify",
     "embed_images",
     "find_duplicates",
+    "monitor_drift",
     "search_images",
     "steps",
     "update_index_from_table",

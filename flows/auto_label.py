@@ -21,7 +21,7 @@ from pydantic import Field
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from . import steps
-from ._outputs.dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
+from ._outputs.dataset import DEFAULT_FORMATS, EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
 from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
 from ._run.batch import BatchRun, ImageCounts, markdown_table
@@ -41,7 +41,7 @@ __all__ = ["AutoLabelResult", "auto_label", "class_prompts"]
 FLOW_KEY = "auto-label"
 #: CLIP's logit scale: zero-shot probabilities are softmax(100 × cosine similarity).
 LOGIT_SCALE = 100.0
-ExportFormat = Literal["coco", "yolo"]
+ExportFormat = Literal["coco", "yolo", "label_studio", "cvat"]
 Classes = list[str] | dict[str, str | list[str]]
 
 
@@ -173,7 +173,7 @@ async def auto_label(
     examples: list[ExampleSpec],
     classes: Classes,
     out_dir: str,
-    formats: Sequence[str] = EXPORT_FORMATS,
+    formats: Sequence[str] = DEFAULT_FORMATS,
     min_score: float = 0.5,
     server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
@@ -185,6 +185,7 @@ async def auto_label(
     max_failure_rate: float = 0.5,
     video_fps: float | None = 1.0,
     video_sample: str = "fps",
+    image_prefix: str | None = None,
 ) -> AutoLabelResult:
     """Find objects like the examples, label each with a class, and write a detection dataset.
 
@@ -195,7 +196,8 @@ async def auto_label(
         out_dir: Folder or bucket location (``s3://bucket/prefix/``, any fsspec URL,
             ``block://s3-bucket/<name>/<prefix>``) for ``labels.parquet``, ``review.parquet``,
             ``coco/``, ``yolo/``, ``gallery/`` (see `_dataset` for what a reader sees during a rewrite).
-        formats: ``"coco"`` and/or ``"yolo"``.
+        formats: Some of ``"coco"``, ``"yolo"``, ``"label_studio"`` (``label_studio/tasks.json``: tasks
+            with predictions) and ``"cvat"`` (``cvat/coco-1.0.zip``: CVAT's COCO 1.0 import); see `_outputs.handoff`.
         min_score: Detections whose class probability is below this go to review, unlabelled.
         server: A saved `InferenceServer` block name, a URL, or a list of URLs (several servers).
         model: ``"clip"`` or ``"perception_encoder"`` for the crops and prompts.
@@ -210,6 +212,8 @@ async def auto_label(
             ``"scene"`` (a frame when the picture changes; see `_video.sample`). On video, each
             sampled frame is an image of the dataset, detections are tracked (``tracker_id``) and
             ``object_counts`` counts distinct objects per class.
+        image_prefix: Label Studio tasks name each image as this prefix + its file name (the images
+            are then written under ``label_studio/images/``); by default, by its own reference.
     """
     AutoLabelParameters.check(locals())
     video = check_video(video_fps, video_sample)
@@ -240,7 +244,10 @@ async def auto_label(
             rows, review_rows = labeller.rows(tracks.track(batch), embedder)
             run.write(sink, rows)
             review.write(review_rows)
-    datasets = write_datasets(labeller.images, list(prompts), formats, out)
+    version = f"{detector.label}+{embedder.label}"
+    datasets = write_datasets(
+        labeller.images, list(prompts), formats, out, model_version=version, image_prefix=image_prefix
+    )
     gallery = labeller.gallery.finish(labeller.review)
     outcome = _outcome(run, datasets, str(sink.path), str(review.path), gallery)
     outcome[0].object_counts = tracks.object_counts()

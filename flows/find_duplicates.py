@@ -25,6 +25,7 @@ from ._run.parameters import FindDuplicatesParameters, resolve_out_dir
 
 if TYPE_CHECKING:
     import pandas as pd
+from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import ParquetSink
 from ._run.batch import emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
@@ -96,7 +97,7 @@ async def find_duplicates(source: str, out_dir: str, threshold: float = 0.95, k:
         threshold=threshold,
         duplicates_path=str(path),
     )
-    await _publish(result, groups)
+    await _publish(result, groups, source)
     return result
 
 
@@ -215,7 +216,7 @@ def _member_rows(index: VectorIndex, grouped: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["group", "member"], kind="stable").reset_index(drop=True)
 
 
-async def _publish(result: FindDuplicatesResult, groups: pd.DataFrame) -> None:
+async def _publish(result: FindDuplicatesResult, groups: pd.DataFrame, source: str) -> None:
     import pandas as pd
 
     largest = (
@@ -233,6 +234,9 @@ async def _publish(result: FindDuplicatesResult, groups: pd.DataFrame) -> None:
                 [{str(c): v for c, v in r.items()} for r in largest.to_dict("records")], list(largest.columns)
             ),
             f"Table: `{result.duplicates_path}`",
+            assets_section(
+                await materialize_outputs(FLOW_KEY, [result.duplicates_path], source, {"rows": len(groups)}, [])
+            ),
         ],
     )
     emit_completed(FLOW_KEY, result.model_dump())

@@ -31,15 +31,31 @@ from .._storage.access import is_remote, join
 from .._storage.publish import publish_folder, write_output
 from ..records import ImageRecord
 from .annotated import annotated_name
+from .handoff import CVAT_ZIP, HANDOFF_FORMATS, LABEL_STUDIO_TASKS, write_cvat, write_label_studio
 
 if TYPE_CHECKING:
     import supervision as sv
 
-__all__ = ["EXPORT_FORMATS", "INDEX_FILES", "GallerySink", "LabelledImage", "ReviewItem", "write_datasets"]
+__all__ = [
+    "DEFAULT_FORMATS",
+    "EXPORT_FORMATS",
+    "INDEX_FILES",
+    "GallerySink",
+    "LabelledImage",
+    "ReviewItem",
+    "write_datasets",
+]
 
-EXPORT_FORMATS = ("coco", "yolo")
+EXPORT_FORMATS = ("coco", "yolo", *HANDOFF_FORMATS)
+#: What `auto_label` writes unless ``formats`` says otherwise.
+DEFAULT_FORMATS = ("coco", "yolo")
 #: Each format's index, uploaded after the files it names.
-INDEX_FILES = {"coco": ("annotations.json",), "yolo": ("data.yaml",)}
+INDEX_FILES = {
+    "coco": ("annotations.json",),
+    "yolo": ("data.yaml",),
+    "label_studio": (LABEL_STUDIO_TASKS,),
+    "cvat": (CVAT_ZIP,),
+}
 THUMBNAIL_WIDTH = 320
 THUMBNAILS_PER_CLASS = 24
 
@@ -107,10 +123,17 @@ def _stage_images(images: Sequence[LabelledImage], folder: Path) -> dict[str, st
 
 
 def write_datasets(
-    images: Sequence[LabelledImage], classes: Sequence[str], formats: Sequence[str], out: str
+    images: Sequence[LabelledImage],
+    classes: Sequence[str],
+    formats: Sequence[str],
+    out: str,
+    *,
+    model_version: str = "",
+    image_prefix: str | None = None,
 ) -> dict[str, str]:
     """Export the images and their kept boxes in each format to ``out/<format>/`` (a local folder
-    or a bucket prefix: see the module docs); the locations written."""
+    or a bucket prefix: see the module docs); the locations written. ``model_version`` and
+    ``image_prefix`` are for the Label Studio tasks (see `handoff`)."""
     remote = is_remote(out)
     work = Path(tempfile.mkdtemp(dir=None if remote else out, prefix=".auto-label-"))
     try:
@@ -127,6 +150,10 @@ def write_datasets(
             target = work / fmt
             if fmt == "coco":
                 dataset.as_coco(str(target / "images"), str(target / "annotations.json"))
+            elif fmt == "label_studio":
+                write_label_studio(images, classes, staged, target, model_version, image_prefix)
+            elif fmt == "cvat":
+                write_cvat(dataset, target)
             else:
                 dataset.as_yolo(str(target / "images"), str(target / "labels"), str(target / "data.yaml"))
             written[fmt] = join(out, fmt)

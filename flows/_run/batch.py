@@ -37,6 +37,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from .._outputs.assets import assets_section, materialize_outputs, output_locations
 from .._outputs.files import ParquetSink
 from .._steps.sources import ImageSource, count_records, iter_record_batches
 from .._video.sample import VideoSampling
@@ -265,10 +266,17 @@ class BatchRun:
         }
 
     async def finish(self, result: R, title: str, sections: Sequence[str], max_failure_rate: float) -> R:
-        """Publish the step table and summary, emit the completion event, then apply the failure rule."""
+        """Publish the step table, the outputs as assets and the summary, emit the completion event,
+        then apply the failure rule."""
         description = f"Per-step figures of this {self.flow_key} run."
         rows = [s.row() for s in self.steps.values()]
         await acreate_table_artifact(rows, key=f"{self.flow_key}-steps", description=description)
+        figures = {"images": self.images, "rows": sum(self.statuses.values()), "failed": self.statuses["failed"]}
+        locations = output_locations(result.model_dump(), flow_run.parameters or {})
+        keys = await materialize_outputs(
+            self.flow_key, locations, self.source, figures, [s.model for s in self.steps.values()]
+        )
+        sections = [*sections, assets_section(keys)] if keys else sections
         await publish_summary(self.flow_key, title, sections)
         emit_completed(self.flow_key, result.model_dump())
         check_failure_rate(self.images_failed, self.images, max_failure_rate)

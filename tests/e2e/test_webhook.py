@@ -506,10 +506,17 @@ def test_trigger_parameters_render_to_typed_flow_parameters(flow: str) -> None:
 def test_prefect_yaml_triggers_match_the_webhook() -> None:
     spec = yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())
     by_entrypoint = {d["entrypoint"].rsplit(":", 1)[1]: d for d in spec["deployments"]}
-    assert sorted(by_entrypoint) == ["classify_images", "detect_crop_classify", "embed_images", "search_images"]
+    assert sorted(by_entrypoint) == [
+        "auto_label", "classify_images", "detect_crop_classify", "embed_images", "monitor_drift", "search_images"
+    ]  # fmt: skip
     for flow, deployment in by_entrypoint.items():
         assert deployment["work_pool"]["name"] == "roboflow"
         triggers = deployment.get("triggers", [])
+        if flow == "auto_label":  # started by monitor_drift's event, on the drifted window
+            (trigger,) = triggers
+            assert trigger["expect"] == ["prefect_roboflow.drift.detected"]
+            assert trigger["parameters"]["images"] == "{{ event.payload.current }}"
+            continue
         if flow not in webhook.OVERRIDES:
             assert triggers == []
             continue

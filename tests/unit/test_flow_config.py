@@ -22,6 +22,7 @@ from prefect_roboflow.blocks import (
     model_class,
     model_families,
 )
+from prefect_roboflow.blocks._resize import RESIZE_REVISION
 from prefect_roboflow.flows._outputs.files import ParquetSink
 from prefect_roboflow.flows._run.parameters import ensure_out_dir
 from prefect_roboflow.flows._steps.cache import ContentCache, content_key, resolve_cache
@@ -99,7 +100,7 @@ def test_renaming_a_block_class_changes_no_cache_key() -> None:
         _block_type_slug = "renamed-clip-for-a-test"  # not to take over the real block's registration
 
     before, after = Clip(version="ViT-L-14").identity(), RenamedClip(version="ViT-L-14").identity()
-    assert before == after == {"family": "clip", "version": "ViT-L-14", "client_resize": 1}
+    assert before == after == {"family": "clip", "version": "ViT-L-14", "client_resize": RESIZE_REVISION}
     assert content_key("embed", "f" * 64, before, {}) == content_key("embed", "f" * 64, after, {})
     assert model_class("clip") is Clip  # the subclass did not take the family's name
     # what keys are made of: family and version, never the server or its key

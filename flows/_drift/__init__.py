@@ -1,0 +1,2 @@
+"""Embedding drift: the scores (`methods`), the two windows read and checked (`windows`), the pinned
+baselines (`baseline`) and the run history with its plot (`history`); used by `monitor_drift`."""

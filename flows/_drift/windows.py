@@ -1,0 +1,165 @@
+"""A drift window: the embeddings of one side (reference or current), read from a table or a vector
+index and checked, or said to be images (which `monitor_drift` embeds through the cache).
+
+A *table* is a parquet file (``….parquet``: a flow's embeddings table or a pinned baseline) or a
+folder of parquet parts (a fanned-out run's ``embeddings/``) with ``model``, ``version`` and
+``embedding`` columns (only ``status == "ok"`` rows count when there is a ``status``); an *index*
+is a `VectorIndex` folder; anything else is an image source. Every check raises
+`InvalidInputError` naming the parameter: no rows, fewer than `MIN_ROWS`, non-finite values,
+several models or lengths, and (`check_same`) another model, version or dimension than the other side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+from .._index.store import is_index
+from .._steps.sources import ImageSource
+from .._steps.vectors import normalise
+from .._storage.access import is_remote, list_files, read_bytes
+from ..vector_index import VectorIndex, family_name
+
+__all__ = ["MIN_ROWS", "Window", "check_same", "checked_vectors", "is_table", "read_window"]
+
+#: Rows a window needs at least (the domain classifier scores out of 5 folds).
+MIN_ROWS = 5
+TABLE_COLUMNS = ("model", "version", "embedding")
+
+
+@dataclass
+class Window:
+    """One side's embeddings (rows L2-normalised, float32) and the model that made them."""
+
+    vectors: np.ndarray
+    family: str
+    version: str
+    source: str
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension."""
+        return int(self.vectors.shape[1])
+
+    @property
+    def label(self) -> str:
+        """``family version (dim-d)``, for messages."""
+        return f"{self.family} {self.version} ({self.dim}-d)"
+
+
+def is_table(spec: ImageSource) -> bool:
+    """Whether ``spec`` names a parquet table (a file, or a folder of parts), not images."""
+    if not isinstance(spec, str) or any(c in spec for c in "*?["):
+        return False
+    if spec.rstrip("/").endswith(".parquet"):
+        return True
+    try:
+        names = list(list_files(spec, field="reference"))
+    except (InvalidInputError, OSError, NotImplementedError):
+        return False
+    return bool(names) and all(n.endswith(".parquet") for n in names)
+
+
+def _parts(spec: str) -> list[str]:
+    if spec.rstrip("/").endswith(".parquet"):
+        return [spec]
+    return sorted(n for n in list_files(spec, field="reference") if n.endswith(".parquet"))
+
+
+def _read_part(part: str, field: str) -> pa.Table:
+    try:
+        if is_remote(part):
+            source: object = pa.BufferReader(read_bytes(part, field=field))
+        else:
+            source = part
+        schema = pq.read_schema(source)
+        missing = [c for c in TABLE_COLUMNS if c not in schema.names]
+        if missing:
+            raise InvalidInputError(field, f"{part} lacks column(s) {missing}")
+        columns = [*TABLE_COLUMNS, *(["status"] if "status" in schema.names else [])]
+        if isinstance(source, pa.BufferReader):
+            source.seek(0)
+        return pq.read_table(source, columns=columns)
+    except (OSError, pa.ArrowInvalid) as error:
+        raise InvalidInputError(field, f"{part} is not a readable parquet table: {error}") from None
+
+
+def checked_vectors(vectors: np.ndarray, field: str, source: str) -> np.ndarray:
+    """``vectors`` as L2-normalised float32 rows, refused when too few, not finite or zero."""
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise InvalidInputError(field, f"{source} holds no embeddings (an empty window)")
+    if len(vectors) < MIN_ROWS:
+        raise InvalidInputError(field, f"{source} holds {len(vectors)} row(s); a window needs at least {MIN_ROWS}")
+    return normalise(vectors, field)  # refuses NaN, inf and zero rows
+
+
+def _read_table(spec: str, field: str) -> Window:
+    parts = [_read_part(p, field) for p in _parts(spec)]
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    if "status" in table.schema.names:
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+    models, versions = pc.unique(table.column("model")).to_pylist(), pc.unique(table.column("version")).to_pylist()
+    if len(models) * len(versions) > 1:  # (a mix; which pairs exist is for the message only)
+        pairs = table.select(["model", "version"]).group_by(["model", "version"]).aggregate([]).to_pylist()
+        found = sorted({(family_name(str(p["model"]), field), str(p["version"])) for p in pairs})
+        if len(found) > 1:
+            raise InvalidInputError(field, f"{spec} mixes models: {found}")
+    if not models:
+        raise InvalidInputError(field, f"{spec} holds no successful rows (an empty window)")
+    families = {(family_name(str(models[0]), field), str(versions[0]))}
+    embedding = table.column("embedding")
+    lengths = pc.list_value_length(embedding).to_numpy(zero_copy_only=False)
+    if len(np.unique(lengths)) != 1 or not lengths[0] > 0:
+        raise InvalidInputError(field, f"{spec} holds embeddings of several lengths: {sorted(set(lengths.tolist()))}")
+    flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in embedding.chunks])
+    vectors = np.asarray(flat, dtype=np.float32).reshape(len(lengths), int(lengths[0]))
+    del table, embedding, flat
+    family, version = families.pop()
+    return Window(checked_vectors(vectors, field, spec), family, version, spec)
+
+
+def _read_index(spec: str, field: str) -> Window:
+    try:
+        index = VectorIndex.open(spec)
+    except InvalidInputError as error:
+        raise InvalidInputError(field, error.reason) from None
+    with index:
+        if not index.rows or index.family is None or index.version is None:
+            raise InvalidInputError(field, f"{spec} is an empty index (an empty window)")
+        vectors = np.vstack([chunk for _, chunk in index.iter_vectors()])
+        return Window(checked_vectors(vectors, field, spec), index.family, index.version, spec)
+
+
+def read_window(spec: ImageSource, field: str) -> Window | None:
+    """The embeddings ``spec`` names when it is a table or an index; None when it names images.
+
+    Raises:
+        InvalidInputError: naming ``field`` (see the module docs).
+    """
+    if isinstance(spec, str) and not spec.strip():
+        raise InvalidInputError(field, "is empty")
+    if is_table(spec):
+        return _read_table(str(spec), field)
+    if isinstance(spec, str) and not any(c in spec for c in "*?[") and is_index(spec):
+        return _read_index(spec, field)
+    return None
+
+
+def check_same(reference: tuple[str, str, int | None], current: tuple[str, str, int | None], source: str) -> None:
+    """Refuse to compare embeddings of different models, versions or dimensions (``None``: not known yet).
+
+    Raises:
+        InvalidInputError: naming ``reference``.
+    """
+    (rf, rv, rd), (cf, cv, cd) = reference, current
+    if (rf, rv) != (cf, cv) or (rd is not None and cd is not None and rd != cd):
+        shown = [f"{f} {v}" + (f" ({d}-d)" if d else "") for f, v, d in (reference, current)]
+        raise InvalidInputError(
+            "reference", f"{source} holds {shown[0]} embeddings; the current window is {shown[1]}: not comparable"
+        )

@@ -1,0 +1,303 @@
+"""`monitor_drift`: has a window of new images drifted from a reference? Scored on their embeddings.
+
+The current window is a table, a vector index, or images (a folder, glob, bucket prefix or list,
+embedded through the cache, as `embed_images` does); the reference is a table, an index, images,
+or — by default — the latest baseline pinned for the same model and version by an earlier run with
+``save_baseline=True``. Each method's score (`_drift.methods`: domain-classifier ROC AUC by
+default, mean-embedding cosine distance, share of drifted components, MMD on a bounded subsample)
+is compared with its threshold; a row per method goes into ``drift.parquet``, the scores into a
+markdown artifact with a plot of the past runs (``drift.png``), and a drifted window emits
+``prefect_roboflow.drift.detected`` for automations (notify, or label the window with `auto_label`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+from . import steps
+from ._drift.baseline import latest_baseline, save_baseline
+from ._drift.history import PLOT_FILE, append_history, plot_history, read_history
+from ._drift.methods import DEFAULT_METHOD, METHODS, THRESHOLDS, drift_score
+from ._drift.windows import Window, check_same, checked_vectors, read_window
+from ._outputs.assets import assets_section, materialize_outputs
+from ._outputs.files import show_location
+from ._run.batch import EVENT_PREFIX, BatchRun, check_failure_rate, emit_completed, markdown_table, publish_summary
+from ._run.flow import roboflow_flow
+from ._run.parameters import resolve_out_dir
+from ._steps.cache import resolve_cache
+from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
+from ._steps.sources import ImageSource, count_images
+from ._storage.access import join
+from ._storage.publish import write_output
+
+__all__ = ["DRIFT_EVENT", "DriftScore", "MonitorDriftResult", "monitor_drift"]
+
+FLOW_KEY = "monitor-drift"
+DRIFT_EVENT = f"{EVENT_PREFIX}.drift.detected"
+
+
+class DriftScore(BaseModel):
+    """One method's verdict."""
+
+    method: str
+    score: float
+    threshold: float
+    drifted: bool
+
+
+class MonitorDriftResult(BaseModel):
+    """What a `monitor_drift` run compared, its scores and where it wrote."""
+
+    drifted: bool
+    scores: list[DriftScore]
+    model: str
+    version: str
+    n_reference: int
+    n_current: int
+    reference: str | None
+    drift_path: str | None
+    plot_path: str | None
+    baseline_path: str | None = None
+
+
+def _check(methods: Sequence[str], thresholds: dict[str, float] | None, seed: int) -> dict[str, float]:
+    if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
+        raise InvalidInputError("methods", f"expected some of {list(METHODS)}, got {methods!r}")
+    if len(set(methods)) != len(methods):
+        raise InvalidInputError("methods", f"names a method twice: {list(methods)}")
+    given = dict(thresholds or {})
+    unknown = sorted(set(given) - set(methods))
+    if unknown:
+        raise InvalidInputError("thresholds", f"for methods this run does not use: {unknown}")
+    for name, value in given.items():
+        if not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise InvalidInputError(f"thresholds[{name!r}]", f"must be a finite number, got {value!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError("seed", f"must be a non-negative int, got {seed!r}")
+    return {m: float(given.get(m, THRESHOLDS[m])) for m in methods}
+
+
+def _shown(spec: ImageSource | None) -> str:
+    if spec is None or isinstance(spec, str):
+        return str(spec)
+    return f"{len(spec)} image reference(s)" if len(spec) != 1 else str(spec[0])
+
+
+async def _embed_window(
+    images: ImageSource, field: str, embedder: Any, cache: Any, batch_size: int, max_failure_rate: float
+) -> Window:
+    """The images of ``images`` embedded (through the cache) as a window."""
+    try:
+        count_images(images)
+    except InvalidInputError as error:
+        raise InvalidInputError(field, error.reason) from None
+    run = BatchRun(FLOW_KEY, images, batch_size, f"Embedding the {field} window with {embedder.label}")
+    vectors: list[np.ndarray] = []
+    async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
+        vectors.extend(np.asarray(r.embedding, dtype=np.float32) for r in batch.records if r.ok)
+    check_failure_rate(run.images_failed, run.images, max_failure_rate)
+    matrix = np.vstack(vectors) if vectors else np.empty((0, 0), np.float32)
+    return Window(checked_vectors(matrix, field, _shown(images)), embedder.family, embedder.version, _shown(images))
+
+
+@roboflow_flow(name="monitor-drift", flow_run_name="monitor-drift[{model}]", validate_parameters=True)
+async def monitor_drift(
+    current: ImageSource,
+    out_dir: str,
+    reference: str | list[str] | None = None,
+    methods: list[str] = [DEFAULT_METHOD],  # noqa: B006 - a flow parameter's shown default; checked by _check
+    thresholds: dict[str, float] | None = None,
+    save_baseline: bool = False,
+    baseline_dir: str | None = None,
+    server: str | list[str] | None = None,
+    model: EmbeddingFamily = "clip",
+    version: str | None = None,
+    batch_size: int = 64,
+    cache_storage: str | None = None,
+    seed: int = 0,
+    max_failure_rate: float = 0.5,
+) -> MonitorDriftResult:
+    """Score the drift of the ``current`` window's embeddings from a reference.
+
+    Args:
+        current: The new window: an embeddings table (``….parquet``, or a folder of parts), a vector
+            index folder, or images (a folder, glob, bucket prefix, ``block://`` location or list).
+        out_dir: Folder or bucket location for ``drift.parquet`` (the history) and ``drift.png``.
+        reference: What the window is compared with: a table, an index or images; by default the
+            latest baseline pinned for the current window's model and version under ``baseline_dir``.
+        methods: Some of ``"domain_classifier"`` (the default; drift when ROC AUC > 0.55),
+            ``"mean_cosine"`` (> 0.2), ``"share_drifted"`` (> 0.2 of the components), ``"mmd"``
+            (> 0.015); see `prefect_roboflow.flows._drift.methods`.
+        thresholds: A method's threshold in place of its default, e.g. ``{"domain_classifier": 0.6}``.
+        save_baseline: Pin the current window as the newest baseline of its model and version
+            after scoring it (with no reference yet, the run only pins it).
+        baseline_dir: Where baselines live (``<family>/<version>/<UTC time>.parquet``);
+            ``out_dir/baselines`` by default.
+        server, model, version, batch_size, cache_storage: How images are embedded (see
+            `embed_images`); a table's or index's own model is used as it is, and must match.
+        seed: Seeds the methods' subsamples and folds: the same windows give the same scores.
+        max_failure_rate: The run fails, before scoring, above this share of images that failed to embed.
+
+    Returns:
+        Whether any method found drift, each method's score, the window sizes and the outputs.
+
+    Raises:
+        InvalidInputError: naming the parameter, before anything is written: an empty window, a
+            window under 5 rows, NaN or infinite values, no baseline to compare with, or a reference
+            of another model, version or dimension than the current window (checked before any
+            image is embedded).
+    """
+    limits = _check(methods, thresholds, seed)
+    out = resolve_out_dir(out_dir)
+    baselines = baseline_dir or join(out, "baselines")
+    embedder = None
+    cache = resolve_cache(cache_storage)
+    current_window = read_window(current, "current")
+    if current_window is None:
+        embedder = embedding_model(model, version, resolve_server(server))
+    identity = (
+        (current_window.family, current_window.version, current_window.dim)
+        if current_window
+        else (str(embedder.family), str(embedder.version), None)  # type: ignore[union-attr]
+    )
+    reference_spec: ImageSource | None = reference
+    if reference_spec is None:
+        reference_spec = latest_baseline(baselines, identity[0], identity[1])
+        if reference_spec is None and not save_baseline:
+            raise InvalidInputError(
+                "reference",
+                f"none given and no baseline pinned for {identity[0]} {identity[1]} under {baselines}; "
+                "run once with save_baseline=True",
+            )
+    reference_window = None if reference_spec is None else read_window(reference_spec, "reference")
+    if reference_window is not None:
+        check_same(
+            (reference_window.family, reference_window.version, reference_window.dim), identity, _shown(reference_spec)
+        )
+    elif reference_spec is not None:  # reference images, embedded with the current window's model
+        if current_window is not None:
+            embedder = embedding_model(current_window.family, current_window.version, resolve_server(server))
+        reference_window = await _embed_window(
+            reference_spec, "reference", embedder, cache, batch_size, max_failure_rate
+        )
+    if current_window is None:
+        current_window = await _embed_window(current, "current", embedder, cache, batch_size, max_failure_rate)
+    if reference_window is not None:
+        check_same(
+            (reference_window.family, reference_window.version, reference_window.dim),
+            (current_window.family, current_window.version, current_window.dim),
+            _shown(reference_spec),
+        )
+    return await _score_and_write(
+        current_window, reference_window, current, out, baselines, limits, save_baseline, seed
+    )
+
+
+async def _score_and_write(
+    current_window: Window,
+    reference_window: Window | None,
+    current: ImageSource,
+    out: str,
+    baselines: str,
+    limits: dict[str, float],
+    pin: bool,
+    seed: int,
+) -> MonitorDriftResult:
+    """Score, then write: the history and plot, the baseline, the artifact and the events."""
+    scores = []
+    if reference_window is not None:
+        for method, threshold in limits.items():
+            score = drift_score(method, reference_window.vectors, current_window.vectors, seed)
+            scores.append(DriftScore(method=method, score=score, threshold=threshold, drifted=score > threshold))
+    drift_path = plot_path = None
+    if scores:
+        assert reference_window is not None
+        past = read_history(out)
+        now = datetime.now(timezone.utc)
+        run_id = str(flow_run.get_id() or "")
+        rows = [
+            {
+                **s.model_dump(),
+                "run_at": now,
+                "flow_run_id": run_id,
+                "n_reference": len(reference_window.vectors),
+                "n_current": len(current_window.vectors),
+                "model": current_window.family,
+                "version": current_window.version,
+                "reference": reference_window.source,
+                "current": current_window.source,
+            }
+            for s in scores
+        ]
+        drift_path, history = append_history(out, past, rows)
+        plot_path = join(out, PLOT_FILE)
+        write_output(
+            plot_path, plot_history(history, f"Embedding drift of {current_window.family} {current_window.version}")
+        )
+    baseline_path = save_baseline(current_window, baselines) if pin else None
+    result = MonitorDriftResult(
+        drifted=any(s.drifted for s in scores),
+        scores=scores,
+        model=current_window.family,
+        version=current_window.version,
+        n_reference=0 if reference_window is None else len(reference_window.vectors),
+        n_current=len(current_window.vectors),
+        reference=None if reference_window is None else reference_window.source,
+        drift_path=drift_path,
+        plot_path=plot_path,
+        baseline_path=baseline_path,
+    )
+    await _publish(result, current)
+    return result
+
+
+async def _publish(result: MonitorDriftResult, current: ImageSource) -> None:
+    """The summary artifact, the drift event (when drifted) and the completion event."""
+    if result.scores:
+        verdict = "DRIFTED" if result.drifted else "no drift"
+        sizes = f"{result.n_current} current vs {result.n_reference} reference embeddings"
+        title = f"{verdict}: {sizes} ({result.model} {result.version})"
+    else:
+        title = f"Baseline pinned: {result.n_current} embeddings ({result.model} {result.version})"
+    sections = []
+    if result.scores:
+        sections.append(
+            markdown_table([s.model_dump() for s in result.scores], ["method", "score", "threshold", "drifted"])
+        )
+        sections.append(f"Reference: `{result.reference}`; history: {show_location(str(result.drift_path))}")
+        sections.append(f"Score over past runs: {show_location(str(result.plot_path))}")
+    if result.baseline_path:
+        sections.append(f"Baseline pinned: {show_location(result.baseline_path)}")
+    written = [p for p in (result.drift_path, result.plot_path, result.baseline_path) if p]
+    figures = {
+        "rows": len(result.scores),
+        "failed": 0,
+        "n_current": result.n_current,
+        "n_reference": result.n_reference,
+    }
+    keys = await materialize_outputs(FLOW_KEY, written, current, figures, [f"{result.model} {result.version}"])
+    if keys:
+        sections.append(assets_section(keys))
+    await publish_summary(FLOW_KEY, title, sections)
+    payload = {**result.model_dump(mode="json"), "current": current}
+    if result.drifted:
+        run_id = flow_run.get_id() or "unknown"
+        emit_event(
+            event=DRIFT_EVENT,
+            resource={
+                "prefect.resource.id": f"{EVENT_PREFIX}.drift.{result.model}.{result.version}",
+                "prefect.resource.name": FLOW_KEY,
+                "prefect_roboflow.flow-run": str(run_id),
+            },
+            payload=payload,
+        )
+    emit_completed(FLOW_KEY, payload)
