@@ -23,7 +23,9 @@ from . import steps
 from ._outputs.dataset import EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
 from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows
-from ._run.batch import BatchRun, ImageCounts, markdown_table
+from ._run import fanout
+from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
 from ._steps.cache import resolve_cache
@@ -178,6 +180,8 @@ async def auto_label(
     batch_size: int = 32,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
+    fan_out: FanOut | None = None,
+    shard: Shard | None = None,
 ) -> AutoLabelResult:
     """Find objects like the examples, label each with a class, and write a detection dataset.
 
@@ -197,38 +201,95 @@ async def auto_label(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its outputs) above this share of failed images.
+        fan_out: Split the job into shards that run as sub-runs of this flow's deployment (see
+            `embed_images`): each shard writes its part of the folders ``labels/`` and ``review/``,
+            draws its thumbnails into ``gallery/`` and keeps its labelled boxes; the parent then
+            writes one COCO/YOLO dataset and one gallery page from all the shards' parts.
+        shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
     _check(min_score, formats)
     prompts = class_prompts(classes)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Auto-labelling with {detector.label} and {embedder.label}")
-    all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
-    class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
-    labeller = _Labeller(list(prompts), min_score, GallerySink(join(out, "gallery"), list(prompts)))
+    gallery = GallerySink(join(out, "gallery"), list(prompts))
+    run: RunTotals
+    if fan_out is not None:
+        run = fanned = await fanout.fan_out(
+            FLOW_KEY, images, out, fan_out, {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
+        )
+        labelled, review_items = _merge_parts(fanned, gallery)
+        labels, review_path = fanned.folder("labels"), fanned.folder("review")
+    else:
+        run = BatchRun(
+            FLOW_KEY,
+            shard.refs() if shard else images,
+            batch_size,
+            f"Auto-labelling with {detector.label} and {embedder.label}",
+        )
+        all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
+        class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
+        labeller = _Labeller(list(prompts), min_score, gallery)
 
-    def submit(batch: Batch) -> PrefectFuture[Batch]:
-        found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
-        cropped: Any = steps.crop.submit(found)
-        embedded: Any = steps.embed.submit(embedder, cropped, cache)
-        return steps.classify.submit(embedded, class_set)
+        def submit(batch: Batch) -> PrefectFuture[Batch]:
+            found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
+            cropped: Any = steps.crop.submit(found)
+            embedded: Any = steps.embed.submit(embedder, cropped, cache)
+            return steps.classify.submit(embedded, class_set)
 
-    with (
-        ParquetSink(join(out, "labels.parquet"), DETECTIONS_SCHEMA) as sink,
-        ParquetSink(join(out, "review.parquet"), REVIEW_SCHEMA) as review,
-    ):
-        async for batch in run.process(submit):
-            rows, review_rows = labeller.rows(batch, embedder)
-            run.write(sink, rows)
-            review.write(review_rows)
-    datasets = write_datasets(labeller.images, list(prompts), formats, out)
-    gallery = labeller.gallery.finish(labeller.review)
-    return await run.finish(*_outcome(run, datasets, str(sink.path), str(review.path), gallery), max_failure_rate)
+        def table(stem: str) -> str:
+            return shard.table(out, stem) if shard else join(out, f"{stem}.parquet")
+
+        with (
+            ParquetSink(table("labels"), DETECTIONS_SCHEMA) as sink,
+            ParquetSink(table("review"), REVIEW_SCHEMA) as review,
+        ):
+            async for batch in run.process(submit):
+                rows, review_rows = labeller.rows(batch, embedder)
+                run.write(sink, rows)
+                review.write(review_rows)
+        labels, review_path = str(sink.path), str(review.path)
+        if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part
+            shard.save(out, run, _part(labeller))
+            return await run.finish(*_outcome(run, {}, labels, review_path, gallery.folder), max_failure_rate)
+        labelled, review_items = labeller.images, labeller.review
+    datasets = write_datasets(labelled, list(prompts), formats, out)
+    gallery_path = gallery.finish(review_items)
+    return await run.finish(*_outcome(run, datasets, labels, review_path, gallery_path), max_failure_rate)
+
+
+def _part(labeller: _Labeller) -> dict[str, Any]:
+    """What a shard keeps for its parent: its labelled images (references and kept boxes), the
+    thumbnails it drew per class and its review items."""
+    return {
+        "labelled": [image.dump() for image in labeller.images],
+        "thumbs": dict(labeller.gallery.per_class),
+        "review": [item.dump() for item in labeller.review],
+    }
+
+
+def _merge_parts(run: fanout.FannedOut, gallery: GallerySink) -> tuple[list[LabelledImage], list[ReviewItem]]:
+    """Every shard's labelled images and review items, in shard order, and its thumbnails folded
+    into ``gallery`` (a shard that never completed has none).
+
+    Raises:
+        InvalidInputError: naming ``out_dir``, when a shard's part is not what `_part` writes.
+    """
+    labelled: list[LabelledImage] = []
+    review: list[ReviewItem] = []
+    for index, part in enumerate(run.extras):
+        try:
+            images = [LabelledImage.restore(i, len(gallery.classes)) for i in part.get("labelled", [])]
+            review.extend(ReviewItem.restore(item) for item in part.get("review", []))
+            gallery.add_part(images, dict(part.get("thumbs", {})))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError("out_dir", f"shard part-{index:05d}'s labelled part: {exc}") from None
+        labelled.extend(images)
+    return labelled, review
 
 
 def _outcome(
-    run: BatchRun, datasets: dict[str, str], labels: str, review: str, gallery: str
+    run: RunTotals, datasets: dict[str, str], labels: str, review: str, gallery: str
 ) -> tuple[AutoLabelResult, str, list[str]]:
     counts = run.counts()
     result = AutoLabelResult(

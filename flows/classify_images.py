@@ -6,10 +6,14 @@ from typing import Any
 
 from prefect.futures import PrefectFuture
 
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
 from . import steps
 from ._outputs.files import ParquetSink
 from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows
-from ._run.batch import BatchRun, ImageCounts, markdown_table
+from ._run import fanout
+from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import check_index, resolve_out_dir
 from ._steps.cache import resolve_cache
@@ -43,6 +47,8 @@ async def classify_images(
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
     index_path: str | None = None,
+    fan_out: FanOut | None = None,
+    shard: Shard | None = None,
 ) -> ClassifyImagesResult:
     """Label each image with the prompt it is most similar to; write ``classifications.parquet``.
 
@@ -63,28 +69,45 @@ async def classify_images(
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its table) above this share of failed images.
         index_path: A vector index (folder or object-storage URL) to add this run's new rows to.
+        fan_out: Split the job into shards that run as sub-runs of this flow's deployment (see
+            `embed_images`); the table is then a folder ``classifications/`` of one part per shard,
+            and the label counts are the shards' summed.
+        shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Classifying images with {embedder.label}")
-    label_set = steps.embed_labels(embedder, labels, cache)
+    run: RunTotals
+    if fan_out is not None:
+        if isinstance(labels, str) or not labels:  # as `embed_labels` checks it, before any shard is sent
+            raise InvalidInputError("labels", "give a non-empty list of label prompts")
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"classifications": CLASSIFICATIONS_SCHEMA})
+        table, parts = fanned.folder("classifications"), fanned.parts("classifications")
+    else:
+        run = BatchRun(
+            FLOW_KEY, shard.refs() if shard else images, batch_size, f"Classifying images with {embedder.label}"
+        )
+        label_set = steps.embed_labels(embedder, labels, cache)
 
-    def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:
-        embedded: Any = steps.embed.submit(embedder, batch, cache)  # resolved by Prefect before classify runs
-        return steps.classify.submit(embedded, label_set, min_score)
+        def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:
+            embedded: Any = steps.embed.submit(embedder, batch, cache)  # resolved by Prefect before classify runs
+            return steps.classify.submit(embedded, label_set, min_score)
 
-    with ParquetSink(join(out, "classifications.parquet"), CLASSIFICATIONS_SCHEMA) as sink:
-        async for batch in run.process(submit):
-            run.write(sink, record_rows(batch.records, embedder, CLASSIFICATIONS_SCHEMA))
+        path = shard.table(out, "classifications") if shard else join(out, "classifications.parquet")
+        with ParquetSink(path, CLASSIFICATIONS_SCHEMA) as sink:
+            async for batch in run.process(submit):
+                run.write(sink, record_rows(batch.records, embedder, CLASSIFICATIONS_SCHEMA))
+        table, parts = str(sink.path), [sink.path]
     result = ClassifyImagesResult(
         **run.counts(),
         label_counts=dict(run.labels.most_common()),
-        classifications_path=str(sink.path),
-        indexed=0 if index_path is None else update_index_from_table(sink.path, index_path).added,
+        classifications_path=table,
+        indexed=0 if index_path is None else sum(update_index_from_table(p, index_path).added for p in parts),
     )
+    if shard is not None:
+        shard.save(out, run)
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
-    summary = [markdown_table(counts, ["label", "count"]), f"Table: `{sink.path}`"]
+    summary = [markdown_table(counts, ["label", "count"]), f"Table: `{table}`"]
     title = f"Classified {result.succeeded} of {result.images} images with {embedder.label}"
     return await run.finish(result, title, summary, max_failure_rate)

@@ -12,11 +12,15 @@ from typing import Any
 
 from prefect.futures import PrefectFuture
 
+from prefect_roboflow.blocks.exceptions import InvalidInputError
+
 from . import steps
 from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
 from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows
-from ._run.batch import BatchRun, RequestFigures, markdown_table
+from ._run import fanout
+from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
+from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
 from ._steps.cache import resolve_cache
@@ -60,6 +64,8 @@ async def detect_crop_classify(
     batch_size: int = 32,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
+    fan_out: FanOut | None = None,
+    shard: Shard | None = None,
 ) -> DetectCropClassifyResult:
     """Find objects like the examples, crop them, embed the crops, and label each crop.
 
@@ -81,6 +87,10 @@ async def detect_crop_classify(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its outputs) above this share of failed images.
+        fan_out: Split the job into shards that run as sub-runs of this flow's deployment (see
+            `embed_images`): each shard draws its images into ``annotated/`` and writes its part of
+            the folder ``detections/``; the counts are the shards' summed.
+        shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
 
     Returns:
         Counts, label counts and output paths. One row per detection, one per image without any
@@ -91,8 +101,15 @@ async def detect_crop_classify(
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
+    run: RunTotals
+    if fan_out is not None:
+        if isinstance(labels, str) or not labels:  # as `embed_labels` checks it, before any shard is sent
+            raise InvalidInputError("labels", "give a non-empty list of label prompts")
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": DETECTIONS_SCHEMA})
+        return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Detecting with {detector.label}, labelling with {embedder.label}")
+    description = f"Detecting with {detector.label}, labelling with {embedder.label}"
+    run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description)
     label_set = steps.embed_labels(embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:  # each step gets its input as a future
@@ -101,14 +118,18 @@ async def detect_crop_classify(
         embedded: Any = steps.embed.submit(embedder, cropped, cache)
         return steps.classify.submit(embedded, label_set, min_score)
 
-    with ParquetSink(join(out, "detections.parquet"), DETECTIONS_SCHEMA) as sink:
+    with ParquetSink(
+        shard.table(out, "detections") if shard else join(out, "detections.parquet"), DETECTIONS_SCHEMA
+    ) as sink:
         async for batch in run.process(submit):
             run.write(sink, detection_rows(batch, embedder))
             annotated.write(batch)
+    if shard is not None:
+        shard.save(out, run)
     return await run.finish(*_outcome(run, str(sink.path), annotated.folder), max_failure_rate)
 
 
-def _outcome(run: BatchRun, table: str, annotated: str) -> tuple[DetectCropClassifyResult, str, list[str]]:
+def _outcome(run: RunTotals, table: str, annotated: str) -> tuple[DetectCropClassifyResult, str, list[str]]:
     """The run's result, summary title and summary sections."""
     result = DetectCropClassifyResult(
         images=run.images,
