@@ -10,6 +10,9 @@ does the rest the same way for every flow::
             run.write(sink, rows_of(batch))
     return await run.finish(result, title, sections, max_failure_rate)
 
+A fanned-out job's parent has no batches: it sums its shards' `RunTotals` (`_run.fanout.FannedOut`),
+and the flow builds its result from those and ends with the same `RunTotals.finish`.
+
 The artifacts go through the flow run's own async client (a sync call inside an async flow would
 build a new client each time: ~50 ms apiece).
 """
