@@ -221,12 +221,8 @@ async def auto_label(
         labelled, review_items = _merge_parts(fanned, gallery)
         labels, review_path = fanned.folder("labels"), fanned.folder("review")
     else:
-        run = BatchRun(
-            FLOW_KEY,
-            shard.refs() if shard else images,
-            batch_size,
-            f"Auto-labelling with {detector.label} and {embedder.label}",
-        )
+        description = f"Auto-labelling with {detector.label} and {embedder.label}"
+        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description)
         all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
         class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
         labeller = _Labeller(list(prompts), min_score, gallery)

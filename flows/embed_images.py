@@ -75,12 +75,10 @@ async def embed_images(
         run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"embeddings": EMBEDDINGS_SCHEMA})
         table, parts = fanned.folder("embeddings"), fanned.parts("embeddings")
     else:
-        run = BatchRun(
-            FLOW_KEY, shard.refs() if shard else images, batch_size, f"Embedding images with {embedder.label}"
-        )
-        with ParquetSink(
-            shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet"), EMBEDDINGS_SCHEMA
-        ) as sink:
+        description = f"Embedding images with {embedder.label}"
+        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description)
+        path = shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet")
+        with ParquetSink(path, EMBEDDINGS_SCHEMA) as sink:
             async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
                 run.write(sink, record_rows(batch.records, embedder, EMBEDDINGS_SCHEMA))
         table, parts = str(sink.path), [sink.path]

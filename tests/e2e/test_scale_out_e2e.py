@@ -173,6 +173,9 @@ def _cluster(root: Path, database: PostgresCluster, proxy: FaultProxy) -> Iterat
         deployments = {flow: _deploy(prefect, root, flow, entrypoint) for flow, entrypoint in BATCH_FLOWS.items()}
         worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
         worker_env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the workers log each run they submit
+        # the API on a loaded 2-core machine answers an occasional 500: a run's client retries it, as
+        # it retries 502/503 (seen once killing a parent mid-poll, with the load average at 18)
+        worker_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] = "500"
         for name, queue in (("w1", "a"), ("w2", "b")):
             workers[name] = _start_worker(name, queue, worker_env, root)
         yield Cluster(prefect, s3, env, deployment_id, deployments, workers, proxy, root)
