@@ -5,6 +5,7 @@ import it through the ``prefect.collections`` entry point. numpy, PIL and superv
 first use. Tasks live in `prefect_roboflow.blocks.tasks`.
 """
 
+from ._embedding import EmbeddingModel
 from ._http import ResponseInfo, record_responses
 from ._model import ModelBlock, model_class, model_families
 from .clip import CLIP_DIMENSIONS, Clip, ClipVersion
@@ -39,6 +40,7 @@ __all__ = [
     "InferenceConnectionError",
     "InferenceError",
     "InferenceResponseError",
+    "EmbeddingModel",
     "InferenceServer",
     "InferenceServerError",
     "InferenceStatusError",

@@ -99,15 +99,18 @@ class ModelBlock(Block, ABC):
 
 
 def model_class(family: str, field: str = "model") -> type[ModelBlock]:
-    """The model block of a family name.
+    """The model block of a family name — or of its class's name, which tables written before family
+    names carry (``"Clip"``, ``"PerceptionEncoder"``).
 
     Raises:
         InvalidInputError: naming ``field``, for an unknown family.
     """
-    try:
-        return _FAMILIES[family]
-    except KeyError:
-        raise InvalidInputError(field, f"expected one of {sorted(_FAMILIES)}, got {family!r}") from None
+    found = _FAMILIES.get(family) if isinstance(family, str) else None
+    if found is None:
+        found = next((cls for cls in _FAMILIES.values() if cls.__name__ == family), None)
+    if found is None:
+        raise InvalidInputError(field, f"expected one of {sorted(_FAMILIES)}, got {family!r}")
+    return found
 
 
 def model_families() -> dict[str, type[ModelBlock]]:

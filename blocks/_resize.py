@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .exceptions import InvalidImageError, InvalidInputError
-from .images import ImageInput, read_image_bytes, to_request_image, validate_encoded_image
+from .images import JPEG_QUALITY, ImageInput, read_image_bytes, to_request_image, validate_encoded_image
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -53,7 +53,6 @@ __all__ = [
 
 #: Resize only images whose relevant side is more than this many times the model's input size.
 MARGIN = 1.5
-JPEG_QUALITY = 95
 #: Bumped whenever the resize's output changes, so caches keyed on `resize_settings` notice.
 RESIZE_REVISION = 1
 

@@ -126,14 +126,18 @@ def read_image_bytes(path: str | os.PathLike[str], field: str = "image") -> byte
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` read from the image header, or None if the header is unreadable."""
+    """``(width, height)`` from the image header as the server sees the image — after its EXIF
+    orientation (a portrait photo stored landscape with orientation 6 is taller than wide) — or None
+    if the header is unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.size
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
     except (UnidentifiedImageError, OSError, ValueError):
         return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _is_ndarray(value: object) -> TypeGuard[np.ndarray]:

@@ -175,18 +175,28 @@ def to_detections(
         xyxy[:, 2:] = centres[:, :2] + centres[:, 2:] / 2
     if sent is not None and sent.resized:
         xyxy *= np.array(sent.scale * 2, dtype=np.float32)
+    image = answer.get("image")
+    size: tuple[Any, Any] = (None, None)
+    if sent is not None and sent.resized and sent.size is not None:
+        size = sent.size
+    elif isinstance(image, dict):
+        size = (image.get("width"), image.get("height"))
+    raw = xyxy.copy()
+    if all(isinstance(v, int | float) and v > 0 for v in size):
+        # The one box policy: boxes leave the library clipped to the image; the server's own box
+        # (which may reach past the edges) is kept only in the "raw_xyxy" column.
+        xyxy = sv.clip_boxes(xyxy, (int(size[0]), int(size[1]))).astype(np.float32)
     detections = sv.Detections(
         xyxy=xyxy,
         confidence=confidence,
         class_id=np.array([index.get(n, -1) for n in names], dtype=int),
-        data={"class_name": np.array(names, dtype=str), "detection_id": np.array(detection_ids, dtype=str)},
+        data={
+            "class_name": np.array(names, dtype=str),
+            "detection_id": np.array(detection_ids, dtype=str),
+            "raw_xyxy": raw,
+        },
     )
-    image = answer.get("image")
-    if sent is not None and sent.resized and sent.size is not None:
-        detections.metadata["image_width"], detections.metadata["image_height"] = sent.size
-    elif isinstance(image, dict):
-        detections.metadata["image_width"] = image.get("width")
-        detections.metadata["image_height"] = image.get("height")
+    detections.metadata["image_width"], detections.metadata["image_height"] = size
     return detections
 
 

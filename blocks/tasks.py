@@ -37,7 +37,25 @@ __all__ = [
     "embed_images",
     "embed_texts",
     "retry_if_retryable",
+    "run_name",
 ]
+
+
+def run_name(step: str, label: str | None = None, detail: str = "") -> str:
+    """The one way task and flow runs are named: ``"step[label] detail"``.
+
+    The blocks' tasks, the flows' steps and the flows themselves all name their runs through this,
+    so the UI reads the same everywhere: ``embed_images[clip ViT-B-16] 32 images``,
+    ``embed[clip ViT-B-16] batch 3/12``, ``embed-images[clip] part-00003 attempt 1``.
+
+    Examples:
+        ```python
+        run_name("embed", "clip ViT-B-16", "batch 3/12")  # 'embed[clip ViT-B-16] batch 3/12'
+        run_name("find-duplicates")  # 'find-duplicates'
+        ```
+    """
+    head = f"{step}[{label}]" if label else step
+    return f"{head} {detail}" if detail else head
 
 
 def _run_name(step: str, items: str) -> Any:
@@ -46,8 +64,7 @@ def _run_name(step: str, items: str) -> Any:
 
         params = task_run.parameters
         model = params.get("model") or params.get("detector")
-        count = len(params.get(items) or ())
-        return f"{step}[{model.label}] {count} {items}"
+        return run_name(step, model.label, f"{len(params.get(items) or ())} {items}")
 
     return name
 

@@ -30,8 +30,8 @@ from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
-from ._steps.operations import image_size, normalise
 from ._steps.sources import ImageSource, load
+from ._steps.vectors import normalise
 from ._storage.access import join
 from .records import Batch, ImageRecord, LabelSet
 from .steps import ExampleSpec
@@ -116,12 +116,11 @@ class _Labeller:
                 continue
             parent = load(parent)  # from a Dask worker the bytes did not travel (see ImageRecord)
             labelled = LabelledImage(parent)
-            width, height = image_size(parent.data or b"")
             for crop, row in zip(crops, record_rows(crops, model, DETECTIONS_SCHEMA), strict=True):
                 rows.append(row)
                 if not crop.ok or crop.crop is None:
                     continue
-                box = np.clip(np.asarray(crop.crop.xyxy, dtype=np.float32), 0, [width, height, width, height])
+                box = np.asarray(crop.crop.xyxy, dtype=np.float32)  # clipped to the image (the box policy)
                 probabilities = _probabilities(crop)
                 best = int(probabilities.argmax())
                 row.update(box_xyxy=box.tolist(), label_score=float(probabilities[best]))

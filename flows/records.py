@@ -59,7 +59,7 @@ class Crop:
     Attributes:
         parent_sha256: sha256 of the parent image's bytes.
         detection_index: Index of the detection in the parent's `sv.Detections`.
-        xyxy: The detected box in the parent's pixels (before padding).
+        xyxy: The detected box in the parent's pixels, clipped to the image (before padding).
         detector_class: The class the detector gave it.
         detector_confidence: The detector's score.
     """

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
@@ -16,15 +14,15 @@ from ._index.store import is_index
 from ._run.batch import emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
 from ._steps.models import embedding_model, resolve_server
-from ._steps.operations import normalise
 from ._steps.sources import read_bytes
-from .vector_index import VectorIndex
+from ._steps.vectors import normalise
+from ._storage.listing import looks_like_image
+from .vector_index import VectorIndex, family_name
 
 __all__ = ["SearchHit", "SearchImagesResult", "search_images"]
 
 FLOW_KEY = "search-images"
 #: The ``model`` column of tables written before it held family names.
-LEGACY_FAMILIES = {"Clip": "clip", "PerceptionEncoder": "perception_encoder"}
 
 
 class SearchHit(BaseModel):
@@ -47,24 +45,11 @@ class SearchImagesResult(BaseModel):
     hits: list[SearchHit]
 
 
-def _looks_like_image(query: str) -> bool:
-    return "://" in query or Path(query).suffix.lower() in {
-        ".jpg",
-        ".jpeg",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".webp",
-        ".tif",
-        ".tiff",
-    }
-
-
 @task(name="embed_query", task_run_name="embed_query[{family} {version}]", cache_policy=NO_CACHE)
 def embed_query(query: str, family: str, version: str, server: str | list[str] | None) -> np.ndarray:
     """The query's embedding, with the same model and version as the table."""
     model = embedding_model(family, version, resolve_server(server))
-    if _looks_like_image(query):
+    if looks_like_image(query):
         return model.embed_images([read_bytes(query, "query")])[0]
     return model.embed_texts([query])[0]
 
@@ -117,7 +102,7 @@ async def _search_table(
     if len(pairs) != 1:
         raise InvalidInputError("embeddings_path", f"rows come from several models: {pairs.to_dict('records')}")
     family, version = str(pairs.iloc[0]["model"]), str(pairs.iloc[0]["version"])
-    family = LEGACY_FAMILIES.get(family, family)
+    family = family_name(family, "embeddings_path")
     vector = embed_query(query, family, version, server)
     matrix = np.vstack(table["embedding"].to_numpy()).astype(np.float32)
     scores = normalise(matrix) @ normalise(vector[None, :])[0]

@@ -35,11 +35,10 @@ from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from prefect_roboflow.blocks import Box, OwlV2, ReferenceExample
-from prefect_roboflow.blocks._embedding import EmbeddingModel
+from prefect_roboflow.blocks import Box, EmbeddingModel, OwlV2, ReferenceExample
 from prefect_roboflow.blocks._http import describe_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
-from prefect_roboflow.blocks.tasks import retry_if_retryable
+from prefect_roboflow.blocks.tasks import retry_if_retryable, run_name
 
 from ._steps import operations as ops
 from ._steps.cache import CacheStorage, resolve_cache
@@ -77,7 +76,7 @@ def _run_name(step: str) -> Callable[[], str]:
         if isinstance(batch, PrefectFuture):  # the runtime holds the future; it is resolved by now
             batch = batch.result()
         which = batch.label if isinstance(batch, Batch) else "1/1"
-        return f"{step}[{who}] batch {which}" if who else f"{step} batch {which}"
+        return run_name(step, who, f"batch {which}")
 
     return name
 

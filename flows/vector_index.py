@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from prefect_roboflow.blocks import EmbeddingModel, model_class, model_families
 from prefect_roboflow.blocks._compat import async_dispatch
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
@@ -55,7 +56,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 # public here.
 from ._index.add import _commit_add
 from ._index.rows import RowBatch, _OpenIndex
-from ._index.search import _check_top_k, _checked_embedding, _knn, _looks_like_image, _query
+from ._index.search import _check_top_k, _checked_embedding, _knn, _query
 from ._index.store import (
     DEFAULT_EXACT_BELOW,
     MANIFEST,
@@ -64,6 +65,7 @@ from ._index.store import (
     _Store,
 )
 from ._steps.models import ServerSpec
+from ._storage.listing import looks_like_image
 
 __all__ = [
     "DEFAULT_EXACT_BELOW",
@@ -75,13 +77,6 @@ __all__ = [
     "update_index_from_table",
 ]
 
-_FAMILIES = {
-    "clip": "clip",
-    "perception_encoder": "perception_encoder",
-    "Clip": "clip",
-    "PerceptionEncoder": "perception_encoder",
-}
-
 
 def family_name(model: str, field_name: str = "model") -> str:
     """The model family of a table's ``model`` value: ``"clip"`` or ``"perception_encoder"``.
@@ -92,12 +87,14 @@ def family_name(model: str, field_name: str = "model") -> str:
         >>> family_name("Clip")
         'clip'
     """
+    families = sorted(f for f, cls in model_families().items() if issubclass(cls, EmbeddingModel))
     try:
-        return _FAMILIES[model]
-    except (KeyError, TypeError):
-        raise InvalidInputError(
-            field_name, f"unknown model family {model!r}; expected one of {sorted(_FAMILIES)}"
-        ) from None
+        cls = model_class(model, field_name)
+    except InvalidInputError:
+        cls = None
+    if cls is None or not issubclass(cls, EmbeddingModel):
+        raise InvalidInputError(field_name, f"unknown model family {model!r}; expected one of {families}")
+    return cls.family
 
 
 class IndexHit(BaseModel):
@@ -188,7 +185,7 @@ class VectorIndex(_OpenIndex):
         _check_top_k(top_k)
         vector, model, subject = _query(self, query, server)
         if model is not None:
-            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            texts = isinstance(subject, str) and not looks_like_image(subject)
             embedded = await (model.aembed_texts([subject]) if texts else model.aembed_images([subject]))
             vector = _checked_embedding(self, embedded)
         return await asyncio.to_thread(self._hits, vector, top_k, nprobe)
@@ -226,7 +223,7 @@ class VectorIndex(_OpenIndex):
         _check_top_k(top_k)
         vector, model, subject = _query(self, query, server)
         if model is not None:
-            texts = isinstance(subject, str) and not _looks_like_image(subject)
+            texts = isinstance(subject, str) and not looks_like_image(subject)
             vector = _checked_embedding(self, model.embed_texts([subject]) if texts else model.embed_images([subject]))
         return self._hits(vector, top_k, nprobe)
 

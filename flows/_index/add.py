@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .rows import SCAN_BLOCK, RowBatch, _normalise, _OpenIndex
+from .._steps.vectors import normalise
+from .rows import SCAN_BLOCK, RowBatch, _OpenIndex
 from .store import MANIFEST, META_SCHEMA, _Manifest, _new_name, _Segment, _Store
 
 __all__ = ["RETRAIN_GROWTH", "SEGMENT_ROWS", "_commit_add"]
@@ -107,7 +108,7 @@ def _checked_batch(
         raise InvalidInputError("vectors", f"dimension {vectors.shape[1]}; the index holds dimension {dim}")
     if any(not isinstance(r, str) or not r for r in refs):
         raise InvalidInputError("image_refs", "every reference must be a non-empty str")
-    return refs, shas, [None if d is None else int(d) for d in dets], _normalise(vectors, "vectors")
+    return refs, shas, [None if d is None else int(d) for d in dets], normalise(vectors, "vectors")
 
 
 class _SegmentWriter:

@@ -22,7 +22,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .store import META_SCHEMA, _Manifest, _Store
 
-__all__ = ["PREAD_MAX_RUNS", "SCAN_BLOCK", "_OpenIndex", "_normalise"]
+__all__ = ["PREAD_MAX_RUNS", "SCAN_BLOCK", "RowBatch", "_OpenIndex"]
 
 #: Rows scored at once by an exact scan (bounds the scan's memory to block × queries floats).
 SCAN_BLOCK = 32_768
@@ -178,15 +178,6 @@ class _OpenIndex:
             source = self._store.local_file(f"{name}.parquet")
             self._meta[s] = pq.read_table(source, columns=["image_ref", "image_sha256", "detection_index"])
         return self._meta[s]
-
-
-def _normalise(array: np.ndarray, name: str) -> np.ndarray:
-    if not np.isfinite(array).all():
-        raise InvalidInputError(name, "vectors must be finite (no NaN or inf)")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise InvalidInputError(name, f"row {int(np.flatnonzero(norms == 0)[0])} is a zero vector")
-    return np.ascontiguousarray(array / norms, dtype=np.float32)
 
 
 def _pread_rows(handle: Any, mapped: np.ndarray, local: np.ndarray) -> np.ndarray:

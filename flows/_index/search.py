@@ -15,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from prefect_roboflow.blocks import Clip, PerceptionEncoder
+from prefect_roboflow.blocks import EmbeddingModel
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .._steps.models import ServerSpec, resolve_server
-from .rows import _normalise, _OpenIndex
+from .._steps.models import ServerSpec, embedding_model, resolve_server
+from .._steps.vectors import normalise
+from .._storage.listing import looks_like_image
+from .rows import _OpenIndex
 
 __all__ = [
     "_check_queries",
@@ -27,12 +29,8 @@ __all__ = [
     "_checked_embedding",
     "_exact_knn",
     "_knn",
-    "_looks_like_image",
     "_query",
 ]
-
-_BLOCKS: dict[str, type[Clip] | type[PerceptionEncoder]] = {"clip": Clip, "perception_encoder": PerceptionEncoder}
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def _knn(
@@ -76,12 +74,10 @@ def _check_queries(index: _OpenIndex, queries: Any) -> np.ndarray:
         raise InvalidInputError(
             "query", f"expected vectors of dimension {index.dim} (the index's), got shape {array.shape}"
         )
-    return _normalise(array, "query")
+    return normalise(array, "query")
 
 
-def _query(
-    index: _OpenIndex, query: Any, server: ServerSpec
-) -> tuple[np.ndarray, Clip | PerceptionEncoder | None, Any]:
+def _query(index: _OpenIndex, query: Any, server: ServerSpec) -> tuple[np.ndarray, EmbeddingModel | None, Any]:
     """``(vector, None, None)`` for a vector; ``(empty, model, text-or-image)`` to embed — checked first."""
     if index.rows == 0:
         raise InvalidInputError("query", f"the index at {index.path} is empty")
@@ -90,8 +86,8 @@ def _query(
     if not isinstance(query, (str, bytes, Path)):
         raise InvalidInputError("query", f"expected a vector, a text or an image, got {type(query).__name__}")
     assert index.family is not None and index.version is not None
-    subject = query if isinstance(query, str) and not _looks_like_image(query) else _image_input(query)
-    model = _BLOCKS[index.family](server=resolve_server(server), version=index.version)
+    subject = query if isinstance(query, str) and not looks_like_image(query) else _image_input(query)
+    model = embedding_model(index.family, index.version, resolve_server(server))
     return np.empty(0, dtype=np.float32), model, subject
 
 
@@ -134,10 +130,6 @@ def _merge(
     all_rows = np.concatenate([rows, more_rows], axis=1)
     order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_rows, order, axis=1)
-
-
-def _looks_like_image(query: str) -> bool:
-    return query.startswith(("http://", "https://")) or Path(query).suffix.lower() in _IMAGE_SUFFIXES
 
 
 def _image_input(query: str | bytes | Path) -> str | bytes:

@@ -22,22 +22,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .._storage.access import is_remote, write_bytes
+from .._storage.access import atomic_write_bytes, is_remote, write_bytes
 from .._storage.listing import LIST_PAGE_SIZE
 from .._storage.locate import locate
 from .._storage.parquet import AtomicParquetWriter
-from .._storage.stores import LocalReplace, Store, output_error
+from .._storage.stores import Store, output_error
 
 __all__ = ["ParquetSink", "atomic_write_bytes", "embedding_type", "publish_folder", "show_location", "write_output"]
 
 #: Objects uploaded at once when a folder is published.
 UPLOAD_CONCURRENCY = 8
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old file or the whole new one."""
-    with LocalReplace(path) as (handle, _):
-        handle.write(data)
 
 
 def write_output(url: str, data: bytes) -> None:

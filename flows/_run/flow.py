@@ -19,6 +19,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 from prefect import Flow
 from prefect.utilities.asyncutils import run_coro_as_sync
 
+from prefect_roboflow.blocks.tasks import run_name
+
 __all__ = ["roboflow_flow"]
 
 P = ParamSpec("P")
@@ -73,7 +75,7 @@ def _run_name(template: str) -> Callable[[], str]:
         context = FlowRunContext.get()
         parameters = dict(context.parameters or {}) if context else {}
         shard = parameters.get("shard")
-        base = template.format(**parameters)
-        return f"{base} {Shard.model_validate(shard).label}" if shard else base
+        step, _, label = template.format(**parameters).partition("[")
+        return run_name(step, label.rstrip("]") or None, Shard.model_validate(shard).label if shard else "")
 
     return name

@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_HOME
 from prefect_roboflow.blocks import InferenceError, ResponseInfo, record_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .._outputs.files import atomic_write_bytes
+from .._storage.access import atomic_write_bytes
 from .._storage.locate import _is_block_slug
 
 __all__ = ["ContentCache", "content_key", "through_cache"]

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 from typing import Literal, TypeAlias, get_args
 
-from prefect_roboflow.blocks import InferenceServer, OwlV2, model_class
-from prefect_roboflow.blocks._embedding import EmbeddingModel
+from prefect_roboflow.blocks import EmbeddingModel, InferenceServer, OwlV2, model_class
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.server import normalise_api_urls
 

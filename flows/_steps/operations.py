@@ -14,14 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from prefect_roboflow.blocks import InferenceError, InvalidInputError, ModelBlock, OwlV2, ReferenceExample
-from prefect_roboflow.blocks._embedding import EmbeddingModel
-from prefect_roboflow.blocks.images import to_request_image
+from prefect_roboflow.blocks import (
+    EmbeddingModel,
+    InferenceError,
+    InvalidInputError,
+    ModelBlock,
+    OwlV2,
+    ReferenceExample,
+)
+from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
 from ..records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
 from .cache import ContentCache, content_key, through_cache
 from .sources import load_all
+from .vectors import normalise
 
 if TYPE_CHECKING:
     import supervision as sv
@@ -34,8 +41,6 @@ __all__ = [
     "embed_label_texts",
     "embed_records",
     "encode_jpeg",
-    "image_size",
-    "normalise",
 ]
 
 Codec = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
@@ -53,6 +58,7 @@ def _detections_to_bytes(detections: sv.Detections) -> bytes:
             "confidence": [] if detections.confidence is None else detections.confidence.tolist(),
             "class_id": [] if detections.class_id is None else detections.class_id.tolist(),
             "class_name": np.asarray(detections.data.get("class_name", [])).tolist(),
+            "raw_xyxy": np.asarray(detections.data.get("raw_xyxy", detections.xyxy)).tolist(),
         }
     ).encode()
 
@@ -61,11 +67,16 @@ def _detections_from_bytes(data: bytes) -> sv.Detections:
     import supervision as sv
 
     stored = json.loads(data)
+    xyxy = np.asarray(stored["xyxy"], dtype=np.float32).reshape(-1, 4)
     return sv.Detections(
-        xyxy=np.asarray(stored["xyxy"], dtype=np.float32).reshape(-1, 4),
+        xyxy=xyxy,
         confidence=np.asarray(stored["confidence"], dtype=np.float32),
         class_id=np.asarray(stored["class_id"], dtype=int),
-        data={"class_name": np.asarray(stored["class_name"], dtype=str)},
+        data={
+            "class_name": np.asarray(stored["class_name"], dtype=str),
+            # entries cached before the box policy hold the server's box as xyxy
+            "raw_xyxy": np.asarray(stored.get("raw_xyxy", xyxy), dtype=np.float32).reshape(-1, 4),
+        },
     )
 
 
@@ -159,47 +170,46 @@ def decode_rgb(data: bytes) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` of encoded image bytes as the server sees them: after EXIF orientation."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def encode_jpeg(pixels: np.ndarray) -> bytes:
     """RGB pixels as JPEG bytes (crops are encoded once, then hashed and sent as they are)."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
-def _crops_of(parent: ImageRecord, padding: int) -> list[ImageRecord]:
-    """One crop record per detection of ``parent``: the padded, clipped box as JPEG, or why not."""
-    found = parent.detections
-    assert parent.data is not None and parent.sha256 is not None and found is not None
-    origins = [
+def _origins(parent: ImageRecord, found: sv.Detections, size: tuple[int, int] | None = None) -> list[Crop]:
+    """Where each crop of ``parent`` comes from; its box clipped to the image when ``size`` is known
+    (the box policy: boxes leave the library clipped, as the blocks' `OwlV2.detect` gives them)."""
+    import supervision as sv
+
+    xyxy = found.xyxy if size is None else sv.clip_boxes(found.xyxy, size)
+    return [
         Crop(
-            parent_sha256=parent.sha256,
+            parent_sha256=parent.sha256 or "",
             detection_index=k,
-            xyxy=tuple(float(v) for v in found.xyxy[k]),  # type: ignore[arg-type]
+            xyxy=tuple(float(v) for v in xyxy[k]),  # type: ignore[arg-type]
             detector_class=str(found.data["class_name"][k]),
             detector_confidence=None if found.confidence is None else float(found.confidence[k]),
         )
         for k in range(len(found))
     ]
+
+
+def _crops_of(parent: ImageRecord, padding: int) -> list[ImageRecord]:
+    """One crop record per detection of ``parent``: the padded, clipped box as JPEG, or why not."""
+    import supervision as sv
+
+    found = parent.detections
+    assert parent.data is not None and parent.sha256 is not None and found is not None
     try:
         pixels = decode_rgb(parent.data)
     except (OSError, ValueError) as exc:
         failure = Failure("crop", f"cannot decode the image: {exc}", type(exc).__name__)
-        return [ImageRecord(parent.ref, crop=origin, failure=failure) for origin in origins]
-    import supervision as sv
-
+        return [ImageRecord(parent.ref, crop=origin, failure=failure) for origin in _origins(parent, found)]
     height, width = pixels.shape[:2]
+    origins = _origins(parent, found, (width, height))
     boxes = sv.clip_boxes(sv.pad_boxes(found.xyxy, px=padding, py=padding), (width, height))
     crops = []
     for origin, box in zip(origins, boxes, strict=True):
@@ -241,12 +251,6 @@ def embed_label_texts(model: EmbeddingModel, labels: Sequence[str], cache: Conte
     report = StepReport("embed_labels", model.label, len(labels), len(labels) - sent, sent, 0, 0.0, infos)
     report.seconds = time.monotonic() - started
     return label_set, report
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return vectors / np.where(norms == 0, 1.0, norms)
 
 
 def classify_records(

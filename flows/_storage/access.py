@@ -10,10 +10,16 @@ from typing import TYPE_CHECKING, Any
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 
 from .locate import WEB_SCHEMES, locate, split_url
-from .stores import LIST_PAGE_SIZE, LocalStore, S3Store, output_error, s3_code
+from .stores import LIST_PAGE_SIZE, LocalReplace, LocalStore, S3Store, output_error, s3_code
 
 if TYPE_CHECKING:
     pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a local file so that readers see either the old file or the whole new one."""
+    with LocalReplace(path) as (handle, _):
+        handle.write(data)
 
 
 def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> bytes:

@@ -15,7 +15,26 @@ from .stores import LIST_PAGE_SIZE, Store
 if TYPE_CHECKING:
     pass
 
+#: The file suffixes (lower case) that name an image, wherever a reference points.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def has_image_suffix(ref: str) -> bool:
+    """Whether the path of a reference (any scheme; a URL's query or fragment ignored) ends in an image suffix."""
+    path = ref.split("?", 1)[0].split("#", 1)[0] if "://" in ref else ref
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def looks_like_image(query: str) -> bool:
+    """Whether a query string names an image rather than being a text: an ``http(s)://`` URL, or a
+    path or storage reference (``s3://``, ``block://``, any fsspec URL, a local path) with an image suffix.
+
+    Examples:
+        ```python
+        looks_like_image("s3://bucket/q.jpg"), looks_like_image("a red car")  # (True, False)
+        ```
+    """
+    return query.startswith(("http://", "https://")) or has_image_suffix(query)
 
 
 def block_source(block: Any, path: str = "", field: str = "images") -> str:
@@ -46,7 +65,7 @@ def _expand(ref: str, field: str, credentials: Any, probe: bool, page_size: int)
         if not rel or rel.endswith("/") or kind == "dir":
             folder = rel + "/" if kind == "dir" else rel
             for path in store.list(folder, recursive=False, page_size=page_size):
-                if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+                if has_image_suffix(path):
                     yield store.ref(path)
         elif remote and kind == "missing":
             raise InvalidInputError(field, f"nothing found at {ref}")

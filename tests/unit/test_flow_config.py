@@ -13,8 +13,15 @@ import pyarrow as pa
 import pytest
 from prefect.filesystems import LocalFileSystem
 
-from prefect_roboflow.blocks import Clip, InvalidInputError, OwlV2, PerceptionEncoder, model_class, model_families
-from prefect_roboflow.blocks._embedding import EmbeddingModel
+from prefect_roboflow.blocks import (
+    Clip,
+    EmbeddingModel,
+    InvalidInputError,
+    OwlV2,
+    PerceptionEncoder,
+    model_class,
+    model_families,
+)
 from prefect_roboflow.flows._outputs.files import ParquetSink, atomic_write_bytes
 from prefect_roboflow.flows._run.parameters import ensure_out_dir
 from prefect_roboflow.flows._steps.cache import ContentCache, content_key, resolve_cache
