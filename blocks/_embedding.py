@@ -46,8 +46,8 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _parse_vectors(answer: dict[str, Any], expected: int, endpoint: str) -> list[np.ndarray]:
-    """The answer's embeddings: ``expected`` finite vectors of one length, as float32."""
+def _parse_vectors(answer: dict[str, Any], expected: int, endpoint: str, dim: int | None = None) -> list[np.ndarray]:
+    """The answer's embeddings: ``expected`` finite vectors of one length (``dim`` when given), as float32."""
     import numpy as np
 
     vectors = answer.get("embeddings")
@@ -60,6 +60,10 @@ def _parse_vectors(answer: dict[str, Any], expected: int, endpoint: str) -> list
         raise InferenceResponseError("embeddings are not equal-length lists of numbers", endpoint=endpoint) from None
     if matrix.ndim != 2 or matrix.shape[1] == 0:
         raise InferenceResponseError(f"embeddings of shape {matrix.shape}, expected (n, dim)", endpoint=endpoint)
+    if dim is not None and matrix.shape[1] != dim:
+        raise InferenceResponseError(
+            f"embeddings of {matrix.shape[1]} values, expected {dim} for this model version", endpoint=endpoint
+        )
     if not np.isfinite(matrix).all():
         raise InferenceResponseError("embeddings hold NaN or infinite values", endpoint=endpoint)
     return list(matrix)
@@ -70,6 +74,30 @@ class EmbeddingModel(ModelBlock, ABC):
     server's limits."""
 
     routes: ClassVar[Routes]
+    #: Embedding size of each known version (contract §1.1, §2); answers of another size are errors.
+    dimensions: ClassVar[dict[str, int]] = {}
+
+    @property
+    def dimension(self) -> int | None:
+        """The embedding size this block's answers must have: the version's known one, else the
+        first size a server answered for this family and version in this process (None until then)."""
+        known = self.dimensions.get(self.version)
+        return known if known is not None else self._engine.learned_dimensions.get((self.family, self.version))
+
+    def learn_dimension(self, size: int) -> int:
+        """The embedding size in force: the known or learned `dimension`, else ``size`` (learned now,
+        for this family and version in this process: the first answer, cached vector or index met)."""
+        known = self.dimension
+        if known is not None:
+            return known
+        return self._engine.learned_dimensions.setdefault((self.family, self.version), size)
+
+    def _parse_embeddings(self, answer: dict[str, Any], n: int, endpoint: str) -> list[np.ndarray]:
+        """`_parse_vectors` against `dimension`; the first answer of an unknown version fixes it."""
+        vectors = _parse_vectors(answer, n, endpoint, self.dimension)
+        if vectors:
+            self.learn_dimension(int(vectors[0].shape[0]))
+        return vectors
 
     # --- input checks, per model family -------------------------------------------------
 
@@ -124,7 +152,7 @@ class EmbeddingModel(ModelBlock, ABC):
                 sendable,
                 self.routes.images_per_request,
                 lambda chunk: self._body(image=list(chunk)),
-                lambda answer, n: _parse_vectors(answer, n, endpoint),
+                lambda answer, n: self._parse_embeddings(answer, n, endpoint),
             ),
         )
 
@@ -135,7 +163,7 @@ class EmbeddingModel(ModelBlock, ABC):
             texts,
             self.routes.texts_per_request,
             lambda chunk: self._body(text=list(chunk)),
-            lambda answer, n: _parse_vectors(answer, n, endpoint),
+            lambda answer, n: self._parse_embeddings(answer, n, endpoint),
         )
 
     async def _compare(self, subject: dict[str, str], prompts: Sequence[str]) -> list[Outcome]:

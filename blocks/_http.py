@@ -290,6 +290,9 @@ class InferenceHTTP:
         self._thread = threading.Thread(target=self._loop.run_forever, name="prefect-roboflow-http", daemon=True)
         self._thread.start()
         self._random = random.Random()
+        #: Embedding size per (family, version) of versions whose size is not known in advance:
+        #: the first answer's, so a server that later answers another size is caught.
+        self.learned_dimensions: dict[tuple[str, str], int] = {}
         # Built on the engine's loop: the pools belong to it.
         self.balancer: Balancer = self._submit(self._make_balancer()).result()
 

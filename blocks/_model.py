@@ -46,8 +46,9 @@ class ModelBlock(Block, ABC):
     version: str = Field(description="Model version.")
     client_resize: bool = Field(
         default=True,
-        description="Resize photos larger than the model needs on the client before sending them (far fewer "
-        "bytes, much faster; OWLv2 boxes are mapped back to the original); off sends every image untouched.",
+        description="Resize big photos (over 256 KiB or 1 MP, and over 1.5× the model's input) on the client "
+        "before sending them (far fewer bytes, much faster; OWLv2 boxes are mapped back to the original); smaller "
+        "images always go untouched, and off sends every image untouched.",
     )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -15,8 +15,22 @@ JPEGs are decoded in draft mode (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, never
 size needed): a 12 MP photo decodes ~3× faster. EXIF orientation is applied the way the server's
 OpenCV ``IMREAD_COLOR`` applies it (JPEG, PNG and TIFF; not WebP). Alpha is dropped, as
 ``IMREAD_COLOR`` drops it, and the result is sent as a JPEG of quality 95 without chroma
-subsampling. Images not at least `MARGIN` times larger than needed are sent as they are, bytes
-untouched: re-encoding them would cost a JPEG generation and save little.
+subsampling.
+
+**When it pays.** An image is resized only when it is big for the model *and* big in absolute terms:
+its relevant side more than `MARGIN` (1.5) times the model's input, and its file over
+`SMALL_FILE_BYTES` (256 KiB) or its pixels over `SMALL_IMAGE_PIXELS` (1 MP). Anything else goes as
+it is, bytes untouched. Resizing a 640×480, 30 KB JPEG costs the client ~2 ms of CPU to save at
+most its 30 KB: a loss on loopback or a LAN (1 Gbit/s moves 30 KB in 0.25 ms), and a 224×224 JPEG
+at q95 without subsampling is often no smaller than such a file. Past 256 KiB or 1 MP the bytes saved (and
+the server's decode of every pixel: ~0.2 s for 12 MP) outweigh the client's CPU at any link speed
+short of loopback. The rule reads only the image (its header and size), never a measured link
+speed, so the same image is always sent the same way and cached results stay comparable.
+
+The decodes and resizes run on one bounded thread pool per process (`resize_workers` threads:
+every core by default, ``PREFECT_ROBOFLOW_RESIZE_WORKERS`` to change it); Pillow releases the GIL
+while it decodes, resamples and encodes, so a batch of big photos uses every core, and at most
+that many decoded images are in memory at once.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = [
     "JPEG_QUALITY",
     "MARGIN",
+    "SMALL_FILE_BYTES",
+    "SMALL_IMAGE_PIXELS",
     "PreparedImage",
     "ResizePlan",
     "Resized",
@@ -49,12 +66,20 @@ __all__ = [
     "prepare_images",
     "resize_encoded",
     "resize_settings",
+    "resize_workers",
 ]
 
 #: Resize only images whose relevant side is more than this many times the model's input size.
 MARGIN = 1.5
+#: An image whose file is at most this many bytes and whose pixels are at most `SMALL_IMAGE_PIXELS`
+#: is sent as it is, whatever its size relative to the model's input: resizing it would not pay.
+SMALL_FILE_BYTES = 256 * 1024
+SMALL_IMAGE_PIXELS = 1_000_000
 #: Bumped whenever the resize's output changes, so caches keyed on `resize_settings` notice.
-RESIZE_REVISION = 1
+#: 2: small images (`SMALL_FILE_BYTES`, `SMALL_IMAGE_PIXELS`) are no longer resized.
+RESIZE_REVISION = 2
+#: Sets how many threads decode and resize (default: every core).
+WORKERS_ENV = "PREFECT_ROBOFLOW_RESIZE_WORKERS"
 
 #: Input side of each CLIP version (``visual.onnx``'s input shape; OpenAI's published sizes).
 CLIP_INPUT: dict[str, int] = {
@@ -111,6 +136,22 @@ class ResizePlan:
         if min(width, height) <= self.size * MARGIN:
             return None
         return self.size, self.size
+
+    def target_size(self, width: int, height: int, nbytes: int) -> tuple[int, int] | None:
+        """The ``(width, height)`` to send an image of ``nbytes`` as, or None when resizing it does
+        not pay: too small for the model (`output_size`), or small in bytes and pixels alike.
+
+        Examples:
+            ```python
+            plan = ResizePlan("crop", 224, "bicubic")
+            plan.target_size(640, 480, 30_000)  # None: a 0.3 MP, 30 KB photo goes as it is
+            plan.target_size(640, 480, 400_000)  # (224, 224): 400 KB is worth shrinking
+            plan.target_size(4000, 3000, 3_000_000)  # (224, 224)
+            ```
+        """
+        if nbytes <= SMALL_FILE_BYTES and width * height <= SMALL_IMAGE_PIXELS:
+            return None
+        return self.output_size(width, height)
 
     def scaled_size(self, width: int, height: int) -> tuple[int, int]:
         """The size before any crop: what the decoder must deliver at least."""
@@ -217,7 +258,7 @@ class Resized:
 def resize_encoded(data: bytes, plan: ResizePlan, field: str = "image") -> Resized:
     """Decode, orient, resize (and crop) one encoded image per ``plan``; JPEG q95 out.
 
-    Call it for images `ResizePlan.output_size` says are big enough.
+    Call it for images `ResizePlan.target_size` says are worth resizing.
 
     Raises:
         InvalidImageError: naming ``field``, when the image cannot be decoded.
@@ -328,7 +369,7 @@ def _plan_one(image: ImageInput, field: str, plan: ResizePlan | None) -> tuple[P
     if data is None:
         return PreparedImage(to_request_image(image, field)), None
     size = header_size(data, field)
-    target = None if plan is None or size is None else plan.output_size(*size)
+    target = None if plan is None or size is None else plan.target_size(*size, len(data))
     if plan is not None and size is None:
         raise InvalidImageError(field, "cannot read the image header")
     if target is not None:
@@ -363,8 +404,8 @@ def prepare_images(
 ) -> list[PreparedImage | InvalidInputError]:
     """`prepare_image` for each image, n in, n out: an image that fails is its `InvalidInputError`.
 
-    Headers are checked in order; the decodes and resizes run on a few threads (Pillow releases
-    the GIL while it decodes and resamples).
+    Headers are checked in order; the decodes and resizes run on the process's resize pool
+    (`resize_workers` threads, shared by every caller: at most that many decodes at once).
     """
     results: list[PreparedImage | InvalidInputError] = []
     pending: dict[int, bytes] = {}
@@ -389,12 +430,43 @@ def prepare_images(
             return error
         return PreparedImage(_base64(resized.data), done.size, resized.size)
 
-    workers = min(len(pending), os.cpu_count() or 1, 4)
-    if workers == 1:
+    if len(pending) == 1 or resize_workers() == 1:
         finished = [resize(i) for i in pending]
     else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefect-roboflow-resize") as pool:
-            finished = list(pool.map(resize, pending))
+        finished = list(_pool().map(resize, pending))
     for i, outcome in zip(pending, finished, strict=True):
         results[i] = outcome
     return results
+
+
+def resize_workers() -> int:
+    """How many threads decode and resize: ``PREFECT_ROBOFLOW_RESIZE_WORKERS``, else every core.
+
+    Raises:
+        InvalidInputError: naming the variable, when it is not a whole number of at least 1.
+    """
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if not value:
+        return max(1, os.cpu_count() or 1)
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise InvalidInputError(WORKERS_ENV, f"expected a whole number of at least 1, got {value!r}")
+    return workers
+
+
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's resize pool of `resize_workers` threads (a new one when the setting changes,
+    or in a forked child: threads do not cross a fork)."""
+    key = (os.getpid(), resize_workers())
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="prefect-roboflow-resize")
+        return pool

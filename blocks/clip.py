@@ -76,6 +76,7 @@ class Clip(EmbeddingModel):
     # The 1.8.3 engine stacks a list of images into one tall image and answers one
     # embedding, so CLIP images go one per request.
     routes: ClassVar[Routes] = Routes(version_field="clip_version_id", images_per_request=1)
+    dimensions: ClassVar[dict[str, int]] = CLIP_DIMENSIONS
 
     version: str = Field(
         default=ClipVersion.VIT_B_16.value,

@@ -49,6 +49,7 @@ class PerceptionEncoder(EmbeddingModel):
 
     family: ClassVar[str] = "perception_encoder"
     routes: ClassVar[Routes] = Routes(version_field="perception_encoder_version_id", images_per_request=8)
+    dimensions: ClassVar[dict[str, int]] = PE_DIMENSIONS
 
     version: str = Field(
         default=PerceptionEncoderVersion.PE_CORE_L14_336.value,

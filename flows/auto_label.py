@@ -27,7 +27,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import resolve_out_dir
+from ._run.parameters import AutoLabelParameters, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource, load
@@ -206,6 +206,7 @@ async def auto_label(
             writes one COCO/YOLO dataset and one gallery page from all the shards' parts.
         shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
+    AutoLabelParameters.check(locals())
     _check(min_score, formats)
     prompts = class_prompts(classes)
     srv = resolve_server(server)

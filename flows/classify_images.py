@@ -6,8 +6,6 @@ from typing import Any
 
 from prefect.futures import PrefectFuture
 
-from prefect_roboflow.blocks.exceptions import InvalidInputError
-
 from . import steps
 from ._outputs.files import ParquetSink
 from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows
@@ -15,7 +13,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, resolve_out_dir
+from ._run.parameters import ClassifyImagesParameters, check_index, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -68,20 +66,19 @@ async def classify_images(
         batch_size: Images per task run.
         cache_storage: Folder or saved file-system block (``"type/name"``) for per-item results.
         max_failure_rate: The run fails (after writing its table) above this share of failed images.
-        index_path: A vector index (folder or object-storage URL) to add this run's new rows to.
+        index_path: A vector index (folder, object-storage URL or ``block://`` path) to add this run's new rows to.
         fan_out: Split the job into shards that run as sub-runs of this flow's deployment (see
             `embed_images`); the table is then a folder ``classifications/`` of one part per shard,
             and the label counts are the shards' summed.
         shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
+    ClassifyImagesParameters.check(locals())
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
     run: RunTotals
     if fan_out is not None:
-        if isinstance(labels, str) or not labels:  # as `embed_labels` checks it, before any shard is sent
-            raise InvalidInputError("labels", "give a non-empty list of label prompts")
         run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"classifications": CLASSIFICATIONS_SCHEMA})
         table, parts = fanned.folder("classifications"), fanned.parts("classifications")
     else:

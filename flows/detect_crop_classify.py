@@ -12,8 +12,6 @@ from typing import Any
 
 from prefect.futures import PrefectFuture
 
-from prefect_roboflow.blocks.exceptions import InvalidInputError
-
 from . import steps
 from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
@@ -22,7 +20,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import resolve_out_dir
+from ._run.parameters import DetectCropClassifyParameters, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -96,6 +94,7 @@ async def detect_crop_classify(
         Counts, label counts and output paths. One row per detection, one per image without any
         (``status="no_detections"``), and one per failed image: every image has a row.
     """
+    DetectCropClassifyParameters.check(locals())
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference = steps.reference_examples(examples)
@@ -103,8 +102,6 @@ async def detect_crop_classify(
     out = resolve_out_dir(out_dir)
     run: RunTotals
     if fan_out is not None:
-        if isinstance(labels, str) or not labels:  # as `embed_labels` checks it, before any shard is sent
-            raise InvalidInputError("labels", "give a non-empty list of label prompts")
         run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": DETECTIONS_SCHEMA})
         return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))

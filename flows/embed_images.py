@@ -9,7 +9,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import check_index, resolve_out_dir
+from ._run.parameters import EmbedImagesParameters, check_index, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -55,7 +55,7 @@ async def embed_images(
         cache_storage: Where per-image results are kept: a folder, or a saved file-system block
             as ``"block-type/name"``; ``$PREFECT_HOME/prefect-roboflow-cache`` by default.
         max_failure_rate: The run fails (after writing its table) when a larger share of images fails.
-        index_path: A vector index (folder or object-storage URL) to add this run's new rows to,
+        index_path: A vector index (folder, object-storage URL or ``block://`` path) to add this run's new rows to,
             for `search_images` and `VectorIndex` at millions of rows.
         fan_out: Split the job into shards of ``fan_out.shard_size`` images that run as sub-runs of
             this flow's deployment on the workers of its pool (see `FanOut`); the table is then a
@@ -66,6 +66,7 @@ async def embed_images(
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
         embedding, status ("ok" | "failed"), error``.
     """
+    EmbedImagesParameters.check(locals())
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)

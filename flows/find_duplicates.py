@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._run.parameters import resolve_out_dir
+from ._run.parameters import FindDuplicatesParameters, resolve_out_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,6 +78,7 @@ async def find_duplicates(source: str, out_dir: str, threshold: float = 0.95, k:
         Counts and the table's path. Rows, one per member of a group: ``group, group_kind,
         representative, member, kind, similarity, image_sha256, detection_index``.
     """
+    FindDuplicatesParameters.check(locals())
     _check_parameters(source, threshold, k)
     out = resolve_out_dir(out_dir)
     with tempfile.TemporaryDirectory(dir=None if is_remote(out) else out, prefix=".find-duplicates-") as scratch:

@@ -13,6 +13,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from ._index.store import is_index
 from ._run.batch import emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
+from ._run.parameters import SearchImagesParameters
 from ._steps.models import embedding_model, resolve_server
 from ._steps.sources import read_bytes
 from ._steps.vectors import normalise
@@ -76,6 +77,7 @@ async def search_images(
         top_k: How many hits to return.
         server: A saved `InferenceServer` block name, a URL or a list of URLs (default: ``INFERENCE_SERVER_URL``).
     """
+    SearchImagesParameters.check(locals())
     if top_k < 1:
         raise InvalidInputError("top_k", f"must be at least 1, got {top_k}")
     search = _search_index if is_index(embeddings_path) else _search_table

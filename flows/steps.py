@@ -38,6 +38,7 @@ from pydantic import BaseModel
 from prefect_roboflow.blocks import Box, EmbeddingModel, OwlV2, ReferenceExample
 from prefect_roboflow.blocks._http import describe_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
+from prefect_roboflow.blocks.owlv2 import training_data
 from prefect_roboflow.blocks.tasks import retry_if_retryable, run_name
 
 from ._steps import operations as ops
@@ -187,4 +188,5 @@ def reference_examples(examples: Sequence[ExampleSpec | dict[str, Any]]) -> list
         spec = example if isinstance(example, ExampleSpec) else ExampleSpec.model_validate(example)
         data = read_bytes(spec.image, f"examples[{i}].image")
         built.append(ReferenceExample(image=data, boxes=spec.boxes))
+    training_data(built)  # each box on its image, checked before any request (as the detect step will)
     return built

@@ -1,7 +1,8 @@
 """A vector index over embeddings: exact search while small, IVF-PQ (faiss) once large.
 
-An index is a folder — a local path or an object-storage URL that fsspec opens
-(``s3://bucket/index``) — of immutable files and one manifest naming them:
+An index is a folder — a local path, an ``s3://bucket/index`` URL, any fsspec URL, or a saved
+block's path (``block://s3-bucket/<name>/index``), all reached through `_storage` — of immutable
+files and one manifest naming them:
 
 ```
 manifest.json            the commit point: dimension, model family and version, segments, ANN file
@@ -40,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +67,7 @@ from ._index.store import (
     _Store,
 )
 from ._steps.models import ServerSpec
+from ._storage.access import local_copy
 from ._storage.listing import looks_like_image
 
 __all__ = [
@@ -141,7 +144,7 @@ class VectorIndex(_OpenIndex):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, create: bool = False, exact_below: int | None = None) -> VectorIndex:
-        """Open the index at ``path`` (a folder or an object-storage URL).
+        """Open the index at ``path`` (a folder, an object-storage URL or a ``block://`` path).
 
         Args:
             path: Where the index lives.
@@ -203,7 +206,9 @@ class VectorIndex(_OpenIndex):
 
         Args:
             query: A vector (numpy array or list of floats, of the index's dimension); a text; an
-                image as bytes, a `pathlib.Path`, or a str path/https URL ending in an image suffix.
+                image as bytes, a `pathlib.Path`, an https URL, or a str path or storage reference
+                (``s3://``, ``block://``, any fsspec URL) ending in an image suffix, read as
+                `search_images` reads it.
                 Texts and images are embedded with the index's model family and version.
             top_k: How many hits (at least 1).
             server: For text and image queries: an `InferenceServer`, a saved one's name, a URL or
@@ -300,8 +305,15 @@ def update_index_from_table(
         InvalidInputError: ``table_path`` is missing, lacks a column, or mixes models; its model,
             version or dimension differs from the index's (``index_path``).
     """
+    with local_copy(table_path, field="table_path") as local:  # a bucket's table streamed to a temp file
+        return _add_table(local, table_path, index_path, exact_below, batch_rows)
+
+
+def _add_table(
+    local: Path, table_path: Any, index_path: str | os.PathLike[str], exact_below: int | None, batch_rows: int
+) -> AddResult:
     try:
-        source = pq.ParquetFile(table_path)
+        source = pq.ParquetFile(local)
     except (OSError, pa.ArrowInvalid) as error:
         raise InvalidInputError("table_path", f"{table_path} is not a readable parquet table: {error}") from None
     needed = {"image_ref", "image_sha256", "model", "version", "embedding", "status"}

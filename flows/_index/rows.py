@@ -200,6 +200,4 @@ def _pread_rows(handle: Any, mapped: np.ndarray, local: np.ndarray) -> np.ndarra
 
 
 def _read_ann(store: _Store, name: str) -> Any:
-    if store.remote:
-        return faiss.deserialize_index(np.frombuffer(store.read_bytes(name), dtype=np.uint8))
-    return faiss.read_index(str(store.local_file(name)))
+    return faiss.read_index(str(store.local_file(name)))  # a remote file streamed once into the read cache

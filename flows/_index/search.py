@@ -19,8 +19,10 @@ from prefect_roboflow.blocks import EmbeddingModel
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._steps.models import ServerSpec, embedding_model, resolve_server
+from .._steps.sources import read_bytes
 from .._steps.vectors import normalise
 from .._storage.listing import looks_like_image
+from .._storage.locate import split_url
 from .rows import _OpenIndex
 
 __all__ = [
@@ -132,13 +134,12 @@ def _merge(
     return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_rows, order, axis=1)
 
 
-def _image_input(query: str | bytes | Path) -> str | bytes:
+def _image_input(query: str | bytes | Path) -> bytes:
+    """An image query's bytes, read as `search_images` reads one: a local path, an ``s3://``,
+    fsspec or ``block://`` reference through `_storage`, an https URL downloaded here."""
     if isinstance(query, bytes):
         return query
     text = str(query)
-    if text.startswith(("http://", "https://")):
-        return text
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise InvalidInputError("query", f"image {text} does not exist")
-    return path.read_bytes()
+    if isinstance(query, Path) or not split_url(text)[0]:
+        text = str(Path(text).expanduser())
+    return read_bytes(text, "query")

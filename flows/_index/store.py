@@ -1,8 +1,9 @@
 """The on-disk layout of a vector index: its manifest, its folder, and atomic writes.
 
-An index folder (a local path or an fsspec URL) holds immutable segment and IVF-PQ files and one
-``manifest.json`` naming them; `_Store` reads and publishes those files (a local file atomically by
-rename, an object by one PUT) and `_Manifest` is the manifest's content. The index itself is
+An index folder (a local path, an ``s3://`` or fsspec URL, or a ``block://`` path) holds immutable
+segment and IVF-PQ files and one ``manifest.json`` naming them; `_Store` reads and publishes those
+files through `_storage` (a local file atomically by fsync and rename, an object by one PUT or
+completed upload) and `_Manifest` is the manifest's content. The index itself is
 `prefect_roboflow.flows.vector_index.VectorIndex`.
 """
 
@@ -14,14 +15,21 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
+
+from .._storage.access import read_at
+from .._storage.atomic import LocalReplace, publish_file, scratch_file
+from .._storage.locate import locate, split_url
+from .._storage.stores import BlockStore, LocalStore
+
+_T = TypeVar("_T")
 
 __all__ = [
     "DEFAULT_EXACT_BELOW",
@@ -115,73 +123,87 @@ def _new_name(prefix: str, generation: int) -> str:
     return f"{prefix}-{generation:06d}-{uuid.uuid4().hex[:12]}"
 
 
-# --- storage: a local folder or an fsspec URL ------------------------------------------------
+# --- storage: an adapter over `_storage` --------------------------------------------------------
 
 
 class _Store:
-    """The index folder: immutable files plus a manifest replaced atomically."""
+    """The index folder, through `_storage`: immutable files plus a manifest replaced atomically.
 
-    def __init__(self, location: str | os.PathLike[str]) -> None:
+    ``location`` is anything `_storage.locate` takes as a folder — a local path or ``file://`` URL,
+    ``s3://bucket/prefix`` (the tuned boto3 client), any fsspec URL, or
+    ``block://<type-slug>/<name>/<path>`` of a saved block that can list (``s3-bucket``,
+    ``local-file-system``, ``remote-file-system``). Files of a remote index are streamed once into
+    a local read cache (they never change) so that segments can be memory-mapped; files written
+    here are put in that cache as they are uploaded.
+    """
+
+    def __init__(self, location: str | os.PathLike[str], field: str = "path") -> None:
         text = os.fspath(location)
-        self.location = text
-        self.remote = "://" in text and not text.startswith("file://")
+        self.location, self.field = text, field
+        scheme = split_url(text)[0]
+        self.remote = scheme not in {"", "file"}
         if self.remote:
-            from fsspec.core import url_to_fs
-
-            self.fs, self.root = url_to_fs(text)
+            store, rel = locate(text.rstrip("/") + "/", field)
+            if isinstance(store, BlockStore):
+                raise InvalidInputError(
+                    field, f"{text}: a vector index needs a store that can list and delete (a folder, bucket or URL)"
+                )
+            self.store, self.base = store, rel
             digest = hashlib.sha256(text.encode()).hexdigest()[:24]
             self.cache = Path(tempfile.gettempdir()) / "prefect-roboflow-index-cache" / digest
         else:
-            self.root = str(Path(text.removeprefix("file://")).expanduser().resolve())
+            local = text.removeprefix("file://") if scheme else text
+            self.root = str(Path(local).expanduser().resolve())
+            self.store, self.base = LocalStore(), self.root + "/"
 
-    def _remote_path(self, name: str) -> str:
-        return f"{self.root.rstrip('/')}/{name}"
+    def _call(self, operation: Callable[[], _T]) -> _T:
+        """A storage call whose failure (no bucket, access denied…) is an error naming the field."""
+        try:
+            return operation()
+        except InvalidInputError:
+            raise
+        except Exception as exc:
+            reason = self.store.explain(exc)
+            if reason is None:
+                raise
+            raise InvalidInputError(self.field, f"{self.location}: {reason}") from None
 
     def exists(self, name: str) -> bool:
-        if self.remote:
-            return bool(self.fs.exists(self._remote_path(name)))
-        return (Path(self.root) / name).exists()
+        return self._call(lambda: self.store.kind(self.base + name)) == "file"
 
     def names(self) -> list[str]:
-        if self.remote:
-            if not self.fs.exists(self.root):
-                return []
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
-        folder = Path(self.root)
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        """The names in the index folder, files and sub-folders (none for a missing folder)."""
+        return [name.rstrip("/") for name in self._call(lambda: self.store.entries(self.base))]
 
     def is_non_directory(self) -> bool:
         return not self.remote and Path(self.root).exists() and not Path(self.root).is_dir()
 
     def read_bytes(self, name: str) -> bytes:
-        if self.remote:
-            return bytes(self.fs.cat_file(self._remote_path(name)))
-        return (Path(self.root) / name).read_bytes()
+        return read_at(self.store, self.base + name, field=self.field)
 
     def local_file(self, name: str) -> Path:
-        """A local path of the file (an object-storage file is downloaded once: files never change)."""
+        """A local path of the file (a remote file is streamed once into the read cache: files never change)."""
         if not self.remote:
             return Path(self.root) / name
         target = self.cache / name
         if not target.exists():
-            self.cache.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-            self.fs.get_file(self._remote_path(name), str(tmp))
-            os.replace(tmp, target)
+            with LocalReplace(target) as (file, _):
+                self.store.download(self.base + name, file)
         return target
 
     def put_file(self, name: str, source: Path) -> None:
-        """Publish a finished local file under ``name`` (atomically for a local folder)."""
+        """Publish a finished local file (from `scratch`) under ``name``: renamed into place in a
+        local folder, uploaded whole (and kept in the read cache) elsewhere."""
         if self.remote:
-            self.fs.put_file(str(source), self._remote_path(name))
-            os.replace(source, self.cache / name)  # what `local_file` would download
+            with open(source, "rb") as file:
+                self._call(lambda: self.store.upload(self.base + name, file))
+            publish_file(source, self.cache / name)  # what `local_file` would download
             return
-        _fsync(source)
-        os.replace(source, Path(self.root) / name)
+        publish_file(source, Path(self.root) / name)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         if self.remote:
-            self.fs.pipe_file(self._remote_path(name), data)
+            self._call(lambda: self.store.write(self.base + name, data))
             return
         with self.scratch(name) as tmp:
             tmp.write_bytes(data)
@@ -191,39 +213,28 @@ class _Store:
     def scratch(self, name: str) -> Iterator[Path]:
         """A temp file to write ``name`` into before `put_file` (removed if the block fails)."""
         folder = Path(self.root) if not self.remote else self.cache
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        path = Path(tmp)
-        try:
-            yield path
-        finally:
-            path.unlink(missing_ok=True)
+        with scratch_file(folder / name) as tmp:
+            yield tmp
 
     def delete(self, name: str) -> None:
-        if self.remote:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._remote_path(name))
-        else:
-            (Path(self.root) / name).unlink(missing_ok=True)
+        self._call(lambda: self.store.delete(self.base + name))
 
     def mkdir(self) -> None:
-        if self.remote:
-            self.fs.makedirs(self.root, exist_ok=True)
-        else:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+        self._call(lambda: self.store.makedirs(self.base))
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def is_index(path: str) -> bool:
-    """Whether ``path`` (a folder or an object-storage URL) holds a vector index, not a table."""
+def is_index(path: str, field: str = "embeddings_path") -> bool:
+    """Whether ``path`` (a folder, an object-storage URL or a ``block://`` path) holds a vector
+    index, not a table."""
     if path.endswith(".parquet"):
         return False
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    return bool(fs.exists(f"{root.rstrip('/')}/{MANIFEST}"))
+    store, rel = locate(path.rstrip("/") + "/", field)
+    if isinstance(store, BlockStore):
+        return False
+    try:
+        return store.kind(rel + MANIFEST) == "file"
+    except Exception as exc:
+        reason = store.explain(exc)
+        if reason is None:
+            raise
+        raise InvalidInputError(field, f"{path}: {reason}") from None

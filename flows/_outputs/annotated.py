@@ -8,8 +8,8 @@ from pathlib import Path
 from .._steps.operations import decode_rgb, encode_jpeg
 from .._steps.sources import load
 from .._storage.access import is_remote, join
+from .._storage.publish import write_output
 from ..records import Batch, ImageRecord
-from .files import write_output
 
 __all__ = ["AnnotatedImageSink", "annotated_name"]
 

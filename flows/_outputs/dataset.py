@@ -4,7 +4,7 @@
 In a local ``out_dir`` each format's folder is built beside its final name and renamed into
 place. In a bucket, it is built in a local temp folder and uploaded file by file, each one whole
 object, the index last (``coco/annotations.json``; ``yolo/data.yaml``), then the objects the new
-dataset no longer holds are deleted (`_output.publish_folder`). Image files are named by their
+dataset no longer holds are deleted (`_storage.publish.publish_folder`). Image files are named by their
 content (``<stem>-<sha256 prefix>``), so a rewrite replaces an image only with the same bytes:
 during a rewrite a COCO reader sees the old ``annotations.json`` with all its images, then the new
 one with all of its; a YOLO reader listing ``labels/`` may meet a mix of old and new label files
@@ -30,9 +30,9 @@ import numpy as np
 from .._steps.operations import decode_rgb
 from .._steps.sources import load
 from .._storage.access import is_remote, join
+from .._storage.publish import publish_folder, write_output
 from ..records import ImageRecord
 from .annotated import annotated_name
-from .files import publish_folder, write_output
 
 if TYPE_CHECKING:
     import supervision as sv

@@ -69,7 +69,9 @@ def _values(record: ImageRecord, model: ModelBlock, status: str | None) -> dict[
     if record.ok and record.label is not None:
         values.update(label=record.label.name, label_score=record.label.score, label_scores=list(record.label.scores))
     if record.ok and record.embedding is not None:
-        values["embedding"] = record.embedding.tolist()
+        # The float32 array itself: pyarrow converts it in one copy, where a list of 512 Python
+        # floats costs it ~3 ms a row.
+        values["embedding"] = record.embedding
     return values
 
 

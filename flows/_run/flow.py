@@ -44,6 +44,16 @@ class SyncCallableFlow(Flow[P, R]):
             return run_coro_as_sync(cast(Coroutine[Any, Any, Any], called))
         return called
 
+    def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The flow's parameter contract (see `parameters`) on the values as given, then Prefect's
+        cast to the signature's types: a mistake is an `InvalidInputError` naming the parameter."""
+        from .parameters import contract_of
+
+        check = contract_of(self.fn)
+        if check is not None:
+            check(parameters)
+        return super().validate_parameters(parameters)
+
     def with_options(self, **options: Any) -> SyncCallableFlow[P, R]:
         """`Flow.with_options`, keeping the sync call."""
         flow = super().with_options(**options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,10 +24,10 @@ from prefect.settings import PREFECT_HOME
 from prefect_roboflow.blocks import InferenceError, ResponseInfo, record_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .._storage.access import atomic_write_bytes
+from .._storage.access import atomic_write_bytes, read_bytes
 from .._storage.locate import _is_block_slug
 
-__all__ = ["ContentCache", "content_key", "through_cache"]
+__all__ = ["ContentCache", "content_key", "content_keys", "through_cache"]
 
 T = TypeVar("T")
 
@@ -50,6 +51,19 @@ def content_key(step: str, content_sha256: str, model: dict[str, Any], params: d
         default=str,
     )
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+def content_keys(step: str, shas: Sequence[str], model: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """`content_key` of many items at one step, equal to it key for key: the material that does not
+    depend on the content is serialised once (``"content"`` sorts first among the keys)."""
+    rest = json.dumps(
+        {"format": CACHE_FORMAT, "step": step, "model": model, "params": params},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    sha256 = hashlib.sha256
+    return [sha256(f'{{"content":{json.dumps(sha)},{rest[1:]}'.encode()).hexdigest() for sha in shas]
 
 
 class ContentCache:
@@ -78,7 +92,7 @@ class ContentCache:
         """The stored bytes for ``key``, or None."""
         try:
             if isinstance(self.storage, Path):
-                return (self.storage / self._relative(key)).read_bytes()
+                return read_bytes(os.fspath(self.storage / self._relative(key)), field="cache_storage")
             return _resolved(self.storage.read_path(self._relative(key)))
         except Exception:  # a missing or unreadable entry is a miss, whatever the storage
             return None
@@ -114,12 +128,14 @@ def through_cache(
     keys: Sequence[str],
     codec: tuple[Callable[[T], bytes], Callable[[bytes], T]],
     compute: Callable[[list[int]], Sequence[T | InferenceError]],
+    accept: Callable[[T], bool] | None = None,
 ) -> tuple[list[T | InferenceError], int, list[ResponseInfo]]:
     """A result per key: stored ones decoded, the rest computed and stored.
 
     ``compute(indexes)`` answers a result or an `InferenceError` for each index it is given;
-    errors are returned, never stored. Also returns how many keys were computed and the
-    server's answers to those requests.
+    errors are returned, never stored. A stored result that ``accept`` refuses (e.g. a vector of
+    another size than the model's) is a miss: computed again and stored over. Also returns how
+    many keys were computed and the server's answers to those requests.
 
     Examples:
         ```python
@@ -129,7 +145,7 @@ def through_cache(
     encode, decode = codec
     found = cache.get_many(keys)
     outcomes: list[Any] = [decode(found[key]) if key in found else None for key in keys]
-    misses = [i for i, key in enumerate(keys) if key not in found]
+    misses = [i for i, key in enumerate(keys) if key not in found or (accept is not None and not accept(outcomes[i]))]
     infos: list[ResponseInfo] = []
     if misses:
         with record_responses() as infos:

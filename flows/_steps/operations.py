@@ -26,7 +26,7 @@ from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
 from ..records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
-from .cache import ContentCache, content_key, through_cache
+from .cache import ContentCache, content_keys, through_cache
 from .sources import load_all
 from .vectors import normalise
 
@@ -98,18 +98,20 @@ def _cached_step(
     params: dict[str, Any],
     codec: Codec,
     compute: Callable[[list[bytes]], Sequence[Any]],
+    accept: Callable[[Any], bool] | None = None,
 ) -> tuple[list[ImageRecord], StepReport]:
-    """Read the records (if not yet), then fill ``step``'s result of every ok one from the cache,
-    sending the misses' bytes to ``compute``; an error fails its record."""
+    """Read the records (if not yet), then fill ``step``'s result of every ok one from the cache
+    (a stored result ``accept`` refuses is a miss), sending the misses' bytes to ``compute``; an
+    error fails its record."""
     started = time.monotonic()
     loaded = load_all(records)
     todo = [i for i, r in enumerate(loaded) if r.ok]
-    identity = model.identity()
     outcomes, sent, infos = through_cache(
         cache,
-        [content_key(step, loaded[i].sha256 or "", identity, params) for i in todo],
+        content_keys(step, [loaded[i].sha256 or "" for i in todo], model.identity(), params),
         codec,
         lambda misses: compute([loaded[todo[m]].data or b"" for m in misses]),
+        accept,
     )
     done = list(loaded)
     for i, outcome in zip(todo, outcomes, strict=True):
@@ -121,8 +123,24 @@ def _cached_step(
 def embed_records(
     model: EmbeddingModel, records: Sequence[ImageRecord], cache: ContentCache
 ) -> tuple[list[ImageRecord], StepReport]:
-    """Records read (if not yet) and embedded; each image sent only if its content is not cached."""
-    return _cached_step("embed", model, records, cache, {}, VECTORS, model.embed_images_outcomes)
+    """Records read (if not yet) and embedded; each image sent only if its content is not cached.
+
+    A cached vector of another size than the model's (`EmbeddingModel.dimension`; for a version of
+    unknown size, the first size this process met, cached or answered) is sent again, never used.
+    """
+    return _cached_step(
+        "embed", model, records, cache, {}, VECTORS, model.embed_images_outcomes, lambda v: fits_model(model, v)
+    )
+
+
+def fits_model(model: EmbeddingModel, vector: np.ndarray) -> bool:
+    """Whether ``vector`` has the model's embedding size; for a version of unknown size the first
+    vector met fixes it (for the answers too)."""
+    size = int(vector.shape[0])
+    expected = model.dimension
+    if expected is None:
+        expected = model.learn_dimension(size)
+    return size == expected
 
 
 def examples_digest(examples: Sequence[ReferenceExample]) -> str:
@@ -242,10 +260,13 @@ def crop_records(
 def embed_label_texts(model: EmbeddingModel, labels: Sequence[str], cache: ContentCache) -> tuple[LabelSet, StepReport]:
     """The label prompts embedded by ``model``, each cached by its text."""
     started = time.monotonic()
-    identity = model.identity()
-    keys = [content_key("embed_text", hashlib.sha256(t.encode()).hexdigest(), identity, {}) for t in labels]
+    keys = content_keys("embed_text", [hashlib.sha256(t.encode()).hexdigest() for t in labels], model.identity(), {})
     vectors, sent, infos = through_cache(
-        cache, keys, VECTORS, lambda misses: list(model.embed_texts([labels[i] for i in misses]))
+        cache,
+        keys,
+        VECTORS,
+        lambda misses: list(model.embed_texts([labels[i] for i in misses])),
+        lambda v: fits_model(model, v),
     )
     label_set = LabelSet(model.label, tuple(labels), np.vstack(vectors).astype(np.float32))
     report = StepReport("embed_labels", model.label, len(labels), len(labels) - sent, sent, 0, 0.0, infos)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
-from prefect_roboflow.blocks.images import read_image_bytes, validate_encoded_image, validate_url
+from prefect_roboflow.blocks.images import validate_encoded_image, validate_url
 
 from .._storage.access import read_bytes as storage_read_bytes
 from .._storage.listing import count_refs, iter_refs
@@ -46,12 +46,11 @@ def iter_image_refs(images: ImageSource) -> Iterator[str]:
 
 
 def _read(ref: str, field: str, client: httpx.Client | None) -> bytes:
-    """The bytes behind a reference: downloaded, read from an object store, or from a file."""
+    """The bytes behind a reference: downloaded over https, or the storage read (`_storage`) of a
+    file, object or block path."""
     if _is_web(ref):
         return _download(ref, client)
-    if "://" in ref:
-        return storage_read_bytes(ref, field=field)
-    return read_image_bytes(ref, field)
+    return storage_read_bytes(ref, field=field)
 
 
 def _download(url: str, client: httpx.Client | None) -> bytes:

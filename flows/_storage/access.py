@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect_roboflow.blocks.exceptions import InvalidImageError, InvalidInputError
 
+from .atomic import atomic_write_bytes
 from .locate import WEB_SCHEMES, locate, split_url
-from .stores import LIST_PAGE_SIZE, LocalReplace, LocalStore, S3Store, output_error, s3_code
+from .stores import LIST_PAGE_SIZE, LocalStore, S3Store, Store, output_error, s3_code
 
 if TYPE_CHECKING:
     pass
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a local file so that readers see either the old file or the whole new one."""
-    with LocalReplace(path) as (handle, _):
-        handle.write(data)
+__all__ = [
+    "atomic_write_bytes",
+    "check_output",
+    "delete",
+    "is_remote",
+    "join",
+    "list_files",
+    "local_copy",
+    "read_at",
+    "read_bytes",
+    "write_bytes",
+]
 
 
 def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> bytes:
@@ -37,6 +47,12 @@ def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> by
     if split_url(ref)[0] in WEB_SCHEMES:
         raise ValueError(f"{ref} is downloaded over HTTP, not read from storage")
     store, rel = locate(ref, field, credentials)
+    return read_at(store, rel, field=field)
+
+
+def read_at(store: Store, rel: str, *, field: str) -> bytes:
+    """`read_bytes` of a file of a store already located (the one storage read: same errors)."""
+    ref = store.ref(rel)
     try:
         return store.read(rel)
     except FileNotFoundError:
@@ -46,6 +62,34 @@ def read_bytes(ref: str, *, credentials: Any = None, field: str = "image") -> by
         if reason is None:
             raise
         raise InvalidImageError(field, f"cannot read {ref}: {reason}") from None
+
+
+@contextlib.contextmanager
+def local_copy(ref: str | os.PathLike[str], *, credentials: Any = None, field: str = "image") -> Iterator[Path]:
+    """A local file holding the bytes of ``ref``: the file itself for a local path, else the object
+    streamed into a temp file (never whole in memory) that is removed on leaving the block.
+
+    Raises:
+        InvalidInputError: naming ``field``, when the object is missing or cannot be read.
+    """
+    ref = os.fspath(ref)
+    store, rel = locate(ref, field, credentials)
+    if isinstance(store, LocalStore):
+        yield Path(store.base + rel)
+        return
+    with tempfile.TemporaryDirectory(prefix="prefect-roboflow-") as folder:
+        path = Path(folder) / (rel.rsplit("/", 1)[-1] or "object")
+        try:
+            with path.open("wb") as file:
+                store.download(rel, file)
+        except FileNotFoundError:
+            raise InvalidInputError(field, f"not found: {ref}") from None
+        except Exception as exc:
+            reason = store.explain(exc)
+            if reason is None:
+                raise
+            raise InvalidInputError(field, f"cannot read {ref}: {reason}") from None
+        yield path
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:

@@ -8,8 +8,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+from .atomic import LocalReplace
 from .locate import locate
-from .stores import LocalReplace, LocalStore, output_error
+from .stores import LocalStore, output_error
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -3,8 +3,9 @@
 A `Store` reads, writes, lists and deletes files of one storage system (a local folder, an S3
 bucket, an fsspec file system, a Prefect file-system block) and explains its failures for a user
 without secrets; `_locate` picks the store that holds a reference. Writes are whole or nothing:
-`LocalReplace` renames a finished temp file into place, S3 takes one PUT or a completed multipart
-upload, other file systems publish an object on close.
+a local file is renamed into place once complete and fsynced (`atomic`), S3 takes one PUT or a
+completed multipart upload, other file systems publish an object on close. Reads are whole
+(`read`) or streamed into a file (`download`), so a large object never sits in memory.
 
 Examples:
     ```python
@@ -17,18 +18,18 @@ Examples:
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
+from .atomic import LocalReplace
+
 __all__ = [
     "BlockStore",
     "FsspecStore",
-    "LocalReplace",
     "LocalStore",
     "S3Store",
     "Store",
@@ -57,14 +58,29 @@ class Store:
         """``"file"``, ``"dir"`` or ``"missing"``."""
         return "file"
 
+    def entries(self, folder: str) -> Sequence[str]:
+        """The names directly in a folder, files and sub-folders (these end with '/'); none for a
+        missing folder."""
+        try:
+            return [path[len(folder) :] for path in self.list(folder, recursive=False, page_size=LIST_PAGE_SIZE)]
+        except FileNotFoundError:
+            return []
+
     def read(self, rel: str) -> bytes:
         raise NotImplementedError
 
     def write(self, rel: str, data: bytes) -> None:
         raise NotImplementedError
 
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        """Stream a file into ``file`` (raises `FileNotFoundError` for a missing one)."""
+        file.write(self.read(rel))
+
     def upload(self, rel: str, file: IO[bytes]) -> None:
         self.write(rel, file.read())
+
+    def makedirs(self, folder: str) -> None:
+        """Make a folder where the storage has folders (object stores have none: nothing to do)."""
 
     def delete(self, rel: str) -> None:
         """Remove a file; a missing one is no error."""
@@ -99,6 +115,12 @@ class LocalStore(Store):
     def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
         return _walk(self._entries, folder, recursive)
 
+    def entries(self, folder: str) -> Sequence[str]:
+        try:
+            return sorted(path[len(folder) :] + "/" * is_dir for path, is_dir in self._entries(folder))
+        except FileNotFoundError:
+            return []
+
     def kind(self, rel: str) -> str:
         path = self.base + rel
         return "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else "missing"
@@ -110,32 +132,19 @@ class LocalStore(Store):
         with LocalReplace(Path(self.base + rel)) as (file, _):
             file.write(data)
 
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        with open(self.base + rel, "rb") as source:
+            shutil.copyfileobj(source, file)
+
     def upload(self, rel: str, file: IO[bytes]) -> None:
         with LocalReplace(Path(self.base + rel)) as (out, _):
             shutil.copyfileobj(file, out)
 
+    def makedirs(self, folder: str) -> None:
+        Path(self.base + folder).mkdir(parents=True, exist_ok=True)
+
     def delete(self, rel: str) -> None:
         Path(self.base + rel).unlink(missing_ok=True)
-
-
-class LocalReplace:
-    """A new file beside ``path``, created with the umask's mode, renamed onto ``path`` on success."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
-
-    def __enter__(self) -> tuple[IO[bytes], Path]:
-        return self.file, self.tmp
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 class S3Store(Store):
@@ -155,6 +164,17 @@ class S3Store(Store):
                 if not item["Key"].endswith("/"):
                     yield item["Key"][len(self.base) :]
 
+    def entries(self, folder: str) -> Sequence[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.base + folder, Delimiter="/"
+        )
+        start = len(self.base + folder)
+        names = []
+        for page in pages:
+            names += [item["Key"][start:] for item in page.get("Contents", ()) if item["Key"][start:]]
+            names += [item["Prefix"][start:] for item in page.get("CommonPrefixes", ())]
+        return sorted(names)
+
     def kind(self, rel: str) -> str:
         from botocore.exceptions import ClientError
 
@@ -172,6 +192,16 @@ class S3Store(Store):
 
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self.base + rel)["Body"].read()
+        except ClientError as exc:
+            if s3_code(exc) in {"404", "NoSuchKey"}:
+                raise FileNotFoundError(self.ref(rel)) from None
+            raise
+
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        from botocore.exceptions import ClientError
+
+        try:  # ranged GETs, several at once, streamed into the file
+            self.client.download_fileobj(self.bucket, self.base + rel, file)
         except ClientError as exc:
             if s3_code(exc) in {"404", "NoSuchKey"}:
                 raise FileNotFoundError(self.ref(rel)) from None
@@ -233,6 +263,12 @@ class FsspecStore(Store):
     def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
         return _walk(self._entries, folder, recursive)
 
+    def entries(self, folder: str) -> Sequence[str]:
+        try:
+            return sorted(path[len(folder) :] + "/" * is_dir for path, is_dir in self._entries(folder))
+        except FileNotFoundError:
+            return []
+
     def kind(self, rel: str) -> str:
         path = self.base + rel
         return "dir" if self.fs.isdir(path) else "file" if self.fs.isfile(path) else "missing"
@@ -240,8 +276,15 @@ class FsspecStore(Store):
     def read(self, rel: str) -> bytes:
         return bytes(self.fs.cat_file(self.base + rel))
 
+    def download(self, rel: str, file: IO[bytes]) -> None:
+        with self.fs.open(self.base + rel, "rb") as source:
+            shutil.copyfileobj(source, file)
+
     def write(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self.base + rel, data)
+
+    def makedirs(self, folder: str) -> None:
+        self.fs.makedirs((self.base + folder).rstrip("/") or "/", exist_ok=True)
 
     def upload(self, rel: str, file: IO[bytes]) -> None:
         with self.fs.open(self.base + rel, "wb") as out:  # object stores publish the object on close

@@ -22,10 +22,11 @@ from prefect_roboflow.blocks import (
     model_class,
     model_families,
 )
-from prefect_roboflow.flows._outputs.files import ParquetSink, atomic_write_bytes
+from prefect_roboflow.flows._outputs.files import ParquetSink
 from prefect_roboflow.flows._run.parameters import ensure_out_dir
 from prefect_roboflow.flows._steps.cache import ContentCache, content_key, resolve_cache
 from prefect_roboflow.flows._steps.models import EmbeddingFamily, embedding_model
+from prefect_roboflow.flows._storage.atomic import atomic_write_bytes
 
 
 @pytest.fixture()

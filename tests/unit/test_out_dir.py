@@ -10,9 +10,10 @@ import fsspec
 import pytest
 
 from prefect_roboflow.blocks import InvalidInputError
-from prefect_roboflow.flows._outputs.files import publish_folder, show_location, write_output
+from prefect_roboflow.flows._outputs.files import show_location
 from prefect_roboflow.flows._run.parameters import resolve_out_dir
 from prefect_roboflow.flows._storage import stores as _stores
+from prefect_roboflow.flows._storage.publish import publish_folder, write_output
 
 
 def test_a_local_out_dir_is_an_absolute_folder_created_as_before(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,28 @@ def test_one_place_per_concept() -> None:
     assert defined("def run_name(") == ["blocks/tasks.py"]
     assert defined("def normalise(") == ["flows/_steps/vectors.py"]
     assert defined("def looks_like_image(") == ["flows/_storage/listing.py"]
+
+
+def test_only_the_storage_layer_renames_files_or_resolves_fsspec_urls() -> None:
+    """Every atomic publish and every fsspec location goes through `flows/_storage/`."""
+    pattern = re.compile(r"url_to_fs|os\.replace|os\.rename")
+    outside = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in sorted(FLOWS.rglob("*.py"))
+        if "_storage" not in path.relative_to(FLOWS).parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert outside == []
+
+
+def test_only_the_index_touches_an_index_s_private_parts() -> None:
+    pattern = re.compile(r"\b_OpenIndex\b|\b_Manifest\b|\b_Store\b|\bindex\._[a-z]")
+    outside = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in sorted(FLOWS.rglob("*.py"))
+        if path.relative_to(FLOWS).parts[0] not in {"_index", "vector_index.py"}
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert outside == []
