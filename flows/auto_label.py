@@ -24,7 +24,9 @@ from . import steps
 from ._outputs.dataset import DEFAULT_FORMATS, EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
 from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
-from ._run.batch import BatchRun, ImageCounts, markdown_table
+from ._run import fanout
+from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import AutoLabelParameters, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
@@ -186,6 +188,8 @@ async def auto_label(
     video_fps: float | None = 1.0,
     video_sample: str = "fps",
     image_prefix: str | None = None,
+    fan_out: FanOut | None = None,
+    shard: Shard | None = None,
 ) -> AutoLabelResult:
     """Find objects like the examples, label each with a class, and write a detection dataset.
 
@@ -214,6 +218,11 @@ async def auto_label(
             ``object_counts`` counts distinct objects per class.
         image_prefix: Label Studio tasks name each image as this prefix + its file name (the images
             are then written under ``label_studio/images/``); by default, by its own reference.
+        fan_out: Split the job into shards that run as sub-runs of this flow's deployment (see
+            `embed_images`): each shard writes its part of the folders ``labels/`` and ``review/``,
+            draws its thumbnails into ``gallery/`` and keeps its labelled boxes; the parent then
+            writes one COCO/YOLO dataset and one gallery page from all the shards' parts.
+        shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
     AutoLabelParameters.check(locals())
     video = check_video(video_fps, video_sample)
@@ -222,40 +231,85 @@ async def auto_label(
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
-    description = f"Auto-labelling with {detector.label} and {embedder.label}"
-    run = BatchRun(FLOW_KEY, images, batch_size, description, video=video)
-    all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
-    class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
-    labeller = _Labeller(list(prompts), min_score, GallerySink(join(out, "gallery"), list(prompts)))
-    labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
-    tracks = VideoTracks()
+    gallery = GallerySink(join(out, "gallery"), list(prompts))
+    tracks = VideoTracks()  # video frames: tracker ids across each video's frames
+    run: RunTotals
+    if fan_out is not None:
+        run = fanned = await fanout.fan_out(
+            FLOW_KEY, images, out, fan_out, {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
+        )
+        labelled, review_items = _merge_parts(fanned, gallery)
+        labels, review_path = fanned.folder("labels"), fanned.folder("review")
+    else:
+        description = f"Auto-labelling with {detector.label} and {embedder.label}"
+        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
+        all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
+        class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
+        labeller = _Labeller(list(prompts), min_score, gallery)
+        labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
 
-    def submit(batch: Batch) -> PrefectFuture[Batch]:
-        found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
-        cropped: Any = steps.crop.submit(found)
-        embedded: Any = steps.embed.submit(embedder, cropped, cache)
-        return steps.classify.submit(embedded, class_set)
+        def submit(batch: Batch) -> PrefectFuture[Batch]:
+            found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
+            cropped: Any = steps.crop.submit(found)
+            embedded: Any = steps.embed.submit(embedder, cropped, cache)
+            return steps.classify.submit(embedded, class_set)
 
-    with (
-        ParquetSink(join(out, "labels.parquet"), labeller.schema) as sink,
-        ParquetSink(join(out, "review.parquet"), REVIEW_SCHEMA) as review,
-    ):
-        async for batch in run.process(submit):
-            rows, review_rows = labeller.rows(tracks.track(batch), embedder)
-            run.write(sink, rows)
-            review.write(review_rows)
+        def table(stem: str) -> str:
+            return shard.table(out, stem) if shard else join(out, f"{stem}.parquet")
+
+        with (
+            ParquetSink(table("labels"), labeller.schema) as sink,
+            ParquetSink(table("review"), REVIEW_SCHEMA) as review,
+        ):
+            async for batch in run.process(submit):
+                rows, review_rows = labeller.rows(tracks.track(batch), embedder)
+                run.write(sink, rows)
+                review.write(review_rows)
+        labels, review_path = str(sink.path), str(review.path)
+        if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part
+            shard.save(out, run, _part(labeller))
+            return await run.finish(*_outcome(run, {}, labels, review_path, gallery.folder), max_failure_rate)
+        labelled, review_items = labeller.images, labeller.review
     version = f"{detector.label}+{embedder.label}"
-    datasets = write_datasets(
-        labeller.images, list(prompts), formats, out, model_version=version, image_prefix=image_prefix
-    )
-    gallery = labeller.gallery.finish(labeller.review)
-    outcome = _outcome(run, datasets, str(sink.path), str(review.path), gallery)
+    datasets = write_datasets(labelled, list(prompts), formats, out, model_version=version, image_prefix=image_prefix)
+    gallery_path = gallery.finish(review_items)
+    outcome = _outcome(run, datasets, labels, review_path, gallery_path)
     outcome[0].object_counts = tracks.object_counts()
     return await run.finish(*outcome, max_failure_rate)
 
 
+def _part(labeller: _Labeller) -> dict[str, Any]:
+    """What a shard keeps for its parent: its labelled images (references and kept boxes), the
+    thumbnails it drew per class and its review items."""
+    return {
+        "labelled": [image.dump() for image in labeller.images],
+        "thumbs": dict(labeller.gallery.per_class),
+        "review": [item.dump() for item in labeller.review],
+    }
+
+
+def _merge_parts(run: fanout.FannedOut, gallery: GallerySink) -> tuple[list[LabelledImage], list[ReviewItem]]:
+    """Every shard's labelled images and review items, in shard order, and its thumbnails folded
+    into ``gallery`` (a shard that never completed has none).
+
+    Raises:
+        InvalidInputError: naming ``out_dir``, when a shard's part is not what `_part` writes.
+    """
+    labelled: list[LabelledImage] = []
+    review: list[ReviewItem] = []
+    for index, part in enumerate(run.extras):
+        try:
+            images = [LabelledImage.restore(i, len(gallery.classes)) for i in part.get("labelled", [])]
+            review.extend(ReviewItem.restore(item) for item in part.get("review", []))
+            gallery.add_part(images, dict(part.get("thumbs", {})))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError("out_dir", f"shard part-{index:05d}'s labelled part: {exc}") from None
+        labelled.extend(images)
+    return labelled, review
+
+
 def _outcome(
-    run: BatchRun, datasets: dict[str, str], labels: str, review: str, gallery: str
+    run: RunTotals, datasets: dict[str, str], labels: str, review: str, gallery: str
 ) -> tuple[AutoLabelResult, str, list[str]]:
     counts = run.counts()
     result = AutoLabelResult(

@@ -9,7 +9,9 @@ from prefect.futures import PrefectFuture
 from . import steps
 from ._outputs.files import ParquetSink
 from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows, video_schema
-from ._run.batch import BatchRun, ImageCounts, markdown_table
+from ._run import fanout
+from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import ClassifyImagesParameters, check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
@@ -45,6 +47,8 @@ async def classify_images(
     index_path: str | None = None,
     video_fps: float | None = 1.0,
     video_sample: str = "fps",
+    fan_out: FanOut | None = None,
+    shard: Shard | None = None,
 ) -> ClassifyImagesResult:
     """Label each image with the prompt it is most similar to; write ``classifications.parquet``.
 
@@ -69,6 +73,10 @@ async def classify_images(
             per second of video time; None takes every frame.
         video_sample: ``"fps"`` (a fixed rate), ``"keyframes"`` (the container's keyframes) or
             ``"scene"`` (a frame when the picture changes; see `_video.sample`).
+        fan_out: Split the job into shards that run as sub-runs of this flow's deployment (see
+            `embed_images`); the table is then a folder ``classifications/`` of one part per shard,
+            and the label counts are the shards' summed.
+        shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
     ClassifyImagesParameters.check(locals())
     video = check_video(video_fps, video_sample)
@@ -76,24 +84,34 @@ async def classify_images(
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Classifying images with {embedder.label}", video=video)
-    label_set = steps.embed_labels(embedder, labels, cache)
+    run: RunTotals
+    if fan_out is not None:
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"classifications": CLASSIFICATIONS_SCHEMA})
+        table, parts = fanned.folder("classifications"), fanned.parts("classifications")
+    else:
+        description = f"Classifying images with {embedder.label}"
+        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
+        label_set = steps.embed_labels(embedder, labels, cache)
 
-    def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:
-        embedded: Any = steps.embed.submit(embedder, batch, cache)  # resolved by Prefect before classify runs
-        return steps.classify.submit(embedded, label_set, min_score)
+        def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:
+            embedded: Any = steps.embed.submit(embedder, batch, cache)  # resolved by Prefect before classify runs
+            return steps.classify.submit(embedded, label_set, min_score)
 
-    schema = video_schema(CLASSIFICATIONS_SCHEMA) if run.videos else CLASSIFICATIONS_SCHEMA
-    with ParquetSink(join(out, "classifications.parquet"), schema) as sink:
-        async for batch in run.process(submit):
-            run.write(sink, record_rows(batch.records, embedder, schema))
+        path = shard.table(out, "classifications") if shard else join(out, "classifications.parquet")
+        schema = video_schema(CLASSIFICATIONS_SCHEMA) if run.videos else CLASSIFICATIONS_SCHEMA
+        with ParquetSink(path, schema) as sink:
+            async for batch in run.process(submit):
+                run.write(sink, record_rows(batch.records, embedder, schema))
+        table, parts = str(sink.path), [sink.path]
     result = ClassifyImagesResult(
         **run.counts(),
         label_counts=dict(run.labels.most_common()),
-        classifications_path=str(sink.path),
-        indexed=0 if index_path is None else update_index_from_table(sink.path, index_path).added,
+        classifications_path=table,
+        indexed=0 if index_path is None else sum(update_index_from_table(p, index_path).added for p in parts),
     )
+    if shard is not None:
+        shard.save(out, run)
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
-    summary = [markdown_table(counts, ["label", "count"]), f"Table: `{sink.path}`"]
+    summary = [markdown_table(counts, ["label", "count"]), f"Table: `{table}`"]
     title = f"Classified {result.succeeded} of {result.images} images with {embedder.label}"
     return await run.finish(result, title, summary, max_failure_rate)

@@ -17,7 +17,9 @@ from . import steps
 from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
 from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows, video_schema
-from ._run.batch import BatchRun, RequestFigures, markdown_table
+from ._run import fanout
+from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
+from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import DetectCropClassifyParameters, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
@@ -67,6 +69,8 @@ async def detect_crop_classify(
     max_failure_rate: float = 0.5,
     video_fps: float | None = 1.0,
     video_sample: str = "fps",
+    fan_out: FanOut | None = None,
+    shard: Shard | None = None,
 ) -> DetectCropClassifyResult:
     """Find objects like the examples, crop them, embed the crops, and label each crop.
 
@@ -92,6 +96,10 @@ async def detect_crop_classify(
             per second of video time; None takes every frame.
         video_sample: ``"fps"`` (a fixed rate), ``"keyframes"`` (the container's keyframes) or
             ``"scene"`` (a frame when the picture changes; see `_video.sample`).
+        fan_out: Split the job into shards that run as sub-runs of this flow's deployment (see
+            `embed_images`): each shard draws its images into ``annotated/`` and writes its part of
+            the folder ``detections/``; the counts are the shards' summed.
+        shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
 
     Returns:
         Counts, label counts and output paths. One row per detection, one per image without any
@@ -107,9 +115,13 @@ async def detect_crop_classify(
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
+    run: RunTotals
+    if fan_out is not None:
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": DETECTIONS_SCHEMA})
+        return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
     description = f"Detecting with {detector.label}, labelling with {embedder.label}"
-    run = BatchRun(FLOW_KEY, images, batch_size, description, video=video)
+    run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
     label_set = steps.embed_labels(embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:  # each step gets its input as a future
@@ -120,7 +132,7 @@ async def detect_crop_classify(
 
     schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
     tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder, video.fps) if run.videos else None
-    with ParquetSink(join(out, "detections.parquet"), schema) as sink:
+    with ParquetSink(shard.table(out, "detections") if shard else join(out, "detections.parquet"), schema) as sink:
         async for batch in run.process(submit):
             batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
             run.write(sink, detection_rows(batch, embedder, schema))
@@ -128,11 +140,13 @@ async def detect_crop_classify(
             if videos is not None:
                 videos.write(batch)
     written = videos.close() if videos is not None else []
+    if shard is not None:
+        shard.save(out, run)
     return await run.finish(*_outcome(run, str(sink.path), annotated.folder, tracks, written), max_failure_rate)
 
 
 def _outcome(
-    run: BatchRun, table: str, annotated: str, tracks: VideoTracks, videos: list[str]
+    run: RunTotals, table: str, annotated: str, tracks: VideoTracks | None = None, videos: list[str] | None = None
 ) -> tuple[DetectCropClassifyResult, str, list[str]]:
     """The run's result, summary title and summary sections."""
     result = DetectCropClassifyResult(
@@ -145,8 +159,8 @@ def _outcome(
         **run.figures(),
         detections_path=table,
         annotated_dir=annotated,
-        object_counts=tracks.object_counts(),
-        annotated_videos=videos,
+        object_counts=tracks.object_counts() if tracks is not None else {},
+        annotated_videos=videos or [],
     )
     sample = [{**r, "label_score": "" if r["label_score"] is None else f"{r['label_score']:.3f}"} for r in run.sample]
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
@@ -158,7 +172,7 @@ def _outcome(
     if run.videos:
         objects = [{"label": k, "objects": v} for k, v in result.object_counts.items()]
         sections.insert(1, "## Objects in videos (tracked)\n\n" + markdown_table(objects, ["label", "objects"]))
-        sections[-1] += "".join(f"\n- annotated video: `{v}`" for v in videos)
+        sections[-1] += "".join(f"\n- annotated video: `{v}`" for v in videos or [])
     title = (
         f"{result.detections} objects found in {result.images} images ({result.images_without_detections} without any)"
     )

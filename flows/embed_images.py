@@ -5,8 +5,9 @@ from __future__ import annotations
 from . import steps
 from ._outputs.files import ParquetSink
 from ._outputs.tables import EMBEDDINGS_SCHEMA, record_rows, video_schema
-from ._run.batch import BatchRun, ImageCounts, markdown_table
-from ._run.fanout import FanOut, Shard, fan_out, finish_fanned_out
+from ._run import fanout
+from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import EmbedImagesParameters, check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
@@ -77,34 +78,23 @@ async def embed_images(
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
     check_index(index_path, embedder)
-    if fan_out is not None:
-        return await _fanned_out(images, out, fan_out, embedder.label, index_path, max_failure_rate)
-    source = shard.refs() if shard else images
-    run = BatchRun(FLOW_KEY, source, batch_size, f"Embedding images with {embedder.label}", video=video)
-    table = shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet")
-    schema = video_schema(EMBEDDINGS_SCHEMA) if run.videos else EMBEDDINGS_SCHEMA
-    with ParquetSink(table, schema) as sink:
-        async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
-            run.write(sink, record_rows(batch.records, embedder, schema))
-    result = EmbedImagesResult(
-        **run.counts(),
-        embeddings_path=str(sink.path),
-        indexed=0 if index_path is None else update_index_from_table(sink.path, index_path).added,
-    )
+    run: RunTotals
+    if fan_out is not None:  # the shards write the parts; the parent adds them to the index, one by one
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"embeddings": EMBEDDINGS_SCHEMA})
+        table, parts = fanned.folder("embeddings"), fanned.parts("embeddings")
+    else:
+        description = f"Embedding images with {embedder.label}"
+        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
+        path = shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet")
+        schema = video_schema(EMBEDDINGS_SCHEMA) if run.videos else EMBEDDINGS_SCHEMA
+        with ParquetSink(path, schema) as sink:
+            async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
+                run.write(sink, record_rows(batch.records, embedder, schema))
+        table, parts = str(sink.path), [sink.path]
+    indexed = 0 if index_path is None else sum(update_index_from_table(p, index_path).added for p in parts)
+    result = EmbedImagesResult(**run.counts(), embeddings_path=table, indexed=indexed)
     if shard is not None:
-        shard.save_result(out, result)
-    summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), f"Table: `{sink.path}`"]
+        shard.save(out, run)
+    summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), f"Table: `{table}`"]
     title = f"Embedded {result.succeeded} of {result.images} images with {embedder.label}"
     return await run.finish(result, title, summary, max_failure_rate)
-
-
-async def _fanned_out(
-    images: ImageSource, out: str, plan: FanOut, label: str, index_path: str | None, max_failure_rate: float
-) -> EmbedImagesResult:
-    """The job as shards on the flow's deployment; the parts then go into the index, one by one."""
-    done = await fan_out(FLOW_KEY, images, out, plan, "embeddings", EMBEDDINGS_SCHEMA)
-    indexed = 0 if index_path is None else sum(update_index_from_table(p, index_path).added for p in done.parts)
-    result = EmbedImagesResult(**{**done.counts, "indexed": indexed}, embeddings_path=done.table)
-    title = f"Embedded {result.succeeded} of {result.images} images with {label} in {len(done.parts)} shards"
-    summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), *done.sections]
-    return await finish_fanned_out(FLOW_KEY, result, title, summary, max_failure_rate)

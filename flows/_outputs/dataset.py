@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import html
 import io
+import logging
 import os
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._steps.operations import decode_rgb
+from .._steps.sources import load
 from .._storage.access import is_remote, join
 from .._storage.publish import publish_folder, write_output
 from ..records import ImageRecord
@@ -58,6 +60,7 @@ INDEX_FILES = {
 }
 THUMBNAIL_WIDTH = 320
 THUMBNAILS_PER_CLASS = 24
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +84,35 @@ class LabelledImage:
             confidence=np.asarray(self.scores, dtype=np.float32),
         )
 
+    def dump(self) -> dict[str, Any]:
+        """The image's reference and hash and its kept boxes, as JSON values (a shard's part of the dataset)."""
+        return {
+            "ref": self.image.ref,
+            "sha256": self.image.sha256,
+            "xyxy": self.xyxy,
+            "class_ids": self.class_ids,
+            "scores": self.scores,
+        }
+
+    @classmethod
+    def restore(cls, dumped: Mapping[str, Any], classes: int) -> LabelledImage:
+        """The labelled image `dump` wrote (its bytes unread), checked: a stored part is input too.
+
+        Raises:
+            ValueError: when ``dumped`` is not a labelled image with class ids below ``classes``.
+        """
+        try:
+            image = ImageRecord(str(dumped["ref"]), None if dumped["sha256"] is None else str(dumped["sha256"]))
+            xyxy = [[float(v) for v in box] for box in dumped["xyxy"]]
+            class_ids, scores = [int(c) for c in dumped["class_ids"]], [float(s) for s in dumped["scores"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a labelled image: {exc!r}") from None
+        if any(len(b) != 4 for b in xyxy) or not len(xyxy) == len(class_ids) == len(scores):
+            raise ValueError(f"{image.ref}: boxes, class ids and scores do not match")
+        if any(not 0 <= c < classes for c in class_ids):
+            raise ValueError(f"{image.ref}: a class id is not one of the {classes} classes")
+        return cls(image, xyxy, class_ids, scores)
+
 
 @dataclass(frozen=True)
 class ReviewItem:
@@ -89,6 +121,23 @@ class ReviewItem:
     image_ref: str
     detection_index: int
     guesses: tuple[tuple[str, float], ...]
+
+    def dump(self) -> dict[str, Any]:
+        """As JSON values (a shard's part of the review list)."""
+        return {"image_ref": self.image_ref, "detection_index": self.detection_index, "guesses": self.guesses}
+
+    @classmethod
+    def restore(cls, dumped: Mapping[str, Any]) -> ReviewItem:
+        """The item `dump` wrote, checked.
+
+        Raises:
+            ValueError: when ``dumped`` is not a review item.
+        """
+        try:
+            guesses = tuple((str(name), float(score)) for name, score in dumped["guesses"])
+            return cls(str(dumped["image_ref"]), int(dumped["detection_index"]), guesses)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a review item: {exc!r}") from None
 
 
 def _replace_dir(staged: Path, final: Path) -> None:
@@ -105,7 +154,12 @@ def _replace_dir(staged: Path, final: Path) -> None:
 
 def _stage_images(images: Sequence[LabelledImage], folder: Path) -> dict[str, str]:
     """Each image under a unique file name in ``folder`` (linked where it is a local file, else
-    written), as supervision reads images from paths; ref → staged path."""
+    written), as supervision reads images from paths; ref → staged path.
+
+    An image whose bytes are not at hand (a fanned-out job's parent builds the dataset from its
+    shards' parts: `LabelledImage.restore`) is read again here, one at a time, and must still have
+    the bytes the shard labelled; one that cannot be read or changed is left out, with a warning.
+    """
     folder.mkdir(parents=True)
     staged = {}
     for labelled in images:
@@ -116,8 +170,11 @@ def _stage_images(images: Sequence[LabelledImage], folder: Path) -> dict[str, st
         if "://" not in image.ref and source.is_file():
             target.symlink_to(source.resolve())
         else:
-            assert image.data is not None, "a labelled image was read"
-            target.write_bytes(image.data)
+            loaded = image if image.data is not None else load(image)
+            if loaded.data is None:
+                logger.warning("%s left out of the dataset: %s", image.ref, loaded.failure)
+                continue
+            target.write_bytes(loaded.data)
         staged[image.ref] = str(target)
     return staged
 
@@ -140,6 +197,7 @@ def write_datasets(
         import supervision as sv
 
         staged = _stage_images(images, work / "staged")
+        images = [i for i in images if i.image.ref in staged]
         dataset = sv.DetectionDataset(
             classes=list(classes),
             images=[staged[i.image.ref] for i in images],
@@ -198,14 +256,27 @@ class GallerySink:
         if not labelled.class_ids:
             return
         names = sorted({self.classes[c] for c in labelled.class_ids})
-        for class_id in set(labelled.class_ids):
-            self.counts[self.classes[class_id]] += labelled.class_ids.count(class_id)
+        self._count(labelled)
         if all(len(self.per_class[n]) >= THUMBNAILS_PER_CLASS for n in names):
             return
         name = f"thumbs/{annotated_name(labelled.image)}"
         write_output(join(self.folder, name), _thumbnail(labelled, self.classes))
         for class_name in names:
             self.per_class[class_name].append(name)
+
+    def _count(self, labelled: LabelledImage) -> None:
+        for class_id in set(labelled.class_ids):
+            self.counts[self.classes[class_id]] += labelled.class_ids.count(class_id)
+
+    def add_part(self, images: Sequence[LabelledImage], thumbs: Mapping[str, Sequence[str]]) -> None:
+        """Fold in a shard's part: its images' kept boxes, counted, and the thumbnails it drew into
+        this folder (``thumbs``: class name → names, as `per_class` holds them), the first few kept."""
+        for labelled in images:
+            self._count(labelled)
+        for class_name, names in thumbs.items():
+            if class_name in self.classes:
+                kept = self.per_class[class_name]
+                kept.extend(str(n) for n in list(names)[: max(0, THUMBNAILS_PER_CLASS - len(kept))])
 
     def finish(self, review: Sequence[ReviewItem]) -> str:
         """Write the page; its location."""

@@ -10,6 +10,9 @@ does the rest the same way for every flow::
             run.write(sink, rows_of(batch))
     return await run.finish(result, title, sections, max_failure_rate)
 
+A fanned-out job's parent has no batches: it sums its shards' `RunTotals` (`_run.fanout.FannedOut`),
+and the flow builds its result from those and ends with the same `RunTotals.finish`.
+
 The artifacts go through the flow run's own async client (a sync call inside an async flow would
 build a new client each time: ~50 ms apiece).
 """
@@ -45,6 +48,7 @@ from ..records import Batch, StepReport
 
 __all__ = [
     "BatchRun",
+    "RunTotals",
     "ImageCounts",
     "RequestFigures",
     "TooManyFailuresError",
@@ -175,11 +179,13 @@ def _enter_sync_client() -> SyncClientContext:
     return context.__enter__()
 
 
-class BatchRun:
-    """One flow run over the batches of an image source.
+class RunTotals:
+    """What a run's images and rows added up to, and the end of the run: the same for a plain run,
+    a shard of a fanned-out job (which keeps them for its parent: `save`) and the parent (the
+    shards' totals summed: `_run.fanout.FannedOut`). A flow builds its result from these alone,
+    so one result builder and one `finish` serve all three.
 
     Attributes:
-        steps: Per-step figures, in the order the steps first reported.
         images: How many images (a crop batch's parents, else its records) the run took.
         images_failed: How many of them some step failed.
         videos: How many of the source's references are videos (their frames are the run's images).
@@ -188,10 +194,101 @@ class BatchRun:
         sample: The first rows written, for the summary.
     """
 
+    def __init__(self, flow_key: str) -> None:
+        self.flow_key = flow_key
+        self.images = self.images_failed = self.videos = 0
+        #: The run's image source, the assets' upstream (None where the run does not know it).
+        self.source: Any = None
+        self.statuses: Counter[str] = Counter()
+        self.labels: Counter[str] = Counter()
+        self.sample: list[dict[str, Any]] = []
+        self._figures: dict[str, Any] = {"requests": 0, "retries": 0, "server_seconds": 0.0, "from_cache": 0}
+
+    def figures(self) -> dict[str, Any]:
+        """The run's `RequestFigures`, as keyword arguments for a result model."""
+        return dict(self._figures)
+
+    def counts(self) -> dict[str, Any]:
+        """The run's `ImageCounts` (with its `RequestFigures`), as keyword arguments for a result model."""
+        return {
+            "images": self.images,
+            "succeeded": self.statuses["ok"],
+            "failed": self.statuses["failed"],
+            **self.figures(),
+        }
+
+    def sections(self) -> list[str]:
+        """Markdown the run adds to its summary after the flow's own sections."""
+        return []
+
+    def tables(self) -> list[tuple[str, str, list[dict[str, Any]]]]:
+        """The run's table artifacts: ``(key suffix, description, rows)``."""
+        return []
+
+    def dump(self) -> dict[str, Any]:
+        """The totals as JSON values (the sample keeps its scalar columns only)."""
+        scalar = (str, int, float, bool, type(None))
+        return {
+            "images": self.images,
+            "images_failed": self.images_failed,
+            "statuses": dict(self.statuses),
+            "labels": dict(self.labels),
+            "figures": self.figures(),
+            "sample": [{k: v for k, v in row.items() if isinstance(v, scalar)} for row in self.sample],
+        }
+
+    def add(self, dumped: dict[str, Any]) -> None:
+        """Fold in totals `dump` made (a shard's), checked: a stored file is input too.
+
+        Raises:
+            ValueError: when ``dumped`` does not hold totals.
+        """
+        try:
+            images, failed = int(dumped.get("images", 0)), int(dumped.get("images_failed", 0))
+            statuses = Counter({str(k): int(v) for k, v in dict(dumped.get("statuses", {})).items()})
+            labels = Counter({str(k): int(v) for k, v in dict(dumped.get("labels", {})).items()})
+            figures = {k: dict(dumped.get("figures", {})).get(k, 0) for k in self._figures}
+            sample = [dict(row) for row in dumped.get("sample", [])]
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a run's totals: {exc}") from None
+        self.images += images
+        self.images_failed += failed
+        self.statuses.update(statuses)
+        self.labels.update(labels)
+        for name, value in figures.items():
+            self._figures[name] += value
+        self.sample.extend(sample[: max(0, SAMPLE_ROWS - len(self.sample))])
+
+    def models(self) -> list[str]:
+        """The models the run's steps used (for its assets' metadata)."""
+        return []
+
+    async def finish(self, result: R, title: str, sections: Sequence[str], max_failure_rate: float) -> R:
+        """The end of every run: its table artifacts, its outputs as assets, its summary, the
+        completion event, then the failure rule over all the images it took."""
+        for name, description, rows in self.tables():
+            await acreate_table_artifact(rows, key=f"{self.flow_key}-{name}", description=description)
+        figures = {"images": self.images, "rows": sum(self.statuses.values()), "failed": self.statuses["failed"]}
+        locations = output_locations(result.model_dump(), flow_run.parameters or {})
+        keys = await materialize_outputs(self.flow_key, locations, self.source, figures, self.models())
+        extra = [assets_section(keys)] if keys else []
+        await publish_summary(self.flow_key, title, [*sections, *self.sections(), *extra])
+        emit_completed(self.flow_key, result.model_dump())
+        check_failure_rate(self.images_failed, self.images, max_failure_rate)
+        return result
+
+
+class BatchRun(RunTotals):
+    """One flow run over the batches of an image source.
+
+    Attributes:
+        steps: Per-step figures, in the order the steps first reported.
+    """
+
     def __init__(
         self, flow_key: str, images: ImageSource, batch_size: int, description: str, video: VideoSampling | None = None
     ) -> None:
-        self.flow_key = flow_key
+        super().__init__(flow_key)
         self.source = images
         self.batch_size = batch_size
         self.video = video
@@ -199,10 +296,6 @@ class BatchRun:
         self.total_batches = math.ceil(records / batch_size)
         self.progress = Progress(self.total_batches, description)
         self.steps: dict[str, StepStats] = {}
-        self.images = self.images_failed = 0
-        self.statuses: Counter[str] = Counter()
-        self.labels: Counter[str] = Counter()
-        self.sample: list[dict[str, Any]] = []
 
     def batches(self) -> Iterator[Batch]:
         """The source's records in batches labelled ``"i/n"``: photos not read yet, a video's
@@ -247,7 +340,7 @@ class BatchRun:
         sink.write(rows)
 
     def figures(self) -> dict[str, Any]:
-        """The run's `RequestFigures`, as keyword arguments for a result model."""
+        """The run's `RequestFigures`, summed over its steps."""
         steps = self.steps.values()
         return {
             "requests": sum(s.requests for s in steps),
@@ -256,31 +349,13 @@ class BatchRun:
             "from_cache": sum(s.cached for s in steps),
         }
 
-    def counts(self) -> dict[str, Any]:
-        """The run's `ImageCounts` (with its `RequestFigures`), as keyword arguments for a result model."""
-        return {
-            "images": self.images,
-            "succeeded": self.statuses["ok"],
-            "failed": self.statuses["failed"],
-            **self.figures(),
-        }
+    def models(self) -> list[str]:
+        """The models the run's steps used."""
+        return [s.model for s in self.steps.values()]
 
-    async def finish(self, result: R, title: str, sections: Sequence[str], max_failure_rate: float) -> R:
-        """Publish the step table, the outputs as assets and the summary, emit the completion event,
-        then apply the failure rule."""
-        description = f"Per-step figures of this {self.flow_key} run."
-        rows = [s.row() for s in self.steps.values()]
-        await acreate_table_artifact(rows, key=f"{self.flow_key}-steps", description=description)
-        figures = {"images": self.images, "rows": sum(self.statuses.values()), "failed": self.statuses["failed"]}
-        locations = output_locations(result.model_dump(), flow_run.parameters or {})
-        keys = await materialize_outputs(
-            self.flow_key, locations, self.source, figures, [s.model for s in self.steps.values()]
-        )
-        sections = [*sections, assets_section(keys)] if keys else sections
-        await publish_summary(self.flow_key, title, sections)
-        emit_completed(self.flow_key, result.model_dump())
-        check_failure_rate(self.images_failed, self.images, max_failure_rate)
-        return result
+    def tables(self) -> list[tuple[str, str, list[dict[str, Any]]]]:
+        """The per-step table."""
+        return [("steps", f"Per-step figures of this {self.flow_key} run.", [s.row() for s in self.steps.values()])]
 
 
 def check_failure_rate(failed: int, images: int, max_failure_rate: float) -> None:

@@ -4,9 +4,12 @@ The parent run lists its source once, lazily, and writes every ``shard_size`` re
 manifest (``<out_dir>/_shards/part-00003.json``, one whole object). Each shard is a
 `run_deployment` of the flow's own deployment (or the one `FanOut.deployment` names) with
 ``shard=`` set, so whichever worker of the pool is free picks it up; it reads its manifest, runs
-the flow's usual batches and writes one part of a *dataset folder*
-(``<out_dir>/embeddings/part-00003.parquet``) and its counts (``_shards/part-00003.result.json``).
-pyarrow, pandas and duckdb read the folder as one table (they skip ``_``-prefixed names).
+the flow's usual batches and writes one part of each of its *dataset folders*
+(``<out_dir>/embeddings/part-00003.parquet``) and its totals (``_shards/part-00003.result.json``:
+the `RunTotals` and what else the flow keeps for its parent, e.g. `auto_label`'s labelled boxes).
+pyarrow, pandas and duckdb read a folder as one table (they skip ``_``-prefixed names). The parent
+sums the shards' totals into a `FannedOut`, a `RunTotals` like a plain run's, so each flow builds
+its result, and ends its run, the same way for both.
 
 A shard that ends in any state but Completed is run again alone, up to `FanOut.retries` times;
 one that never completes leaves failed rows for its images (nothing is lost), and the parent then
@@ -37,10 +40,9 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
-from prefect.artifacts import acreate_table_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import arun_deployment
 from prefect.runtime import deployment as this_deployment
@@ -52,9 +54,9 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from .._outputs.files import ParquetSink
 from .._steps.sources import ImageSource, iter_image_refs
 from .._storage.access import delete, join, list_files, read_bytes, write_bytes
-from .batch import ImageCounts, check_failure_rate, emit_completed, markdown_table, publish_summary
+from .batch import RunTotals, markdown_table
 
-__all__ = ["FanOut", "FannedOut", "Shard", "fan_out", "finish_fanned_out"]
+__all__ = ["FanOut", "FannedOut", "Shard", "fan_out"]
 
 SHARDS_FOLDER = "_shards"
 POLL_SECONDS = 2.0
@@ -109,9 +111,10 @@ class Shard(BaseModel):
         """Where the shard's part of the ``stem`` table goes."""
         return join(join(out, stem), f"{self.name}.parquet")
 
-    def save_result(self, out: str, result: BaseModel) -> None:
-        """Keep the shard's counts for the parent run."""
-        write_bytes(_result_path(out, self.index), result.model_dump_json().encode())
+    def save(self, out: str, run: RunTotals, extra: dict[str, Any] | None = None) -> None:
+        """Keep the shard's totals, and what else the flow's parent needs (JSON values), for the parent run."""
+        saved = {"totals": run.dump(), "extra": extra or {}}
+        write_bytes(_result_path(out, self.index), json.dumps(saved).encode())
 
 
 @dataclass
@@ -121,8 +124,7 @@ class _Job:
     deployment: str
     parameters: dict[str, Any]
     out: str
-    stem: str
-    schema: pa.Schema
+    tables: dict[str, pa.Schema]  # stem → schema; a lost shard's failed rows go to the first
     retries: int
 
 
@@ -148,32 +150,61 @@ class _Outcome:
         }
 
 
-@dataclass
-class FannedOut:
-    """What a fanned-out job did: its counts added up over the shards, and where its table is.
+class FannedOut(RunTotals):
+    """A fanned-out job, once its shards are done: their totals summed (a `RunTotals`), where its
+    dataset folders are, and what else each shard kept for the parent.
 
     Attributes:
-        counts: The `ImageCounts` fields, summed over the shards, as keyword arguments.
-        table: The dataset folder (``<out_dir>/<stem>/``).
-        parts: Its part files, one per shard.
-        sections: Markdown for the run's summary: the shards and their states.
+        deployment: The deployment the shards ran on.
+        extras: What each shard kept besides its totals (`Shard.save`), in shard order.
     """
 
-    counts: dict[str, Any]
-    table: str
-    parts: list[str]
-    sections: list[str]
+    def __init__(self, flow_key: str, job: _Job, outcomes: list[_Outcome]) -> None:
+        super().__init__(flow_key)
+        self.deployment, self._out, self._outcomes = job.deployment, job.out, outcomes
+        self.extras: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            saved = _read_result(job.out, outcome.shard.index)
+            try:
+                self.add(saved["totals"])
+            except ValueError as exc:
+                raise InvalidInputError("out_dir", f"shard {outcome.shard.name}'s result: {exc}") from None
+            self.extras.append(saved["extra"])
+
+    def folder(self, stem: str) -> str:
+        """The dataset folder ``<out_dir>/<stem>/``."""
+        return join(self._out, stem) + "/"
+
+    def parts(self, stem: str) -> list[str]:
+        """The folder's part files, one per shard."""
+        return [o.shard.table(self._out, stem) for o in self._outcomes]
+
+    def sections(self) -> list[str]:
+        """The shards and their states."""
+        rows = [o.row() for o in self._outcomes]
+        done = sum(o.completed for o in self._outcomes)
+        return [
+            f"{done} of {len(rows)} shards completed on deployment `{self.deployment}` "
+            "(each table a dataset folder: one part per shard)",
+            markdown_table(rows, ["shard", "flow_run", "state", "attempts", "images"]),
+        ]
+
+    def tables(self) -> list[tuple[str, str, list[dict[str, Any]]]]:
+        """The shards table."""
+        return [("shards", f"Shards of this {self.flow_key} run.", [o.row() for o in self._outcomes])]
 
 
 async def fan_out(
-    flow_key: str, images: ImageSource, out: str, plan: FanOut, stem: str, schema: pa.Schema
+    flow_key: str, images: ImageSource, out: str, plan: FanOut, tables: dict[str, pa.Schema]
 ) -> FannedOut:
     """Run a flow's job as shards of ``plan.shard_size`` images on a deployment; wait for all.
+
+    ``tables`` names the dataset folders a shard writes a part of (stem → schema), its main table first.
 
     Raises:
         InvalidInputError: naming ``fan_out``, when there is no deployment to run the shards on.
     """
-    job = _Job(await _deployment(plan), _shard_parameters(), out, stem, schema, plan.retries)
+    job = _Job(await _deployment(plan), _shard_parameters(), out, tables, plan.retries)
     shards: list[asyncio.Task[_Outcome]] = []
     try:
         async for shard, count in _manifests(images, out, plan):  # each shard starts once its manifest is up
@@ -183,29 +214,11 @@ async def fan_out(
         for task in shards:  # stop waiting on the others; their sub-runs finish on their workers
             task.cancel()
         raise
-    table = join(out, stem)
-    _remove_stale_parts(table, len(outcomes))
-    rows = [o.row() for o in outcomes]
-    await acreate_table_artifact(rows, key=f"{flow_key}-shards", description=f"Shards of this {flow_key} run.")
-    done = sum(o.completed for o in outcomes)
-    sections = [
-        f"{done} of {len(outcomes)} shards completed on deployment `{job.deployment}`; "
-        f"table: `{table}/` (a dataset folder: one part per shard)",
-        markdown_table(rows, ["shard", "flow_run", "state", "attempts", "images"]),
-    ]
-    parts = [o.shard.table(out, stem) for o in outcomes]
-    return FannedOut(_sum_results(out, outcomes), table + "/", parts, sections)
-
-
-R = TypeVar("R", bound=ImageCounts)
-
-
-async def finish_fanned_out(flow_key: str, result: R, title: str, sections: list[str], max_failure_rate: float) -> R:
-    """Publish the job's summary, emit its completion event, then apply the failure rule to the whole job."""
-    await publish_summary(flow_key, title, sections)
-    emit_completed(flow_key, result.model_dump())
-    check_failure_rate(result.failed, result.images, max_failure_rate)
-    return result
+    for stem in tables:
+        _remove_stale_parts(join(out, stem), len(outcomes))
+    fanned = FannedOut(flow_key, job, outcomes)
+    fanned.source = images  # the assets' upstream
+    return fanned
 
 
 async def _deployment(plan: FanOut) -> str:
@@ -228,8 +241,11 @@ async def _deployment(plan: FanOut) -> str:
 
 
 def _shard_parameters() -> dict[str, Any]:
-    """This run's parameters, as each shard gets them (its vector index is updated by the parent)."""
-    return {**this_run.parameters, "fan_out": None, "index_path": None}
+    """This run's parameters, as each shard gets them (a vector index is updated by the parent)."""
+    parameters = {**this_run.parameters, "fan_out": None}
+    if "index_path" in parameters:
+        parameters["index_path"] = None
+    return parameters
 
 
 async def _manifests(images: ImageSource, out: str, plan: FanOut) -> AsyncIterator[tuple[Shard, int]]:
@@ -268,12 +284,13 @@ async def _run(job: _Job, shard: Shard, images: int) -> _Outcome:
 
 
 def _write_lost_shard(job: _Job, outcome: _Outcome) -> None:
-    """Failed rows for every image of a shard that never completed, and counts saying so.
+    """Failed rows for every image of a shard that never completed, and totals saying so; its
+    parts of the other tables (from an earlier job) are removed.
 
-    A shard that failed its own failure rule wrote its part and counts already: they are kept.
+    A shard that failed its own failure rule wrote its parts and totals already: they are kept.
     """
     try:
-        read_bytes(_result_path(job.out, outcome.shard.index), field="out_dir")
+        _read_result(job.out, outcome.shard.index)
         return
     except InvalidInputError:
         pass
@@ -282,10 +299,15 @@ def _write_lost_shard(job: _Job, outcome: _Outcome) -> None:
         (state.message or state.type.value) if state else "no state"
     )
     refs = outcome.shard.refs()
-    with ParquetSink(outcome.shard.table(job.out, job.stem), job.schema) as sink:
+    (stem, schema), *others = job.tables.items()
+    with ParquetSink(outcome.shard.table(job.out, stem), schema) as sink:
         sink.write([{"image_ref": ref, "status": "failed", "error": reason} for ref in refs])
-    counts = {"images": len(refs), "succeeded": 0, "failed": len(refs)}
-    write_bytes(_result_path(job.out, outcome.shard.index), json.dumps(counts).encode())
+    for other, _ in others:
+        with contextlib.suppress(NotImplementedError, InvalidInputError):
+            delete(outcome.shard.table(job.out, other))
+    totals = {"images": len(refs), "images_failed": len(refs), "statuses": {"failed": len(refs)}}
+    saved = {"totals": totals, "extra": {}}
+    write_bytes(_result_path(job.out, outcome.shard.index), json.dumps(saved).encode())
 
 
 def _forget_result(out: str, index: int) -> None:
@@ -303,15 +325,22 @@ def _shards_file(out: str, index: int, suffix: str) -> str:
     return join(join(out, SHARDS_FOLDER), f"part-{index:05d}.{suffix}")
 
 
-def _sum_results(out: str, outcomes: list[_Outcome]) -> dict[str, Any]:
-    """The shards' `ImageCounts` added up."""
-    numeric = list(ImageCounts.model_fields)
-    totals: dict[str, Any] = dict.fromkeys(numeric, 0)
-    for outcome in outcomes:
-        counts = json.loads(read_bytes(_result_path(out, outcome.shard.index), field="out_dir"))
-        for name in numeric:
-            totals[name] += counts.get(name, 0)
-    return totals
+def _read_result(out: str, index: int) -> dict[str, Any]:
+    """What shard ``index`` kept for the parent (`Shard.save`), checked.
+
+    Raises:
+        InvalidInputError: naming ``out_dir``, when there is none or it is not a shard's result.
+    """
+    path = _result_path(out, index)
+    try:
+        saved = json.loads(read_bytes(path, field="out_dir"))
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("totals"), dict):
+        raise InvalidInputError("out_dir", f"{path} is not a shard's result")
+    if not isinstance(saved.get("extra"), dict):
+        saved["extra"] = {}
+    return saved
 
 
 def _remove_stale_parts(folder: str, shards: int) -> None:

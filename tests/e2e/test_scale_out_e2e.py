@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from _e2e import PrefectServer, Process, wait_for
 from support.fault_proxy import Fault, FaultProxy
-from support.images import make_image
+from support.images import make_image, make_scene
 from support.postgres import PostgresCluster, postgres_cluster
 from support.s3 import REGION, MotoServer, aws_env, saved_bucket_block
 
@@ -37,6 +37,15 @@ POOL = "scale-out"
 DEPLOYMENT = "fan-out"
 FLOW = "embed-images"
 ENTRYPOINT = "prefect_roboflow.flows.embed_images:embed_images"
+#: The other batch flows, each deployed on the pool too: flow name → entrypoint.
+BATCH_FLOWS = {
+    "classify-images": "prefect_roboflow.flows.classify_images:classify_images",
+    "detect-crop-classify": "prefect_roboflow.flows.detect_crop_classify:detect_crop_classify",
+    "auto-label": "prefect_roboflow.flows.auto_label:auto_label",
+}
+SCENES = 40
+SCENE_SHARD = 20
+LABELS = ["a photo of an apple", "a photo of a box", "a photo of a bottle"]
 
 
 @dataclass
@@ -47,16 +56,18 @@ class Cluster:
     s3: Any  # boto3 client on the moto server
     env: dict[str, str]
     deployment_id: str
+    deployments: dict[str, str]  # the other batch flows' deployments: flow name → id
     workers: dict[str, Process]
     proxy: FaultProxy
     root: Path
 
-    def run(self, parameters: dict[str, Any], queue: str | None = None) -> str:
-        """Create a run of the deployment (on a work queue of the pool, when given); its id."""
+    def run(self, parameters: dict[str, Any], queue: str | None = None, flow: str = FLOW) -> str:
+        """Create a run of the flow's deployment (on a work queue of the pool, when given); its id."""
         body: dict[str, Any] = {"parameters": parameters}
         if queue:
             body["work_queue_name"] = queue
-        return str(self.prefect.api.post(f"/deployments/{self.deployment_id}/create_flow_run", body)["id"])
+        deployment = self.deployment_id if flow == FLOW else self.deployments[flow]
+        return str(self.prefect.api.post(f"/deployments/{deployment}/create_flow_run", body)["id"])
 
     def wait(self, run_id: str, timeout: float = 600) -> dict[str, Any]:
         """The run once it is final."""
@@ -108,18 +119,19 @@ def _save_blocks(prefect: PrefectServer, endpoint: str) -> None:
             saved_bucket_block(endpoint, "results", folder=folder, name=name)
 
 
-def _deploy(prefect: PrefectServer, root: Path) -> str:
-    """A process work pool (queues default, a, b) and the embed-images deployment on it; its id."""
+def _deploy(prefect: PrefectServer, root: Path, flow: str = FLOW, entrypoint: str = ENTRYPOINT) -> str:
+    """A process work pool (queues default, a, b), made once, and a deployment of the flow on it; its id."""
     api = prefect.api
-    api.post("/work_pools/", {"name": POOL, "type": "process"})
-    for queue in ("a", "b"):
-        api.post(f"/work_pools/{POOL}/queues", {"name": queue})
-    flow_id = api.post("/flows/", {"name": FLOW})["id"]
+    if flow == FLOW:
+        api.post("/work_pools/", {"name": POOL, "type": "process"})
+        for queue in ("a", "b"):
+            api.post(f"/work_pools/{POOL}/queues", {"name": queue})
+    flow_id = api.post("/flows/", {"name": flow})["id"]
     deployment = {
         "name": DEPLOYMENT,
         "flow_id": flow_id,
         "work_pool_name": POOL,
-        "entrypoint": ENTRYPOINT,
+        "entrypoint": entrypoint,
         "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}],
         "parameters": {},
     }
@@ -153,14 +165,20 @@ def _cluster(root: Path, database: PostgresCluster, proxy: FaultProxy) -> Iterat
             s3.create_bucket(Bucket=bucket)
         for i in range(IMAGES):
             s3.put_object(Bucket="photos", Key=f"job/photo_{i:04d}.png", Body=make_image(20_000 + i, (96, 72)))
+        for i in range(SCENES):
+            s3.put_object(Bucket="photos", Key=f"scenes/scene_{i:03d}.png", Body=make_scene(30_000 + i))
         env = prefect.env(**aws_env(moto.endpoint, root))
         _save_blocks(prefect, moto.endpoint)
         deployment_id = _deploy(prefect, root)
+        deployments = {flow: _deploy(prefect, root, flow, entrypoint) for flow, entrypoint in BATCH_FLOWS.items()}
         worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
         worker_env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the workers log each run they submit
+        # the API on a loaded 2-core machine answers an occasional 500: a run's client retries it, as
+        # it retries 502/503 (seen once killing a parent mid-poll, with the load average at 18)
+        worker_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] = "500"
         for name, queue in (("w1", "a"), ("w2", "b")):
             workers[name] = _start_worker(name, queue, worker_env, root)
-        yield Cluster(prefect, s3, env, deployment_id, workers, proxy, root)
+        yield Cluster(prefect, s3, env, deployment_id, deployments, workers, proxy, root)
     finally:
         for worker in workers.values():
             worker.stop(grace=15)
@@ -264,6 +282,85 @@ def test_two_workers_overlapping_jobs_share_one_cache_in_the_bucket(cluster: Clu
     for key in entries:
         body = cluster.s3.get_object(Bucket="results", Key=key)["Body"].read()
         assert len(body) == 4 * dim and np.isfinite(np.frombuffer(body, np.float32)).all(), key
+
+
+def test_every_batch_flow_fans_out_s3_to_s3_and_its_parent_merges_the_shards(cluster: Cluster) -> None:
+    from prefect_roboflow.flows.demo import example_spec
+
+    examples, _ = example_spec()  # reference images on local disk: the workers share this machine
+    scenes = [f"s3://photos/scenes/scene_{i:03d}.png" for i in range(SCENES)]
+    common = {"images": "s3://photos/scenes/", "cache_storage": "s3-bucket/roboflow-cache", "batch_size": 10}
+    common["server"] = cluster.proxy.url
+    fan_out = {"shard_size": SCENE_SHARD}
+    jobs: dict[str, dict[str, Any]] = {
+        "classify-images": {"labels": LABELS},
+        "detect-crop-classify": {"examples": examples, "labels": LABELS},
+        "auto-label": {"examples": examples, "classes": {"box": ["a photo of a box"], "apple": "a photo of an apple"}},
+    }
+
+    def start(flow: str, out: str, **extra: Any) -> str:
+        return cluster.run({**common, **jobs[flow], "out_dir": f"s3://results/{out}/", **extra}, flow=flow)
+
+    # two jobs at a time: each waiting parent holds one of the pool's four slots, their shards share the rest
+    started = {flow: start(flow, flow, fan_out=fan_out) for flow in ("classify-images", "detect-crop-classify")}
+    parents = {flow: cluster.wait(run_id) for flow, run_id in started.items()}
+    # then auto-label, fanned out and, beside it, plain (both find detect-crop-classify's detections cached)
+    started = {"auto-label": start("auto-label", "auto-label", fan_out=fan_out), "plain": start("auto-label", "plain")}
+    parents |= {flow: cluster.wait(run_id) for flow, run_id in started.items()}
+    assert {f: r["state_type"] for f, r in parents.items()} == dict.fromkeys([*jobs, "plain"], "COMPLETED"), parents
+    for flow in jobs:
+        subruns = cluster.subruns(parents[flow]["id"])
+        assert {r["deployment_id"] for r in subruns} == {cluster.deployments[flow]}
+        assert sorted(r["name"].rsplit(" ", 3)[1] for r in subruns) == ["part-00000", "part-00001"], flow
+    assert cluster.subruns(parents["plain"]["id"]) == []
+
+    # classify: one part per shard, each scene once, and the summary's label counts are the table's
+    rows = cluster.table("classify-images/classifications")
+    assert sorted(r["image_ref"] for r in rows) == scenes and {r["status"] for r in rows} == {"ok"}
+    summary = _summary(cluster, parents["classify-images"]["id"])
+    for label in LABELS:
+        count = sum(r["label"] == label for r in rows)
+        assert (f"| {label} | {count} |" in summary) == (count > 0), label
+    assert f"Classified {SCENES} of {SCENES} images" in summary
+
+    # detect-crop-classify: every scene has rows in the folder; each shard drew its scenes with detections
+    rows = cluster.table("detect-crop-classify/detections")
+    assert sorted({r["image_ref"] for r in rows}) == scenes
+    drawn = {r["image_ref"].rsplit("/", 1)[1][:-4] for r in rows if r["detection_index"] is not None}
+    annotated = {k.rsplit("/", 1)[1].rsplit("-", 1)[0] for k in _keys(cluster, "detect-crop-classify/annotated/")}
+    assert drawn and annotated == drawn
+    assert f"{sum(r['status'] == 'ok' for r in rows)} objects found in {SCENES} images" in _summary(
+        cluster, parents["detect-crop-classify"]["id"]
+    )
+
+    # auto-label: one dataset and one gallery, built by the parent from both shards' parts, are
+    # exactly what a plain run of the same job writes
+    labels = cluster.table("auto-label/labels")
+    assert sorted({r["image_ref"] for r in labels}) == scenes
+    kept = sum(r["status"] == "labelled" for r in labels)
+    fanned, whole = (_coco(cluster, p) for p in ("auto-label", "plain"))
+    assert fanned == whole
+    assert len(fanned["images"]) == SCENES and len(fanned["annotations"]) == kept > 0
+    assert _object(cluster, "auto-label/gallery/index.html") == _object(cluster, "plain/gallery/index.html")
+    for prefix in ("yolo/labels/", "yolo/images/", "coco/images/"):
+        assert [k.split("/", 1)[1] for k in _keys(cluster, f"auto-label/{prefix}")] == [
+            k.split("/", 1)[1] for k in _keys(cluster, f"plain/{prefix}")
+        ], prefix
+    page = _object(cluster, "auto-label/gallery/index.html").decode()
+    thumbs = set(re.findall(r'src="(thumbs/[^"]+)"', page))
+    assert thumbs and thumbs <= {k.split("/", 2)[2] for k in _keys(cluster, "auto-label/gallery/thumbs/")}
+
+
+def _coco(cluster: Cluster, prefix: str) -> dict[str, Any]:
+    """``<prefix>/coco/annotations.json``, without the time each image was written (supervision's ``date_captured``)."""
+    coco = json.loads(_object(cluster, f"{prefix}/coco/annotations.json"))
+    for image in coco["images"]:
+        image.pop("date_captured")
+    return dict(coco)
+
+
+def _object(cluster: Cluster, key: str) -> bytes:
+    return bytes(cluster.s3.get_object(Bucket="results", Key=key)["Body"].read())
 
 
 def _keys(cluster: Cluster, prefix: str) -> list[str]:
