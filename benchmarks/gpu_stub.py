@@ -39,23 +39,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from prefect_roboflow.blocks import CLIP_DIMENSIONS, PE_DIMENSIONS
+
 __all__ = ["DIMENSIONS", "StubServer", "app_for"]
 
-#: Embedding size per version (contract §1.1, §2); an unknown version gets `DEFAULT_DIM`.
-DIMENSIONS: dict[str, int] = {
-    "ViT-B-16": 512,
-    "ViT-B-32": 512,
-    "ViT-L-14": 768,
-    "ViT-L-14-336px": 768,
-    "RN50": 1024,
-    "RN101": 512,
-    "RN50x4": 640,
-    "RN50x16": 768,
-    "RN50x64": 1024,
-    "PE-Core-B16-224": 1024,
-    "PE-Core-L14-336": 1024,
-    "PE-Core-G14-448": 1280,
-}
+#: Embedding size per version: the blocks' own tables (contract §1.1, §2); an unknown version gets `DEFAULT_DIM`.
+DIMENSIONS: dict[str, int] = {**CLIP_DIMENSIONS, **PE_DIMENSIONS}
 DEFAULT_DIM = 512
 #: CLIP_MAX_BATCH_SIZE: more images or prompts in one request is a 500 on the real server.
 MAX_ITEMS = 8
