@@ -129,6 +129,7 @@ async def materialize_outputs(
         *[Asset(key=key) for key in keys],
         asset_deps=[Asset(key=key) for key in _upstream(images)],
         name=f"{flow_key}-assets",
+        task_run_name=f"{flow_key}-assets",  # one name in the UI, as the batch tasks have
         cache_policy=NO_CACHE,
         persist_result=False,
     )(record)

@@ -27,14 +27,14 @@ def test_flow_run_page_shows_task_runs_and_artifacts(
     api = prefect_server.api
     task_runs = sorted(t["name"] for t in api.task_runs(run["id"]))
     artifact_keys = sorted(a["key"] for a in api.artifacts(run["id"]) if a["key"])
-    assert len(task_runs) == 3 and artifact_keys == ["embed-images-steps", "embed-images-summary"]
+    assert len(task_runs) == 4 and artifact_keys == ["embed-images-steps", "embed-images-summary"]
     shutil.rmtree(UI_ARTIFACTS, ignore_errors=True)
     url = f"{prefect_server.url}/runs/flow-run/{run['id']}"
 
     with Chromium(tmp_path / "chromium-profile") as browser:
         browser.goto(url)
         header = browser.wait_for_text(
-            [run["name"], "Completed", "3 Task runs", "embed_images when images arrive", "Task Runs", "Artifacts"], 90
+            [run["name"], "Completed", "4 Task runs", "embed_images when images arrive", "Task Runs", "Artifacts"], 90
         )
         assert "Can't connect to Server API" not in header
         browser.wait_for_text(["Beginning flow run", *task_runs], 60)  # the Logs tab, by task run
@@ -42,7 +42,7 @@ def test_flow_run_page_shows_task_runs_and_artifacts(
         overview = browser.screenshot(UI_ARTIFACTS / "flow-run.png")
 
         browser.click_text("Task Runs")
-        browser.wait_for_text(["3 Task runs", "(3 Completed)", *task_runs], 60)
+        browser.wait_for_text(["4 Task runs", "(4 Completed)", *task_runs], 60)
         browser.screenshot(UI_ARTIFACTS / "flow-run-task-runs.png")
 
         browser.click_text("Artifacts")

@@ -130,7 +130,8 @@ def test_embed_images_flow(proxy: FaultProxy, inference_url: str, plain_images: 
     # the run in Prefect: named batch tasks, progress, step table, summary, event
     run_id = state.state_details.flow_run_id
     names, artifacts = _run_details(run_id)
-    assert names == [f"embed[clip ViT-B-16] batch {i}/4" for i in range(1, 5)]
+    # the batch tasks, and the one that materialises the outputs as assets
+    assert names == ["embed-images-assets", *(f"embed[clip ViT-B-16] batch {i}/4" for i in range(1, 5))]
     assert artifacts["progress"].data == 100.0
     steps = json.loads(artifacts["embed-images-steps"].data)
     assert steps[0]["step"] == "embed" and steps[0]["sent"] == N_IMAGES and steps[0]["failed"] == 2
