@@ -35,6 +35,10 @@ async def _names(flow_run_id: object) -> tuple[str, list[str]]:
     return run.name, sorted(t.name for t in tasks if t.flow_run_id == run.id)
 
 
+#: The batch tasks, and the task that materialises the run's outputs as assets.
+NAMES = ["embed-images-assets", "embed[clip ViT-B-16] batch 1/2", "embed[clip ViT-B-16] batch 2/2"]
+
+
 def test_every_way_of_calling_a_flow(proxy: FaultProxy, photos: str, tmp_path: Path) -> None:
     kwargs = {"server": proxy.url, "cache_storage": str(tmp_path / "cache"), "batch_size": 2}
 
@@ -43,7 +47,7 @@ def test_every_way_of_calling_a_flow(proxy: FaultProxy, photos: str, tmp_path: P
     assert state.is_completed() and isinstance(state.result(), EmbedImagesResult)
     assert asyncio.run(_names(state.state_details.flow_run_id)) == (
         "embed-images[clip]",
-        ["embed[clip ViT-B-16] batch 1/2", "embed[clip ViT-B-16] batch 2/2"],
+        NAMES,
     )
 
     # a coroutine, or a running loop as in a Jupyter cell: an awaitable to await
