@@ -2,7 +2,7 @@
 
 A flow's ``out_dir`` is a local folder or an object-store location (``s3://bucket/prefix/``, any
 fsspec URL, ``block://<type-slug>/<name>/<path>``; see `_storage`), checked by
-`_config.resolve_out_dir`; output names are joined onto it with `_storage.join`.
+`_run.parameters.resolve_out_dir`; output names are joined onto it with `_storage.join`.
 
 Every local file is written to a hidden temp file beside its final name (created with the mode a
 plain ``open(path, "w")`` gets under the umask) and renamed into place once complete, so neither a
@@ -30,7 +30,7 @@ __all__ = ["ParquetSink", "embedding_type", "show_location"]
 
 def show_location(location: str) -> str:
     """A location for a summary in Markdown: a link for a local file, the URL as code otherwise
-    (an ``out_dir`` URL never holds credentials: `_config.resolve_out_dir` refuses those)."""
+    (an ``out_dir`` URL never holds credentials: `_run.parameters.resolve_out_dir` refuses those)."""
     return f"`{location}`" if is_remote(location) else f"[{location}](file://{location})"
 
 

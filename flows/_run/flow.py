@@ -65,7 +65,7 @@ def roboflow_flow(**options: Any) -> Callable[[Callable[P, Coroutine[Any, Any, R
     """``@flow(**options)`` for an ``async def``, typed as the sync call it also offers.
 
     A ``flow_run_name`` template is formatted with the run's parameters, as Prefect does, and
-    the run of a shard (see `_fanout`) adds which part and attempt it is.
+    the run of a shard (see `fanout`) adds which part and attempt it is.
     """
     if isinstance(options.get("flow_run_name"), str):
         options["flow_run_name"] = _run_name(options["flow_run_name"])

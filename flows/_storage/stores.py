@@ -2,7 +2,7 @@
 
 A `Store` reads, writes, lists and deletes files of one storage system (a local folder, an S3
 bucket, an fsspec file system, a Prefect file-system block) and explains its failures for a user
-without secrets; `_locate` picks the store that holds a reference. Writes are whole or nothing:
+without secrets; `locate` picks the store that holds a reference. Writes are whole or nothing:
 a local file is renamed into place once complete and fsynced (`atomic`), S3 takes one PUT or a
 completed multipart upload, other file systems publish an object on close. Reads are whole
 (`read`) or streamed into a file (`download`), so a large object never sits in memory.
