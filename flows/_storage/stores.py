@@ -102,15 +102,11 @@ def _walk(entries: Callable[[str], Iterable[tuple[str, bool]]], folder: str, rec
             yield from _walk(entries, path + "/", recursive)
 
 
-class LocalStore(Store):
-    def __init__(self, ref_base: str = "", base: str = "") -> None:
-        super().__init__(ref_base)
-        self.base = base
+class _WalkedStore(Store):
+    """A store listed one directory at a time (`_entries`): a local folder, an fsspec file system."""
 
     def _entries(self, folder: str) -> Iterator[tuple[str, bool]]:
-        with os.scandir(self.base + folder or ".") as scan:
-            for entry in scan:
-                yield folder + entry.name, entry.is_dir()
+        raise NotImplementedError
 
     def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
         return _walk(self._entries, folder, recursive)
@@ -120,6 +116,17 @@ class LocalStore(Store):
             return sorted(path[len(folder) :] + "/" * is_dir for path, is_dir in self._entries(folder))
         except FileNotFoundError:
             return []
+
+
+class LocalStore(_WalkedStore):
+    def __init__(self, ref_base: str = "", base: str = "") -> None:
+        super().__init__(ref_base)
+        self.base = base
+
+    def _entries(self, folder: str) -> Iterator[tuple[str, bool]]:
+        with os.scandir(self.base + folder or ".") as scan:
+            for entry in scan:
+                yield folder + entry.name, entry.is_dir()
 
     def kind(self, rel: str) -> str:
         path = self.base + rel
@@ -250,7 +257,7 @@ def s3_code(exc: Any) -> str:
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
-class FsspecStore(Store):
+class FsspecStore(_WalkedStore):
     def __init__(self, fs: Any, ref_base: str, base: str = "") -> None:
         super().__init__(ref_base)
         self.fs, self.base = fs, base
@@ -259,15 +266,6 @@ class FsspecStore(Store):
         for info in self.fs.ls((self.base + folder).rstrip("/") or "/", detail=True):
             name = info["name"].rstrip("/")
             yield name[len(self.base) :], info["type"] == "directory"
-
-    def list(self, folder: str, recursive: bool, page_size: int) -> Iterator[str]:
-        return _walk(self._entries, folder, recursive)
-
-    def entries(self, folder: str) -> Sequence[str]:
-        try:
-            return sorted(path[len(folder) :] + "/" * is_dir for path, is_dir in self._entries(folder))
-        except FileNotFoundError:
-            return []
 
     def kind(self, rel: str) -> str:
         path = self.base + rel
