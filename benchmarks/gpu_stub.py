@@ -183,7 +183,11 @@ def app_for(dim: int | None = None) -> Callable[[dict[str, Any], Receive, Send],
                 break
         method, path = scope["method"], scope["path"]
         status, body, model = _route(answers, method, path, b"".join(chunks))
-        headers = [(b"content-type", b"application/json"), (b"x-inference-engine", b"gpu-stub")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),  # as the real server: no chunked encoding
+            (b"x-inference-engine", b"gpu-stub"),
+        ]
         if model:
             headers.append((b"x-model-id", model.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -232,7 +236,9 @@ def main() -> None:
     args = parser.parse_args()
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # without it Nagle holds the answer's last segment for the client's delayed ACK (~40 ms a request).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
