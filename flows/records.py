@@ -185,7 +185,6 @@ class StepReport:
     infos: list[ResponseInfo] = field(default_factory=list, repr=False)
 
 
-@dataclass
 class Batch(Sequence[ImageRecord]):
     """Records processed together by one task run, and the reports of the steps they went through.
 
@@ -195,12 +194,49 @@ class Batch(Sequence[ImageRecord]):
         reports: One `StepReport` per step this batch went through, in order.
         parents: For a batch of crops, the images they were cut from (every image of the batch
             that `crop` took, failed ones and ones without detections included); else empty.
+
+    Not a dataclass, on purpose: Prefect walks a task's parameters (twice per task run) through
+    lists, dicts, dataclasses and pydantic models, looking for futures to resolve. A batch holds
+    none, and walking its records' fields cost ~10 ms of CPU per task run; Prefect stops at this
+    class.
     """
 
-    records: list[ImageRecord]
-    label: str = "1/1"
-    reports: list[StepReport] = field(default_factory=list)
-    parents: list[ImageRecord] = field(default_factory=list)
+    __slots__ = ("label", "parents", "records", "reports")
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        label: str = "1/1",
+        reports: list[StepReport] | None = None,
+        parents: list[ImageRecord] | None = None,
+    ) -> None:
+        self.records = records
+        self.label = label
+        self.reports = [] if reports is None else reports
+        self.parents = [] if parents is None else parents
+
+    def __repr__(self) -> str:
+        return (
+            f"Batch(records={self.records!r}, label={self.label!r}, reports={self.reports!r}, parents={self.parents!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Batch):
+            return NotImplemented
+        return (self.records, self.label, self.reports, self.parents) == (
+            other.records,
+            other.label,
+            other.reports,
+            other.parents,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
+
+    def __getstate__(self) -> tuple[list[ImageRecord], str, list[StepReport], list[ImageRecord]]:
+        return self.records, self.label, self.reports, self.parents
+
+    def __setstate__(self, state: tuple[list[ImageRecord], str, list[StepReport], list[ImageRecord]]) -> None:
+        self.records, self.label, self.reports, self.parents = state
 
     @classmethod
     def of(cls, refs: Iterable[str], label: str = "1/1") -> Batch:

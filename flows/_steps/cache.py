@@ -4,7 +4,12 @@ One rule for keys — the sha256 of the content (image bytes, crop bytes or a la
 model's family and version and every parameter that changes the output; never the API key, the
 server URL or the run id. Steps consult the cache before sending and fill it as answers arrive,
 so a rerun sends nothing, a run over a superset sends only the new items, and a crash loses at
-most the requests in flight.
+most the requests of the batches in flight.
+
+Each entry is framed (a magic, the payload's length and its CRC-32) so that an entry torn by an OS
+crash — local entries are renamed into place without an fsync each — or left by an older format is
+a miss, never a wrong result. A task reads and writes its batch's entries at once: in a loop on a
+local folder (~20 µs an entry), concurrently on a storage block (each entry is a request there).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,12 +35,34 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from .._storage.access import atomic_write_bytes, read_bytes
 from .._storage.locate import _is_block_slug
 
-__all__ = ["ContentCache", "content_key", "content_keys", "through_cache"]
+__all__ = ["ContentCache", "content_key", "content_keys", "frame", "through_cache", "unframe"]
 
 T = TypeVar("T")
 
-#: Bump when the stored format or the meaning of a result changes. 2: family names in keys.
+#: Bump when the meaning of a result changes (it is in every key). 2: family names in keys.
 CACHE_FORMAT = "2"
+#: An entry: magic, payload length, payload CRC-32, then the payload. Entries without it (written
+#: before entries were framed, or torn) are misses, recomputed and written over.
+_FRAME = struct.Struct("<4sQI")
+_MAGIC = b"PRC\x01"
+#: Entries of a storage block read or written at once (each is a request to the storage).
+BLOCK_CONCURRENCY = 16
+
+
+def frame(payload: bytes) -> bytes:
+    """A payload as a cache entry: checked on reading by `unframe`."""
+    return _FRAME.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def unframe(entry: bytes) -> bytes | None:
+    """The payload of a cache entry, or None for one that is torn, truncated or not framed."""
+    if len(entry) < _FRAME.size:
+        return None
+    magic, length, crc = _FRAME.unpack_from(entry)
+    payload = entry[_FRAME.size :]
+    if magic != _MAGIC or length != len(payload) or zlib.crc32(payload) != crc:
+        return None
+    return payload
 
 
 def content_key(step: str, content_sha256: str, model: dict[str, Any], params: dict[str, Any]) -> str:
@@ -69,8 +99,9 @@ def content_keys(step: str, shas: Sequence[str], model: dict[str, Any], params: 
 class ContentCache:
     """Per-item results, stored in a local folder or any Prefect `WritableFileSystem` block.
 
-    Local writes are atomic (temp file + rename), so a crash never leaves a half entry; an
-    entry that cannot be read is treated as a miss and recomputed.
+    Local writes are atomic (temp file + rename, no fsync), and every entry is framed and checked,
+    so a crash never leaves a half entry that is read; an entry that cannot be read or does not
+    check is a miss and recomputed.
 
     Examples:
         ```python
@@ -88,30 +119,48 @@ class ContentCache:
     def _relative(key: str) -> str:
         return f"items/{key[:2]}/{key}"
 
-    def get(self, key: str) -> bytes | None:
-        """The stored bytes for ``key``, or None."""
+    def _read(self, key: str) -> bytes | None:
         try:
             if isinstance(self.storage, Path):
-                return read_bytes(os.fspath(self.storage / self._relative(key)), field="cache_storage")
-            return _resolved(self.storage.read_path(self._relative(key)))
+                entry = read_bytes(os.fspath(self.storage / self._relative(key)), field="cache_storage")
+            else:
+                entry = _resolved(self.storage.read_path(self._relative(key)))
         except Exception:  # a missing or unreadable entry is a miss, whatever the storage
             return None
+        return unframe(entry) if isinstance(entry, bytes) else None
+
+    def _write(self, key: str, value: bytes) -> None:
+        if isinstance(self.storage, Path):
+            atomic_write_bytes(self.storage / self._relative(key), frame(value), durable=False)
+        else:
+            _resolved(self.storage.write_path(self._relative(key), frame(value)))
+
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes for ``key``, or None (missing, unreadable, or torn)."""
+        return self._read(key)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The stored entries among ``keys``."""
-        found = {}
-        for key in keys:
-            value = self.get(key)
-            if value is not None:
-                found[key] = value
-        return found
+        keys = list(keys)
+        if isinstance(self.storage, Path) or len(keys) < 2:
+            values = [self._read(key) for key in keys]
+        else:
+            with ThreadPoolExecutor(min(BLOCK_CONCURRENCY, len(keys)), "prefect-roboflow-cache") as pool:
+                values = list(pool.map(self._read, keys))
+        return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
 
     def put(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key``."""
-        if isinstance(self.storage, Path):
-            atomic_write_bytes(self.storage / self._relative(key), value)
-        else:
-            _resolved(self.storage.write_path(self._relative(key), value))
+        self._write(key, value)
+
+    def put_many(self, entries: Mapping[str, bytes]) -> None:
+        """Store every ``key: value`` of ``entries``."""
+        if isinstance(self.storage, Path) or len(entries) < 2:
+            for key, value in entries.items():
+                self._write(key, value)
+            return
+        with ThreadPoolExecutor(min(BLOCK_CONCURRENCY, len(entries)), "prefect-roboflow-cache") as pool:
+            list(pool.map(self._write, entries.keys(), entries.values()))
 
 
 def _resolved(value: Any) -> Any:
@@ -150,10 +199,12 @@ def through_cache(
     if misses:
         with record_responses() as infos:
             answers = compute(misses)
+        fresh = {}
         for i, answer in zip(misses, answers, strict=True):
             if not isinstance(answer, InferenceError):
-                cache.put(keys[i], encode(answer))
+                fresh[keys[i]] = encode(answer)
             outcomes[i] = answer
+        cache.put_many(fresh)
     return outcomes, len(misses), infos
 
 
