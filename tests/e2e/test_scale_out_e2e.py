@@ -29,6 +29,8 @@ from support.images import make_image, make_scene
 from support.postgres import PostgresCluster, postgres_cluster
 from support.s3 import REGION, MotoServer, aws_env, saved_bucket_block
 
+from prefect_roboflow.flows._steps.cache import unframe
+
 pytestmark = pytest.mark.slow
 
 IMAGES = 240
@@ -275,13 +277,13 @@ def test_two_workers_overlapping_jobs_share_one_cache_in_the_bucket(cluster: Clu
     assert len(shared) == 80
     for ref in shared:
         np.testing.assert_allclose(tables["a"][ref], tables["b"][ref], rtol=1e-5, atol=1e-6)
-    # and every cache entry in the bucket is whole: one finite float32 vector of the table's size
+    # and every cache entry in the bucket is whole (its frame checks): one finite float32 vector of the table's size
     entries = _keys(cluster, "overlap-cache/")
     dim = len(next(iter(tables["a"].values())))
     assert len(entries) == IMAGES
     for key in entries:
-        body = cluster.s3.get_object(Bucket="results", Key=key)["Body"].read()
-        assert len(body) == 4 * dim and np.isfinite(np.frombuffer(body, np.float32)).all(), key
+        body = unframe(cluster.s3.get_object(Bucket="results", Key=key)["Body"].read())
+        assert body is not None and len(body) == 4 * dim and np.isfinite(np.frombuffer(body, np.float32)).all(), key
 
 
 def test_every_batch_flow_fans_out_s3_to_s3_and_its_parent_merges_the_shards(cluster: Cluster) -> None:

@@ -136,3 +136,25 @@ def test_a_storage_block_slug_is_known_before_its_collection_is_imported(tmp_pat
     # then it does (a local folder it is not), and an unknown type's slug is still a folder
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "False"]
+
+
+def test_a_table_is_written_in_row_groups_of_many_batches(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from prefect_roboflow.flows._storage.parquet import ROW_GROUP_ROWS
+
+    schema = pa.schema([("i", pa.int64()), ("v", pa.list_(pa.float32()))])
+    path = tmp_path / "t.parquet"
+    batches = [[{"i": b * 64 + r, "v": [float(r)] * 4} for r in range(64)] for b in range(40)]  # 2,560 rows
+    with ParquetSink(path, schema) as sink:
+        for rows in batches:
+            sink.write(rows)
+        assert not path.exists() and sink.rows == 2560  # nothing at the final name before the commit
+    table = pq.ParquetFile(path)
+    sizes = [table.metadata.row_group(g).num_rows for g in range(table.num_row_groups)]
+    assert sum(sizes) == 2560 and all(n >= ROW_GROUP_ROWS for n in sizes[:-1]) and len(sizes) < 40
+    assert table.read().column("i").to_pylist() == list(range(2560))  # in order, none lost or doubled
+    with pytest.raises(RuntimeError), ParquetSink(tmp_path / "aborted.parquet", schema) as sink:
+        sink.write(batches[0])
+        raise RuntimeError("a crash mid-run")
+    assert not (tmp_path / "aborted.parquet").exists() and not list(tmp_path.glob(".aborted*"))
