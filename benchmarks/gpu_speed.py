@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -38,11 +39,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from prefect_roboflow.blocks import Clip, InferenceServer
 
 from .big_photos import generate_photos, photo_folder
-from .clients import bare_httpx, embed_flow, timed_embed
+from .clients import bare_httpx, timed_embed
 from .common import REPO, Table, ratio, verdict
 from .gpu_stub import StubServer
 
@@ -83,7 +85,9 @@ class Measured:
 
 
 def measure(client: str, images: int, stub: StubServer, run: Callable[[], object]) -> Measured:
-    """Run ``run`` once, timed by the wall clock and by this process's CPU clock; count the stub's requests."""
+    """Run ``run`` once, timed by the wall clock and by this process's CPU clock; count the stub's
+    requests. The Prefect server has recorded the flow runs before first (`settle`)."""
+    settle()
     stub.reset()
     cpu, wall = time.process_time(), time.perf_counter()
     run()
@@ -201,6 +205,69 @@ class CpuSampler:
 # --- the runs ----------------------------------------------------------------------------------
 
 
+def embed_flow(url: str, paths: Sequence[Path], cache: Path, batch_size: int = 64) -> None:
+    """One ``embed_images`` run over ``paths`` (the flow's default ``batch_size``), its cache in
+    ``cache``; checked to embed every image, then the Prefect server left to record it (`settle`,
+    not timed: see there). `benchmarks.clients`' ``embed_flow`` also reads the run's artifacts back
+    from the API, which is not the client's cost either."""
+    from prefect_roboflow.flows import embed_images
+
+    with tempfile.TemporaryDirectory(prefix="bench-out-") as out_dir:
+        state = embed_images(
+            images=[str(p) for p in paths],
+            out_dir=out_dir,
+            server=url,
+            batch_size=batch_size,
+            cache_storage=str(cache),
+            return_state=True,
+        )
+    result = state.result()
+    if result.succeeded != len(paths):
+        raise RuntimeError(f"embed_images: {result.failed} of {result.images} images failed")
+    _last_runs.append((state.state_details.flow_run_id, math.ceil(len(paths) / batch_size) + 1))
+
+
+_last_runs: list[tuple[Any, int]] = []
+
+
+def settle(timeout: float = 120.0) -> None:
+    """Wait until the Prefect server has recorded every task run of the flow runs made so far.
+
+    The server records a task run's events after the client moved on (~70 ms of its CPU each, on
+    the SQLite of a test harness): after a 2,400-image run it is busy for ~2 s more, and a flow run
+    started meanwhile waits that long for its own creation. That is the server's cost, not the
+    client's, so each timed flow run starts on a server that has caught up.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while _last_runs:
+            run_id, tasks = _last_runs[0]
+            done = len(
+                client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+                    task_run_filter=TaskRunFilter(
+                        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]))
+                    ),
+                )
+            )
+            if done >= tasks:
+                _last_runs.pop(0)
+            elif time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server recorded {done} of {tasks} task runs of {run_id} in {timeout}s")
+            else:
+                time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def resize_workers(count: int | None) -> Iterator[None]:
     """``PREFECT_ROBOFLOW_RESIZE_WORKERS`` set to ``count`` (unset: the default) for the block."""
@@ -246,8 +313,7 @@ def run_set(name: str, paths: Sequence[Path], stub: StubServer, profile_dir: Pat
     with tempfile.TemporaryDirectory(prefix="bench-gpu-cache-") as cache_dir:
         cache = Path(cache_dir)
         runs["flow cold"] = measure("embed_images flow, cold", n, stub, lambda: embed_flow(url, paths, cache))
-        # Warm runs vary with what the Prefect server still has to record of the runs before
-        # (~70 ms of its CPU per task run): the median of three, back to back.
+        # The median of three warm runs, each on a server that has recorded the runs before.
         warm = [
             measure(f"embed_images flow, warm ({i + 1}/3)", n, stub, lambda: embed_flow(url, paths, cache))
             for i in range(3)
