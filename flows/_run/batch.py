@@ -19,6 +19,7 @@ build a new client each time: ~50 ms apiece).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import math
 import time
@@ -266,11 +267,15 @@ class RunTotals:
     async def finish(self, result: R, title: str, sections: Sequence[str], max_failure_rate: float) -> R:
         """The end of every run: its table artifacts, its outputs as assets, its summary, the
         completion event, then the failure rule over all the images it took."""
-        for name, description, rows in self.tables():
-            await acreate_table_artifact(rows, key=f"{self.flow_key}-{name}", description=description)
         figures = {"images": self.images, "rows": sum(self.statuses.values()), "failed": self.statuses["failed"]}
         locations = output_locations(result.model_dump(), flow_run.parameters or {})
-        keys = await materialize_outputs(self.flow_key, locations, self.source, figures, self.models())
+        # The table artifacts and the assets task are independent requests: sent together.
+        tables = [
+            acreate_table_artifact(rows, key=f"{self.flow_key}-{name}", description=description)
+            for name, description, rows in self.tables()
+        ]
+        assets = materialize_outputs(self.flow_key, locations, self.source, figures, self.models())
+        keys, _ = await asyncio.gather(assets, asyncio.gather(*tables))
         extra = [assets_section(keys)] if keys else []
         await publish_summary(self.flow_key, title, [*sections, *self.sections(), *extra])
         emit_completed(self.flow_key, result.model_dump())
@@ -308,7 +313,8 @@ class BatchRun(RunTotals):
 
         The step reports of each batch are accounted; progress advances once the caller is done with it.
         """
-        await self.progress.start()
+        # The progress artifact is created while the first batches already run.
+        started = asyncio.ensure_future(self.progress.start())
         # One sync API client for every task of the run: a task run in a worker thread otherwise
         # opens its own (~20 ms of CPU each, mostly its TLS context: the warm run's largest cost).
         # The tasks are submitted from a context that holds it (Prefect's sync flows do the same),
@@ -317,11 +323,18 @@ class BatchRun(RunTotals):
         client = shared.run(_enter_sync_client)
         try:
             for _, future in pipelined(self.batches(), lambda batch: shared.run(submit, batch), window):
-                batch = future.result()  # the steps run in the task runner's threads meanwhile
+                # The steps run in the task runner's threads meanwhile; the loop stays free for
+                # the run's own requests (the progress artifact) while this waits.
+                await asyncio.to_thread(future.wait)
+                batch = future.result()
                 self.account(batch)
                 yield batch
+                await started
                 await self.progress.advance()
+            await started  # also when there was no batch
         finally:
+            if not started.done():
+                started.cancel()
             shared.run(client.__exit__, None, None, None)
 
     def account(self, batch: Batch) -> None:
