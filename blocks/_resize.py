@@ -430,10 +430,9 @@ def prepare_images(
             return error
         return PreparedImage(_base64(resized.data), done.size, resized.size)
 
-    if len(pending) == 1 or resize_workers() == 1:
-        finished = [resize(i) for i in pending]
-    else:
-        finished = list(_pool().map(resize, pending))
+    # Always on the pool, one image or one worker too: callers in several threads (a flow's
+    # pipelined batch tasks) share it, so at most `resize_workers` decodes run at once.
+    finished = list(_pool().map(resize, pending))
     for i, outcome in zip(pending, finished, strict=True):
         results[i] = outcome
     return results

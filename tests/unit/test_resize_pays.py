@@ -72,3 +72,36 @@ def test_a_bad_worker_count_is_a_typed_error_naming_the_variable(monkeypatch: py
 def test_default_is_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(WORKERS_ENV, raising=False)
     assert resize_workers() >= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_callers_in_several_threads_share_the_pool_and_its_bound(monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    # given four callers at once (a flow's pipelined batch tasks, each in its own thread)
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect_roboflow.blocks import _resize
+
+    monkeypatch.setenv(WORKERS_ENV, str(workers))
+    photos = [make_photo(seed, size=(1200, 1000)) for seed in range(2)]
+    lock, running, peak, threads = threading.Lock(), [0], [0], set()
+    real = _resize.resize_encoded
+
+    def counted(*args: object, **kwargs: object) -> object:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            threads.add(threading.current_thread().name)
+        try:
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(_resize, "resize_encoded", counted)
+    with ThreadPoolExecutor(4, thread_name_prefix="caller") as callers:
+        results = list(callers.map(lambda _: prepare_images(photos, "images", CLIP_PLAN), range(4)))
+    # then every decode ran on the resize pool, never more at once than its size, one image alone too
+    assert all(name.startswith("prefect-roboflow-resize") for name in threads) and peak[0] <= workers
+    assert prepare_images(photos[:1], "images", CLIP_PLAN)[0].sent_size == (224, 224)  # type: ignore[union-attr]
+    assert all(p.sent_size == (224, 224) for batch in results for p in batch)  # type: ignore[union-attr]
