@@ -184,17 +184,32 @@ def section(url: str, sdk_python: str, work: Path, count: int) -> tuple[list[Tab
 
 
 def replace_section(results: Path, tables: Sequence[Table], verdicts: Sequence[tuple[str, str, str, bool]]) -> None:
-    """Write the big-photo section into ``results``, replacing an earlier one."""
+    """Write the big-photo section into ``results``, replacing an earlier one up to the next
+    ``## `` section (the sections after it are kept)."""
     marker = "## Big photos"
     text = results.read_text() if results.exists() else "# Benchmark results\n"
-    text = text.split(f"\n{marker}\n")[0].rstrip("\n")
-    lines = [text, "", marker, "", "Written by `python -m benchmarks.big_photos` (see its docstring).", ""]
+    before, found, rest = text.partition(f"\n{marker}\n")
+    after = ""
+    if found and "\n## " in rest:
+        after = "\n## " + rest.split("\n## ", 1)[1]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        before.rstrip("\n"),
+        "",
+        marker,
+        "",
+        f"Written by `python -m benchmarks.big_photos` (see its docstring), {when}.",
+        "",
+    ]
     lines += ["| target | where | measured | result |", "|---|---|---|---|"]
     lines += [f"| {t} | {w} | {m} | {'PASS' if ok else 'FAIL'} |" for t, w, m, ok in verdicts]
     for table in tables:
         lines += ["", table.markdown()]
+    content = "\n".join(lines) + "\n"
+    if after:
+        content += "\n" + after.lstrip("\n")
     tmp = results.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(content)
     tmp.replace(results)
 
 

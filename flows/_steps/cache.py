@@ -6,10 +6,12 @@ server URL or the run id. Steps consult the cache before sending and fill it as 
 so a rerun sends nothing, a run over a superset sends only the new items, and a crash loses at
 most the requests of the batches in flight.
 
-Each entry is framed (a magic, the payload's length and its CRC-32) so that an entry torn by an OS
-crash — local entries are renamed into place without an fsync each — or left by an older format is
-a miss, never a wrong result. A task reads and writes its batch's entries at once: in a loop on a
-local folder (~20 µs an entry), concurrently on a storage block (each entry is a request there).
+A task reads and writes its batch's entries at once: in a local folder as one query and one
+transaction of the folder's SQLite file (`_storage.entries`: no file per entry), on a storage
+block concurrently, one object per entry (each is a request there). Each entry is framed (a magic,
+the payload's length and its CRC-32) and checked on reading, so an entry that is damaged, torn or
+left by the unframed format of earlier versions is a miss — recomputed and written over — never a
+wrong result.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
+import sqlite3
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,7 +34,7 @@ from prefect.settings import PREFECT_HOME
 from prefect_roboflow.blocks import InferenceError, ResponseInfo, record_responses
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .._storage.access import atomic_write_bytes, read_bytes
+from .._storage.entries import LocalEntries
 from .._storage.locate import _is_block_slug
 
 __all__ = ["ContentCache", "content_key", "content_keys", "frame", "through_cache", "unframe"]
@@ -99,9 +101,9 @@ def content_keys(step: str, shas: Sequence[str], model: dict[str, Any], params: 
 class ContentCache:
     """Per-item results, stored in a local folder or any Prefect `WritableFileSystem` block.
 
-    Local writes are atomic (temp file + rename, no fsync), and every entry is framed and checked,
-    so a crash never leaves a half entry that is read; an entry that cannot be read or does not
-    check is a miss and recomputed.
+    A local folder keeps them in one SQLite file (``entries.sqlite``, a batch per transaction); a
+    block keeps one object per entry (``items/<2 hex>/<key>``). Every entry is framed and checked,
+    so a damaged or torn one is a miss and recomputed, never a wrong result.
 
     Examples:
         ```python
@@ -120,29 +122,33 @@ class ContentCache:
         return f"items/{key[:2]}/{key}"
 
     def _read(self, key: str) -> bytes | None:
+        """One entry of a storage block."""
+        assert not isinstance(self.storage, Path)
         try:
-            if isinstance(self.storage, Path):
-                entry = read_bytes(os.fspath(self.storage / self._relative(key)), field="cache_storage")
-            else:
-                entry = _resolved(self.storage.read_path(self._relative(key)))
+            entry = _resolved(self.storage.read_path(self._relative(key)))
         except Exception:  # a missing or unreadable entry is a miss, whatever the storage
             return None
         return unframe(entry) if isinstance(entry, bytes) else None
 
     def _write(self, key: str, value: bytes) -> None:
-        if isinstance(self.storage, Path):
-            atomic_write_bytes(self.storage / self._relative(key), frame(value), durable=False)
-        else:
-            _resolved(self.storage.write_path(self._relative(key), frame(value)))
+        """One entry of a storage block."""
+        assert not isinstance(self.storage, Path)
+        _resolved(self.storage.write_path(self._relative(key), frame(value)))
 
     def get(self, key: str) -> bytes | None:
-        """The stored bytes for ``key``, or None (missing, unreadable, or torn)."""
-        return self._read(key)
+        """The stored bytes for ``key``, or None (missing, unreadable, or damaged)."""
+        return self.get_many([key]).get(key)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The stored entries among ``keys``."""
         keys = list(keys)
-        if isinstance(self.storage, Path) or len(keys) < 2:
+        if isinstance(self.storage, Path):
+            try:
+                stored = LocalEntries(self.storage).get_many(keys)
+            except (OSError, sqlite3.Error):  # an unreadable cache is a cache of misses
+                return {}
+            values = [None if stored.get(key) is None else unframe(stored[key]) for key in keys]
+        elif len(keys) < 2:
             values = [self._read(key) for key in keys]
         else:
             with ThreadPoolExecutor(min(BLOCK_CONCURRENCY, len(keys)), "prefect-roboflow-cache") as pool:
@@ -151,16 +157,18 @@ class ContentCache:
 
     def put(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key``."""
-        self._write(key, value)
+        self.put_many({key: value})
 
     def put_many(self, entries: Mapping[str, bytes]) -> None:
-        """Store every ``key: value`` of ``entries``."""
-        if isinstance(self.storage, Path) or len(entries) < 2:
+        """Store every ``key: value`` of ``entries``: in a local folder in one transaction."""
+        if isinstance(self.storage, Path):
+            LocalEntries(self.storage).put_many({key: frame(value) for key, value in entries.items()})
+        elif len(entries) < 2:
             for key, value in entries.items():
                 self._write(key, value)
-            return
-        with ThreadPoolExecutor(min(BLOCK_CONCURRENCY, len(entries)), "prefect-roboflow-cache") as pool:
-            list(pool.map(self._write, entries.keys(), entries.values()))
+        else:
+            with ThreadPoolExecutor(min(BLOCK_CONCURRENCY, len(entries)), "prefect-roboflow-cache") as pool:
+                list(pool.map(self._write, entries.keys(), entries.values()))
 
 
 def _resolved(value: Any) -> Any:

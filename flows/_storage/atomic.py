@@ -5,9 +5,7 @@ segment or manifest — is written to a hidden temp file beside its final name (
 mode a plain ``open(path, "w")`` gets under the umask, and a name that carries the writer's PID),
 flushed to disk with ``fsync`` and renamed onto the final name. A reader sees the old file or the
 whole new one; a crash leaves at most a temp file, which `remove_orphans` deletes once its writer
-is dead. A cache entry is written with ``durable=False``: renamed without the fsync (a process
-crash still leaves the old entry or the whole new one; after an OS crash the cache's own check
-tells a torn entry, which is then a miss), as an fsync per entry costs more than the request it saves.
+is dead.
 
 Examples:
     ```python
@@ -47,13 +45,12 @@ def publish_file(tmp: Path, target: Path) -> None:
 
 
 class LocalReplace:
-    """A new file beside ``path``, created with the umask's mode, fsynced (unless ``durable=False``)
-    and renamed onto ``path`` on success (removed on an exception)."""
+    """A new file beside ``path``, created with the umask's mode, fsynced and renamed onto ``path``
+    on success (removed on an exception)."""
 
-    def __init__(self, path: Path, durable: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.durable = durable
         self.tmp = temp_beside(path)
         self.file = _create(self.tmp)
 
@@ -64,8 +61,7 @@ class LocalReplace:
         if exc_type is None:
             try:
                 self.file.flush()
-                if self.durable:
-                    os.fsync(self.file.fileno())
+                os.fsync(self.file.fileno())
             finally:
                 self.file.close()
             os.replace(self.tmp, self.path)
@@ -74,10 +70,9 @@ class LocalReplace:
             self.tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write a file so that readers see either the old file or the whole new one (``durable``: on
-    disk before the rename, so an OS crash cannot tear it either)."""
-    with LocalReplace(path, durable) as (handle, _):
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old file or the whole new one."""
+    with LocalReplace(path) as (handle, _):
         handle.write(data)
 
 

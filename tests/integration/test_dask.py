@@ -25,6 +25,7 @@ import pytest
 from prefect.filesystems import LocalFileSystem
 from prefect_dask import DaskTaskRunner
 from pydantic import SecretStr
+from support.cache import cached_entries
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image, make_scene
 
@@ -174,7 +175,7 @@ def test_embed_images_on_dask_matches_the_thread_runner(
 
     # each image was sent once, and its result is in the cache the workers filled
     assert proxy.count("/clip/embed_image") == N_IMAGES == result.requests
-    assert len([p for p in (cache / "items").rglob("*") if p.is_file()]) == N_IMAGES
+    assert cached_entries(cache) == N_IMAGES
 
     # a rerun on Dask sends nothing and writes the same table
     proxy.clear()
@@ -207,7 +208,7 @@ def test_a_saved_keyed_server_works_on_workers_and_its_key_stays_out_of_dask_log
     errors = sorted(r["error"].split(":")[0] for r in rows if r["status"] == "failed")
     assert errors == ["InferenceServerError", "truncated JPEG (no end-of-image marker)"]
     assert all(r["label"] in labels for r in rows if r["status"] == "ok")
-    cached = [p for p in (tmp_path / "cache" / "items").rglob("*") if p.is_file()]
+    cached = [p for p in (tmp_path / "cache" / "items").rglob("*") if p.is_file()]  # a block: an object per entry
     assert len(cached) == N_IMAGES - 1 + len(labels)  # the workers' images, and the labels embedded here
 
     # the key reached the server from the workers, and nothing Dask logs or shows

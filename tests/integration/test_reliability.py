@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from prefect.settings import PREFECT_API_URL
+from support.cache import cached_entries
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image
 
@@ -183,7 +184,7 @@ def test_killed_flow_resumes_sending_only_the_missing_images(
     # nothing half-written is visible under the final name
     assert not (out / "embeddings.parquet").exists()
     assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []
-    cached = sum(1 for _ in (cache / "items").rglob("*") if _.is_file())
+    cached = cached_entries(cache)
     assert 0 < cached < 200
 
     proxy.latency = 0.0

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from prefect.settings import PREFECT_API_URL
+from support.cache import cached_entries
 from support.fault_proxy import FaultProxy
 from support.images import make_image, make_scene
 from support.s3 import MotoBucket, s3, s3_server  # noqa: F401
@@ -237,7 +238,7 @@ def test_a_killed_video_run_resumes_sending_only_the_missing_frames(proxy: Fault
     finally:
         run.wait(timeout=30)
     assert not (out / "embeddings.parquet").exists()
-    cached = sum(1 for p in (cache / "items").rglob("*") if p.is_file())
+    cached = cached_entries(cache)
     assert 0 < cached < 120
     proxy.latency = 0.0
     proxy.clear()

@@ -1,16 +1,20 @@
 """The content cache's entries and the batch's cost to Prefect: what the cheap client paths keep.
 
-Entries are framed and checked, so an entry torn by an OS crash (local entries are renamed into
-place without an fsync each) or left by the unframed format is a miss, never a wrong result; a
-batch's entries are read and written at once, concurrently on a storage block. A `Batch` is not
-walked by Prefect's parameter resolution (it holds no futures, and walking its records cost
-~10 ms of CPU per task run).
+A local folder keeps a batch's entries in one SQLite transaction (no file per entry); a storage
+block one object per entry, read and written concurrently. Entries are framed and checked, so a
+damaged one or one of the unframed format is a miss, never a wrong result. A `Batch` is not walked
+by Prefect's parameter resolution (it holds no futures, and walking its records cost ~10 ms of CPU
+per task run).
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
+import sqlite3
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +24,34 @@ from prefect.utilities.collections import visit_collection
 from prefect.utilities.engine import collect_task_run_inputs_sync
 
 from prefect_roboflow.flows._steps.cache import ContentCache, frame, through_cache, unframe
+from prefect_roboflow.flows._storage.entries import ENTRIES_FILE
 from prefect_roboflow.flows.records import Batch, Failure, ImageRecord, StepReport
 
 KEYS = [f"{i:02x}" * 32 for i in range(40)]
 
 
-def _entry_path(root: Path, key: str) -> Path:
-    return root / "items" / key[:2] / key
+def _stored(root: Path, key: str) -> bytes:
+    with sqlite3.connect(root / ENTRIES_FILE) as db:
+        return bytes(db.execute("SELECT value FROM entries WHERE key = ?", (key,)).fetchone()[0])
 
 
-def test_entries_round_trip_framed(tmp_path: Path) -> None:
+def _store_raw(root: Path, key: str, value: bytes) -> None:
+    with sqlite3.connect(root / ENTRIES_FILE) as db:
+        db.execute("UPDATE entries SET value = ? WHERE key = ?", (value, key))
+
+
+def test_entries_round_trip_framed_in_one_file(tmp_path: Path) -> None:
     cache = ContentCache(tmp_path)
     values = {key: np.full(512, i, dtype=np.float32).tobytes() for i, key in enumerate(KEYS)}
     cache.put_many(values)
-    assert cache.get_many(KEYS) == values
-    stored = _entry_path(tmp_path, KEYS[3]).read_bytes()
+    assert cache.get_many(KEYS) == values and ContentCache(tmp_path).get(KEYS[5]) == values[KEYS[5]]
+    stored = _stored(tmp_path, KEYS[3])
     assert stored != values[KEYS[3]] and unframe(stored) == values[KEYS[3]]  # framed on disk
     assert unframe(frame(b"")) == b""
+    # no file per entry: the folder holds the SQLite file (and its write-ahead log) only
+    assert {p.name for p in tmp_path.iterdir()} <= {ENTRIES_FILE, f"{ENTRIES_FILE}-wal", f"{ENTRIES_FILE}-shm"}
+    cache.put_many({KEYS[0]: b"new"})  # written over
+    assert cache.get(KEYS[0]) == b"new" and cache.get("ff" * 32) is None
 
 
 @pytest.mark.parametrize(
@@ -54,8 +69,7 @@ def test_a_damaged_or_unframed_entry_is_a_miss_and_written_over(tmp_path: Path, 
     cache = ContentCache(tmp_path)
     vector = np.arange(512, dtype=np.float32)
     cache.put(KEYS[0], vector.tobytes())
-    path = _entry_path(tmp_path, KEYS[0])
-    path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
+    _store_raw(tmp_path, KEYS[0], damage(_stored(tmp_path, KEYS[0])))  # type: ignore[operator]
     assert cache.get(KEYS[0]) is None and cache.get_many(KEYS[:1]) == {}
     computed: list[list[int]] = []
 
@@ -66,18 +80,40 @@ def test_a_damaged_or_unframed_entry_is_a_miss_and_written_over(tmp_path: Path, 
     codec = (lambda v: np.asarray(v, dtype=np.float32).tobytes(), lambda b: np.frombuffer(b, dtype=np.float32))
     outcomes, sent, _ = through_cache(cache, KEYS[:1], codec, compute)
     assert computed == [[0]] and sent == 1 and np.array_equal(outcomes[0], vector)
-    assert unframe(path.read_bytes()) == vector.tobytes()  # recomputed and stored over
+    assert unframe(_stored(tmp_path, KEYS[0])) == vector.tobytes()  # recomputed and stored over
 
 
-def test_local_entries_are_renamed_into_place_without_an_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
+def test_an_unreadable_cache_file_is_a_cache_of_misses(tmp_path: Path) -> None:
+    (tmp_path / ENTRIES_FILE).write_bytes(b"not a database" * 100)
+    assert ContentCache(tmp_path).get_many(KEYS) == {}
 
-    synced: list[int] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    ContentCache(tmp_path).put_many({key: b"x" * 2048 for key in KEYS})
-    assert synced == [] and len(list((tmp_path / "items").rglob("*"))) == len(KEYS) + len({k[:2] for k in KEYS})
-    assert not list(tmp_path.rglob("*.tmp"))  # no temp file left behind
+
+_WRITER = """
+import sys
+from pathlib import Path
+from prefect_roboflow.flows._steps.cache import ContentCache
+cache, tag = ContentCache(Path(sys.argv[1])), sys.argv[2]
+for batch in range(20):
+    cache.put_many({f"{tag}-{batch}-{i}": f"{tag}{batch}{i}".encode() * 64 for i in range(64)})
+"""
+
+
+def test_threads_and_processes_share_one_local_cache(tmp_path: Path) -> None:
+    # given two writer processes and four writer threads at once, on one folder
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), tag]) for tag in ("p1", "p2")]
+    cache = ContentCache(tmp_path)
+
+    def write(tag: str) -> None:
+        for batch in range(20):
+            cache.put_many({f"{tag}-{batch}-{i}": f"{tag}{batch}{i}".encode() * 64 for i in range(64)})
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, ["t1", "t2", "t3", "t4"]))
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    # then every entry of every writer is there, whole
+    keys = [f"{tag}-{b}-{i}" for tag in ("p1", "p2", "t1", "t2", "t3", "t4") for b in range(20) for i in range(64)]
+    found = ContentCache(tmp_path).get_many(keys)
+    assert len(found) == len(keys) and all(found[k] == k.replace("-", "").encode() * 64 for k in keys)
 
 
 def test_a_storage_block_reads_and_writes_a_batch_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,11 +113,10 @@ def test_renaming_a_block_class_changes_no_cache_key() -> None:
 
 
 def test_content_cache_treats_unreadable_entries_as_misses(tmp_path: Path) -> None:
-    cache = ContentCache(tmp_path)
-    assert cache.get("00" * 32) is None
-    (tmp_path / "items" / "11").mkdir(parents=True)
-    (tmp_path / "items" / "11" / ("11" * 32)).mkdir()  # a folder where a file should be
-    assert cache.get_many(["11" * 32, "00" * 32]) == {}
+    assert ContentCache(tmp_path / "fresh").get("00" * 32) is None
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "entries.sqlite").mkdir()  # a folder where the cache's file should be
+    assert ContentCache(tmp_path / "broken").get_many(["11" * 32, "00" * 32]) == {}
 
 
 def test_a_storage_block_slug_is_known_before_its_collection_is_imported(tmp_path: Path) -> None:
