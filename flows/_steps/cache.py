@@ -147,7 +147,7 @@ class ContentCache:
                 stored = LocalEntries(self.storage).get_many(keys)
             except (OSError, sqlite3.Error):  # an unreadable cache is a cache of misses
                 return {}
-            values = [None if stored.get(key) is None else unframe(stored[key]) for key in keys]
+            values = [unframe(stored[key]) if key in stored else None for key in keys]
         elif len(keys) < 2:
             values = [self._read(key) for key in keys]
         else:

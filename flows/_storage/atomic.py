@@ -1,6 +1,6 @@
 """The one atomic local write: a temp file beside the target, fsynced, renamed onto it.
 
-Every local file a flow publishes — a table, a cache entry, an annotated image, a vector index's
+Every local file a flow publishes — a table, an annotated image, a vector index's
 segment or manifest — is written to a hidden temp file beside its final name (created with the
 mode a plain ``open(path, "w")`` gets under the umask, and a name that carries the writer's PID),
 flushed to disk with ``fsync`` and renamed onto the final name. A reader sees the old file or the

@@ -25,9 +25,9 @@ class AtomicParquetWriter:
     """Stream rows into a parquet table that appears whole at ``url`` on `commit`.
 
     Rows are written in row groups of `ROW_GROUP_ROWS`. Local tables are written beside their
-    final name and renamed into place; remote ones are
-    spooled to a local temp file and uploaded as one object. On an exception nothing changes at
-    ``url``. The result is a plain parquet object: pandas, pyarrow and duckdb read it from the bucket.
+    final name and renamed into place; remote ones are spooled to a local temp file and uploaded
+    as one object. On an exception nothing changes at ``url``. The result is a plain parquet object:
+    pandas, pyarrow and duckdb read it from the bucket.
 
     Examples:
         ```python
