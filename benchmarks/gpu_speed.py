@@ -13,7 +13,8 @@ base64, JSON, HTTP, the cache, records and the table. Over the same images in on
   (``PREFECT_ROBOFLOW_RESIZE_WORKERS=1``).
 
 A flow run over 8 images comes first, unmeasured: a process's first flow run also imports and
-starts Prefect's engine. The warm figure is the median of three runs back to back.
+starts Prefect's engine. Each timed flow run starts on a Prefect server that has recorded the runs
+before it (`settle`); the warm figure is the median of three.
 
 Each run reports wall img/s and this process's CPU seconds per image (``time.process_time``: every
 thread of this process; the stub and the Prefect API server are other processes). The cold flow
