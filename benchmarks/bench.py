@@ -321,7 +321,7 @@ def batch(bench: Bench) -> None:
     table = Table(
         f"batch_size sweep, {where}: {len(bench.images)} images",
         ["batch_size", "task runs", "seconds", "images/s"],
-        note="Default today: batch_size 64.",
+        note="The flows' default today: batch_size 128.",
     )
     for size in BATCH_SIZES:
         run = embed_flow(url, bench.images, bench.fresh_cache(), batch_size=size)

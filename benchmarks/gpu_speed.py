@@ -234,13 +234,23 @@ class CpuSampler:
 # --- the runs ----------------------------------------------------------------------------------
 
 
-def embed_flow(url: str, paths: Sequence[Path], cache: Path, batch_size: int = 64) -> None:
+def flow_batch_size() -> int:
+    """The ``embed_images`` flow's default ``batch_size``: the runs below use the flow as shipped."""
+    import inspect
+
+    from prefect_roboflow.flows import embed_images
+
+    return int(inspect.signature(embed_images.fn).parameters["batch_size"].default)
+
+
+def embed_flow(url: str, paths: Sequence[Path], cache: Path, batch_size: int | None = None) -> None:
     """One ``embed_images`` run over ``paths`` (the flow's default ``batch_size``), its cache in
     ``cache``; checked to embed every image, then the Prefect server left to record it (`settle`,
     not timed: see there). `benchmarks.clients`' ``embed_flow`` also reads the run's artifacts back
     from the API, which is not the client's cost either."""
     from prefect_roboflow.flows import embed_images
 
+    batch_size = batch_size or flow_batch_size()
     with tempfile.TemporaryDirectory(prefix="bench-out-") as out_dir:
         state = embed_images(
             images=[str(p) for p in paths],

@@ -85,7 +85,7 @@ class EmbedOverrides(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: EmbeddingFamily = "clip"
     version: str | None = None
-    batch_size: int = Field(64, ge=1, le=1024)
+    batch_size: int = Field(128, ge=1, le=1024)
 
 
 class DetectOverrides(BaseModel):

@@ -41,7 +41,7 @@ async def classify_images(
     model: EmbeddingFamily = "clip",
     version: str | None = None,
     min_score: float | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
     index_path: str | None = None,

@@ -34,7 +34,7 @@ async def embed_images(
     server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     cache_storage: str | None = None,
     max_failure_rate: float = 0.5,
     index_path: str | None = None,
@@ -53,7 +53,8 @@ async def embed_images(
             ``INFERENCE_SERVER_URL`` environment variable, then ``http://localhost:9001``.
         model: ``"clip"`` or ``"perception_encoder"``.
         version: Model version; the block's default when omitted.
-        batch_size: Images per task run (each task fans its batch out concurrently).
+        batch_size: Images per task run (each task fans its batch out concurrently; two batches'
+            files are in memory at once).
         cache_storage: Where per-image results are kept: a folder, or a saved file-system block
             as ``"block-type/name"``; ``$PREFECT_HOME/prefect-roboflow-cache`` by default.
         max_failure_rate: The run fails (after writing its table) when a larger share of images fails.

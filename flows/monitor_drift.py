@@ -121,7 +121,7 @@ async def monitor_drift(
     server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     cache_storage: str | None = None,
     seed: int = 0,
     max_failure_rate: float = 0.5,
