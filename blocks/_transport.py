@@ -20,7 +20,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import httpcore
@@ -186,6 +186,20 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         return None  # "ssl_object": no TLS here
 
 
+async def _connect(
+    connecting: Awaitable[tuple[asyncio.BaseTransport, _Protocol]], where: str, timeout: float | None
+) -> tuple[asyncio.Transport, _Protocol]:
+    """A new connection's transport and protocol, or httpcore's connect errors."""
+    try:
+        transport, protocol = await asyncio.wait_for(connecting, timeout)
+    except asyncio.TimeoutError:
+        raise httpcore.ConnectTimeout(f"no connection to {where} within {timeout}s") from None
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+    assert isinstance(transport, asyncio.Transport)
+    return transport, protocol
+
+
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
     """Opens `AsyncioStream` connections on the running asyncio loop."""
 
@@ -200,12 +214,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         loop = asyncio.get_running_loop()
         local = (local_address, 0) if local_address else None
         connecting = loop.create_connection(lambda: _Protocol(loop), host, port, local_addr=local)
-        try:
-            transport, protocol = await asyncio.wait_for(connecting, timeout)
-        except asyncio.TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection to {host}:{port} within {timeout}s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        transport, protocol = await _connect(connecting, f"{host}:{port}", timeout)
         sock: socket.socket | None = transport.get_extra_info("socket")
         if sock is not None:  # asyncio already set TCP_NODELAY
             for option in socket_options or ():
@@ -217,13 +226,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
         connecting = loop.create_unix_connection(lambda: _Protocol(loop), path)
-        try:
-            transport, protocol = await asyncio.wait_for(connecting, timeout)
-        except asyncio.TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection to {path} within {timeout}s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        return AsyncioStream(transport, protocol)
+        return AsyncioStream(*await _connect(connecting, path, timeout))
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
