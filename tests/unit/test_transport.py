@@ -33,6 +33,7 @@ class Server:
         self.closed_idle = asyncio.Event()
         self.got_never = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Server:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -41,6 +42,9 @@ class Server:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        for handler in self._handlers:  # the ones still waiting (/never, /deaf): the test loop is the session's
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     @property
     def url(self) -> str:
@@ -49,6 +53,9 @@ class Server:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -82,6 +89,7 @@ class Server:
             pass
         finally:
             writer.close()
+            self._handlers.discard(handler)
 
 
 @pytest.fixture
