@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import math
 import os
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from typing import Any
 from prefect_roboflow.blocks import Clip, InferenceServer
 
 from .big_photos import generate_photos, photo_folder
-from .clients import bare_httpx, timed_embed
+from .clients import bare_httpx, step_table, timed_embed
 from .common import REPO, Table, ratio, verdict
 from .gpu_stub import StubServer
 
@@ -263,10 +262,17 @@ def embed_flow(url: str, paths: Sequence[Path], cache: Path, batch_size: int | N
     result = state.result()
     if result.succeeded != len(paths):
         raise RuntimeError(f"embed_images: {result.failed} of {result.images} images failed")
-    _last_runs.append((state.state_details.flow_run_id, math.ceil(len(paths) / batch_size) + 1))
+    _last_runs.append(state.state_details.flow_run_id)
 
 
-_last_runs: list[tuple[Any, int]] = []
+_last_runs: list[Any] = []
+
+
+def task_runs(flow_run_id: Any) -> int:
+    """How many task runs a finished ``embed_images`` run made: its batches (from its per-step
+    table artifact: a cached rerun's batches grow, see `BatchRun`) and the assets task."""
+    rows = step_table(flow_run_id, "embed-images-steps")
+    return sum(int(row["batches"]) for row in rows) + 1
 
 
 def settle(timeout: float = 120.0) -> None:
@@ -289,8 +295,10 @@ def settle(timeout: float = 120.0) -> None:
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
+        expected: dict[Any, int] = {}
         while _last_runs:
-            run_id, tasks = _last_runs[0]
+            run_id = _last_runs[0]
+            tasks = expected.setdefault(run_id, task_runs(run_id))
             done = len(
                 client.read_task_runs(
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),

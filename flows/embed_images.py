@@ -54,7 +54,7 @@ async def embed_images(
         model: ``"clip"`` or ``"perception_encoder"``.
         version: Model version; the block's default when omitted.
         batch_size: Images per task run (each task fans its batch out concurrently; two batches'
-            files are in memory at once).
+            files are in memory at once). Over cached images the batches grow (see `BatchRun`).
         cache_storage: Where per-image results are kept: a folder, or a saved file-system block
             as ``"block-type/name"``; ``$PREFECT_HOME/prefect-roboflow-cache`` by default.
         max_failure_rate: The run fails (after writing its table) when a larger share of images fails.

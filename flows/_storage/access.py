@@ -26,6 +26,7 @@ __all__ = [
     "join",
     "list_files",
     "local_copy",
+    "local_size",
     "read_at",
     "read_bytes",
     "write_bytes",
@@ -96,6 +97,19 @@ def is_remote(location: str | os.PathLike[str]) -> bool:
     """Whether an output location is an object store or block (else a local folder)."""
     scheme = split_url(os.fspath(location))[0]
     return bool(scheme) and scheme != "file"
+
+
+def local_size(ref: str) -> int | None:
+    """The size in bytes of a local file (a path or ``file://`` reference), without reading it; None
+    for a remote reference or a file that cannot be looked at (its read will say why)."""
+    scheme, _ = split_url(ref)
+    if scheme not in ("", "file"):
+        return None
+    try:
+        store, rel = locate(ref, "image")
+        return os.stat(store.base + rel).st_size if isinstance(store, LocalStore) else None
+    except (InvalidInputError, OSError):
+        return None
 
 
 def join(location: str | os.PathLike[str], name: str) -> str:

@@ -140,11 +140,19 @@ def test_embed_images_flow(proxy: FaultProxy, inference_url: str, plain_images: 
     events = _completed_events("prefect_roboflow.embed_images.completed", run_id)
     assert events and events[0].payload["succeeded"] == N_IMAGES
 
-    # a rerun sends nothing and writes the same table
+    # a rerun sends nothing and writes the same table, in fewer task runs: after a batch that sent
+    # nothing the next ones grow (the second was cut before the first finished)
     proxy.clear()
-    again = embed_images(str(plain_images), str(out), server=proxy.url, batch_size=10, cache_storage=cache)
+    rerun = embed_images(
+        str(plain_images), str(out), server=proxy.url, batch_size=10, cache_storage=cache, return_state=True
+    )
+    again = rerun.result()
     assert proxy.count() == 0 and again.requests == 0 and again.from_cache == N_IMAGES
     assert _table(again.embeddings_path) == rows
+    names, artifacts = _run_details(rerun.state_details.flow_run_id)
+    batches = ["embed[clip ViT-B-16] batch 1/4", "embed[clip ViT-B-16] batch 2/4", "embed[clip ViT-B-16] batch 3/3"]
+    assert names == ["embed-images-assets", *batches] and artifacts["progress"].data == 100.0
+    assert json.loads(artifacts["embed-images-steps"].data)[0]["batches"] == 3
 
     # a superset sends only the new images
     for i in range(5):

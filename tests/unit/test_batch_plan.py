@@ -1,0 +1,85 @@
+"""How a run cuts its source into batches: ``batch_size`` images, growing over a cached rerun.
+
+A task run costs Prefect the same whatever its size, so after a batch that sent the server
+nothing the next ones grow (×4, up to 16 × ``batch_size``, within a byte budget of files whose
+size is known without reading them); a batch that sends anything brings them back. These tests
+drive `BatchRun.batches` the way `BatchRun.process` does (each batch accounted before the next is
+cut) with step reports saying what was sent; the flows' own reruns are in the integration tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from prefect_roboflow.blocks import InvalidInputError
+from prefect_roboflow.flows._run import batch as batch_module
+from prefect_roboflow.flows._run.batch import BatchRun
+from prefect_roboflow.flows.records import Batch, StepReport
+
+FILE_BYTES = 1000
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    for i in range(200):
+        (tmp_path / f"img_{i:03d}.jpg").write_bytes(b"\xff" * FILE_BYTES)
+    return tmp_path
+
+
+def _plan(run: BatchRun, sent: Callable[[int], int]) -> list[Batch]:
+    """The batches of ``run``, each accounted as having sent ``sent(index)`` items before the next is cut."""
+    batches = []
+    for index, batch in enumerate(run.batches()):
+        batch.reports.append(StepReport("embed", "clip ViT-B-16", len(batch), sent=sent(index)))
+        run.account(batch)
+        batches.append(batch)
+    return batches
+
+
+def test_a_cold_run_keeps_batch_size(folder: Path) -> None:
+    batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 8)
+    assert [len(b) for b in batches] == [8] * 25
+    assert [b.label for b in batches] == [f"{i}/25" for i in range(1, 26)]
+
+
+def test_a_cached_rerun_grows_its_batches_and_keeps_every_image_in_order(folder: Path) -> None:
+    run = BatchRun("embed-images", str(folder), 8, "test")
+    batches = _plan(run, lambda i: 0)
+    # ×4 after each batch that sent nothing, up to 16 × batch_size
+    assert [len(b) for b in batches] == [8, 32, 128, 32]
+    assert [r.ref for b in batches for r in b] == sorted(str(p) for p in folder.iterdir())
+    assert batches[-1].label == "4/4" and run.images == 200
+
+
+def test_a_batch_that_sends_brings_the_size_back(folder: Path) -> None:
+    # the third batch (cut at 128 after two cached ones) holds new images: the next is 8 again
+    batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 5 if i == 2 else 0)
+    assert [len(b) for b in batches] == [8, 32, 128, 8, 24]
+
+
+def test_a_grown_batch_holds_at_most_the_byte_budget(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch_module, "GROWN_BATCH_BYTES", 20 * FILE_BYTES)
+    batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 0)
+    assert {len(b) for b in batches[1:-1]} == {20}  # grown, but within the budget
+    assert sum(len(b) for b in batches) == 200
+
+
+def test_a_budget_under_batch_size_never_shrinks_a_batch(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch_module, "GROWN_BATCH_BYTES", 3 * FILE_BYTES)
+    batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 0)
+    assert [len(b) for b in batches] == [8] * 25
+
+
+def test_remote_images_keep_batch_size() -> None:
+    # their size is not known without a request: a batch of them never grows
+    urls = [f"https://example.invalid/img_{i}.jpg" for i in range(40)]
+    batches = _plan(BatchRun("embed-images", urls, 8, "test"), lambda i: 0)
+    assert [len(b) for b in batches] == [8] * 5
+
+
+def test_batch_size_is_checked_before_anything_runs(folder: Path) -> None:
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        BatchRun("embed-images", str(folder), 0, "test")
