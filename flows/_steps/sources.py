@@ -8,14 +8,17 @@ each image's bytes is computed once, here, and keys every cache downstream.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from prefect_roboflow.blocks._resize import resize_workers
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.images import validate_encoded_image, validate_url
 
+from .._storage.access import local_size
 from .._storage.access import read_bytes as storage_read_bytes
 from .._storage.listing import count_refs, is_video, iter_refs
 from .._video.frames import estimate_frames, frame_records
@@ -28,6 +31,11 @@ if TYPE_CHECKING:
 ImageSource = str | Sequence[str]
 #: URLs of one batch downloaded at once; they come from other servers than the inference one.
 DOWNLOAD_CONCURRENCY = 8
+#: A batch's local files are read and hashed on the resize pool's number of threads when the first
+#: `BIG_FILE_SAMPLE` of them average this much: hashing 512 KiB takes ~1 ms, a 30 KB file ~0.05 ms
+#: (less than handing it to a thread).
+BIG_FILE_BYTES = 512 * 2**10
+BIG_FILE_SAMPLE = 8
 
 
 def _is_web(ref: str) -> bool:
@@ -110,11 +118,24 @@ def load(record: ImageRecord, client: httpx.Client | None = None) -> ImageRecord
 
 def load_all(records: Sequence[ImageRecord]) -> list[ImageRecord]:
     """`load` for a batch, in order; its URLs and stored objects read concurrently (one pooled
-    client for the downloads)."""
+    client for the downloads), and local files too when they are big (`BIG_FILE_BYTES`):
+    reading and hashing 96 photos of 3.7 MB takes ~0.7 s on one thread, and both release the GIL."""
     if not any("://" in r.ref and not r.loaded for r in records):
+        workers = min(resize_workers(), len(records))
+        if workers > 1 and _big(records):
+            with ThreadPoolExecutor(workers, "prefect-roboflow-read") as pool:
+                return list(pool.map(load, records))
         return [load(record) for record in records]
     with _download_client() as client, ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
         return list(pool.map(lambda record: load(record, client), records))
+
+
+def _big(records: Sequence[ImageRecord]) -> bool:
+    """Whether the batch's unread local files are big: `BIG_FILE_BYTES` on average over the first
+    `BIG_FILE_SAMPLE` of them (looked at with a stat each, nothing read)."""
+    unread = (r for r in records if not r.loaded and r.ok)
+    sizes = [local_size(r.ref) or 0 for r in itertools.islice(unread, BIG_FILE_SAMPLE)]
+    return bool(sizes) and sum(sizes) >= BIG_FILE_BYTES * len(sizes)
 
 
 def _download_client() -> httpx.Client:

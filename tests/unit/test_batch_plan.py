@@ -5,6 +5,7 @@ nothing the next ones grow (×4, up to 16 × ``batch_size``, within a byte budge
 size is known without reading them); a batch that sends anything brings them back. These tests
 drive `BatchRun.batches` the way `BatchRun.process` does (each batch accounted before the next is
 cut) with step reports saying what was sent; the flows' own reruns are in the integration tests.
+A batch's big local files are read and hashed on several threads (both release the GIL).
 """
 
 from __future__ import annotations
@@ -83,3 +84,47 @@ def test_remote_images_keep_batch_size() -> None:
 def test_batch_size_is_checked_before_anything_runs(folder: Path) -> None:
     with pytest.raises(InvalidInputError, match="batch_size"):
         BatchRun("embed-images", str(folder), 0, "test")
+
+
+def test_big_local_files_are_read_and_hashed_on_several_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import threading
+
+    from support.images import make_image
+
+    from prefect_roboflow.flows._steps import sources
+    from prefect_roboflow.flows.records import ImageRecord
+
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"big_{i}.png"
+        path.write_bytes(make_image(i, size=(64, 64)))
+        paths.append(path)
+    small = [ImageRecord(str(p)) for p in paths]
+    threads: set[str] = set()
+    real_load = sources.load
+
+    def load(record: ImageRecord) -> ImageRecord:
+        threads.add(threading.current_thread().name)
+        return real_load(record)
+
+    monkeypatch.setattr(sources, "load", load)
+    monkeypatch.setenv("PREFECT_ROBOFLOW_RESIZE_WORKERS", "3")
+    # small files (a few KB): one thread, the caller's
+    loaded = sources.load_all(small)
+    assert threads == {threading.current_thread().name}
+    # the same files taken as big: the pool's threads, the same records in order
+    monkeypatch.setattr(sources, "BIG_FILE_BYTES", min(p.stat().st_size for p in paths))
+    threads.clear()
+    parallel = sources.load_all(small)
+    assert threads and all(name.startswith("prefect-roboflow-read") for name in threads)
+    assert parallel == loaded and [r.sha256 for r in parallel] == [
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in paths
+    ]
+    assert all(r.ok and r.data == p.read_bytes() for r, p in zip(parallel, paths, strict=True))
+    # one worker set: the caller's thread again
+    monkeypatch.setenv("PREFECT_ROBOFLOW_RESIZE_WORKERS", "1")
+    threads.clear()
+    assert sources.load_all(small) == loaded and threads == {threading.current_thread().name}
