@@ -71,8 +71,13 @@ def _table(path: str) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def _run_details(flow_run_id: UUID) -> tuple[list[str], dict[str, Any]]:
-    """Task run names and artifacts (by key, or type for unkeyed ones) of a flow run, from the API."""
+def _run_details(flow_run_id: UUID, task_runs: int) -> tuple[list[str], dict[str, Any]]:
+    """Task run names and artifacts (by key, or type for unkeyed ones) of a flow run, from the API.
+
+    The server records task runs from their state events after the flow returned (a task run is
+    first stored under a default name, ``<task>-<3 hex>``, its own name arriving with its later
+    states): this waits until it holds ``task_runs`` of them, each in a final state.
+    """
 
     async def read() -> tuple[list[Any], list[Any]]:
         async with get_client() as client:
@@ -84,8 +89,15 @@ def _run_details(flow_run_id: UUID) -> tuple[list[str], dict[str, Any]]:
             )
         return task_runs, artifacts
 
-    task_runs, artifacts = asyncio.run(read())
-    return sorted(r.name for r in task_runs), {(a.key or a.type): a for a in artifacts}
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + 60
+    while True:
+        runs, artifacts = asyncio.run(read())
+        recorded = len(runs) >= task_runs and all(r.state is not None and r.state.is_final() for r in runs)
+        if recorded or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return sorted(r.name for r in runs), {(a.key or a.type): a for a in artifacts}
 
 
 def _completed_events(name: str, flow_run_id: UUID) -> list[Any]:
@@ -129,7 +141,7 @@ def test_embed_images_flow(proxy: FaultProxy, inference_url: str, plain_images: 
 
     # the run in Prefect: named batch tasks, progress, step table, summary, event
     run_id = state.state_details.flow_run_id
-    names, artifacts = _run_details(run_id)
+    names, artifacts = _run_details(run_id, 5)
     # the batch tasks, and the one that materialises the outputs as assets
     assert names == ["embed-images-assets", *(f"embed[clip ViT-B-16] batch {i}/4" for i in range(1, 5))]
     assert artifacts["progress"].data == 100.0
@@ -149,7 +161,7 @@ def test_embed_images_flow(proxy: FaultProxy, inference_url: str, plain_images: 
     again = rerun.result()
     assert proxy.count() == 0 and again.requests == 0 and again.from_cache == N_IMAGES
     assert _table(again.embeddings_path) == rows
-    names, artifacts = _run_details(rerun.state_details.flow_run_id)
+    names, artifacts = _run_details(rerun.state_details.flow_run_id, 4)
     batches = ["embed[clip ViT-B-16] batch 1/4", "embed[clip ViT-B-16] batch 2/4", "embed[clip ViT-B-16] batch 3/3"]
     assert names == ["embed-images-assets", *batches] and artifacts["progress"].data == 100.0
     assert json.loads(artifacts["embed-images-steps"].data)[0]["batches"] == 3
@@ -213,7 +225,7 @@ def test_detect_crop_classify_flow(proxy: FaultProxy, inference_url: str, scenes
     assert proxy.count("/clip/embed_text") == 1
 
     run_id = state.state_details.flow_run_id
-    names, artifacts = _run_details(run_id)
+    names, artifacts = _run_details(run_id, 14)
     for step in ("detect[owlv2 owlv2-large-patch14-ensemble]", "embed[clip ViT-B-16]", "classify[clip ViT-B-16]"):
         assert [n for n in names if n.startswith(step)] == [f"{step} batch {i}/3" for i in range(1, 4)]
     assert "embed_labels[clip ViT-B-16] batch 1/1" in names
