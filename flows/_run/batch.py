@@ -347,17 +347,16 @@ class BatchRun(RunTotals):
         taken = 0
         for index in itertools.count():
             size, batch, held = self._size, held, []
-            budget = GROWN_BATCH_BYTES if size > self.batch_size else None
-            used = sum(_known_size(r) or 0 for r in batch) if budget is not None else 0
+            grows = size > self.batch_size  # only then are the files' sizes looked at
+            used = sum(_known_size(r) or 0 for r in batch) if grows else 0
             for record in records:
-                if len(batch) >= self.batch_size:
-                    known = _known_size(record) if budget is not None else None
-                    if len(batch) >= size or known is None or budget is None or used + known > budget:
-                        held = [record]
-                        break
-                    used += known
-                elif budget is not None:
-                    used += _known_size(record) or 0
+                known = _known_size(record) if grows else None
+                if len(batch) >= self.batch_size and (
+                    known is None or len(batch) >= size or used + known > GROWN_BATCH_BYTES
+                ):
+                    held = [record]
+                    break
+                used += known or 0
                 batch.append(record)
             if not batch:
                 return
