@@ -5,6 +5,7 @@ import it through the ``prefect.collections`` entry point. numpy, PIL and superv
 first use. Tasks live in `prefect_roboflow.blocks.tasks`.
 """
 
+from .. import __version__ as __version__  # the package's, kept here for code that read it from blocks
 from ._embedding import EmbeddingModel
 from ._http import ResponseInfo, record_responses
 from ._model import ModelBlock, model_class, model_families
@@ -27,8 +28,6 @@ from .exceptions import (
 from .owlv2 import Box, OwlV2, ReferenceExample
 from .perception_encoder import PE_DIMENSIONS, PerceptionEncoder, PerceptionEncoderVersion
 from .server import InferenceServer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CLIP_DIMENSIONS",
