@@ -23,7 +23,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from prefect.exceptions import ParameterTypeError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from prefect_roboflow.blocks import Box, EmbeddingModel, ModelBlock
+from prefect_roboflow.blocks import Box, EmbeddingModel
+from prefect_roboflow.blocks._model import ModelBlock
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.owlv2 import check_examples
 

@@ -7,7 +7,8 @@ import os
 import re
 from typing import Literal, TypeAlias, cast, get_args
 
-from prefect_roboflow.blocks import EmbeddingModel, InferenceServer, OwlV2, model_class
+from prefect_roboflow.blocks import EmbeddingModel, InferenceServer, OwlV2
+from prefect_roboflow.blocks._model import model_class
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.server import normalise_api_urls
 

@@ -18,10 +18,10 @@ from prefect_roboflow.blocks import (
     EmbeddingModel,
     InferenceError,
     InvalidInputError,
-    ModelBlock,
     OwlV2,
     ReferenceExample,
 )
+from prefect_roboflow.blocks._model import ModelBlock
 from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
