@@ -17,6 +17,10 @@ Deployments (``<flow>/<name>``, name ``local`` unless ``--name``):
 The inference server is ``--server`` / ``INFERENCE_SERVER_URL`` (a URL or a saved block name).
 Runs go to ``OUT_DIR/<flow>/``, and those started by an event to ``OUT_DIR/<flow>/events/<event id>/``.
 
+``--task-worker`` serves the webhook's task path instead (``webhook.py --via task-worker``): a
+long-lived Prefect task worker that runs each delivery through the flow's steps at once, its rows
+under ``OUT_DIR/<flow>/deliveries/`` (see ``task_worker.py``); ``--task-limit`` deliveries at a time.
+
 A run a trigger creates starts at serve's next poll for scheduled runs: every ``--poll`` seconds
 (``PREFECT_RUNNER_POLL_FREQUENCY``; 2 here, Prefect's default is 10), one small API query each.
 Each run is a new process, which imports this file again: the flows and the webhook's names are
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
 
 #: Seconds between serve's polls for runs to start: a triggered run waits half of it on average.
 DEFAULT_POLL_SECONDS = 2.0
+#: Deliveries a task worker (``--task-worker``) runs at once.
+DEFAULT_TASK_LIMIT = 10
 
 
 def arrival_trigger(flow: str, out_dir: str) -> DeploymentEventTrigger:
@@ -155,14 +161,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     poll = float(env("PREFECT_RUNNER_POLL_FREQUENCY") or DEFAULT_POLL_SECONDS)
     parser.add_argument("--poll", type=float, default=poll, help="seconds between polls for runs to start "
                         "($PREFECT_RUNNER_POLL_FREQUENCY)")  # fmt: skip
+    parser.add_argument("--task-worker", action="store_true",
+                        help="serve the webhook's task path (a task worker) instead of the deployments")  # fmt: skip
+    parser.add_argument("--task-limit", type=int, default=int(env("TASK_WORKER_LIMIT") or DEFAULT_TASK_LIMIT),
+                        help="deliveries a task worker runs at once ($TASK_WORKER_LIMIT)")  # fmt: skip
+    parser.add_argument("--state", default=env("PREFECT_ROBOFLOW_WEBHOOK_STATE"),
+                        help="the webhook receiver's state folder, for --task-worker ($PREFECT_ROBOFLOW_WEBHOOK_STATE;"
+                        " default $PREFECT_HOME/prefect-roboflow-webhook)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Serve until interrupted (Ctrl-C pauses the schedules)."""
+    args = parse_args(argv)
+    if args.task_worker:
+        import logging
+
+        # Prefect's engine logs a background task run's last line ("Finished in state ...") outside
+        # its run context, which its API log handler can only warn about: one warning per delivery.
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+        from task_worker import WorkerSettings, serve_tasks
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        out = str(Path(args.out).expanduser().resolve()) if "://" not in args.out else args.out
+        serve_tasks(WorkerSettings(out=out, server=args.server, state=args.state), limit=args.task_limit)
+        return
     from prefect import serve
 
-    args = parse_args(argv)
     serve(*deployments(args), limit=args.limit, query_seconds=args.poll)
 
 

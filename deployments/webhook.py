@@ -1,9 +1,16 @@
-"""A signed webhook for self-hosted Prefect: ``POST /webhooks/images`` → the event that starts the flows.
+"""A signed webhook for self-hosted Prefect: ``POST /webhooks/images`` → a flow's work on the images.
 
 Prefect Cloud has incoming webhooks; a self-hosted Prefect server does not, but it has events and
-deployment triggers. This small ASGI app is the missing piece: it checks a request and emits
-``prefect_roboflow.images.arrived``, which the triggers in ``serve.py`` and ``prefect.yaml`` turn
-into a run of ``embed_images`` or ``detect_crop_classify`` over the request's images.
+deployment triggers. This small ASGI app is the missing piece: it checks a request and, on one of
+two paths (``--via``):
+
+- ``deployments`` (the default): emits ``prefect_roboflow.images.arrived``, which the triggers in
+  ``serve.py`` and ``prefect.yaml`` turn into a run of ``embed_images`` or ``detect_crop_classify``
+  over the request's images (a new flow run and process each: seconds);
+- ``task-worker``: writes the delivery to its journal and submits it as a Prefect background task
+  run, which a warm task worker (``serve.py --task-worker``, see ``task_worker.py``) runs through
+  the same steps at once (under a second), its rows one part of a dataset folder per flow; a
+  delivery acknowledged is run even if a worker dies (``journal.py``).
 
 Request: ``POST /webhooks/images`` with a JSON body ::
 
@@ -24,16 +31,19 @@ Accepted ids are kept in this process's memory until their timestamp leaves the 
 receiver replicas each keep their own, so across replicas the timestamp window is what bounds a
 replay.
 
-Answers: 202 ``{"event_id": ...}`` once Prefect has the event; 413 for a body over the size
-limit; 401 for missing or malformed headers, a wrong signature, a timestamp outside the window
-or a replayed delivery id; 422 for a body that is not the schema above; 503 when Prefect cannot
-be reached (retry: the same delivery id is accepted again) or when too many deliveries are held
-in the window. Nothing is emitted unless the answer is 202.
+Answers: 202 ``{"event_id": ...}`` once Prefect has the event (on the task path,
+``{"delivery_id": ..., "task_run_id": ...}`` once the delivery is in the journal and its task run
+in Prefect); 413 for a body over the size limit; 401 for missing or malformed headers, a wrong
+signature, a timestamp outside the window or a replayed delivery id; 422 for a body that is not
+the schema above; 503 when Prefect cannot be reached (retry: the same delivery id is accepted
+again) or when too many deliveries are held in the window. Nothing is emitted or submitted
+unless the answer is 202.
 
 Run it (the secret from an env var, or from a Prefect ``Secret`` block)::
 
     PREFECT_ROBOFLOW_WEBHOOK_SECRET=$(openssl rand -hex 32) python deployments/webhook.py --port 8787
     python deployments/webhook.py --secret-block roboflow-webhook-secret
+    python deployments/webhook.py --via task-worker --state /var/lib/roboflow-webhook
     uvicorn webhook:create_app --factory --app-dir deployments --host 127.0.0.1 --port 8787
 
 It emits to the Prefect API of its environment (``PREFECT_API_URL``).
@@ -42,6 +52,8 @@ It emits to the Prefect API of its environment (``PREFECT_API_URL``).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hashlib
 import heapq
 import hmac
@@ -51,6 +63,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from typing import Any, Literal
 from uuid import uuid4
 
@@ -68,6 +81,11 @@ SECRET_ENV = "PREFECT_ROBOFLOW_WEBHOOK_SECRET"
 SECRET_BLOCK_ENV = "PREFECT_ROBOFLOW_WEBHOOK_SECRET_BLOCK"
 MAX_BYTES_ENV = "PREFECT_ROBOFLOW_WEBHOOK_MAX_BYTES"
 TOLERANCE_ENV = "PREFECT_ROBOFLOW_WEBHOOK_TOLERANCE"
+VIA_ENV = "PREFECT_ROBOFLOW_WEBHOOK_VIA"
+STATE_ENV = "PREFECT_ROBOFLOW_WEBHOOK_STATE"  # task_worker.STATE_ENV (not imported: this module stays light)
+#: Where a delivery goes: an event for the deployment triggers, or a task run for a task worker.
+PATHS = ("deployments", "task-worker")
+SWEEP_SECONDS = 5.0  # the task path's journal is swept this often (and at start)
 DEFAULT_TOLERANCE = 300  # seconds a signed request stays valid, either side of the receiver's clock
 MAX_DELIVERIES = 100_000  # accepted ids held at once (the window's worth); more → 503, try later
 DEFAULT_MAX_BYTES = 256 * 1024  # flow-run parameters must stay under 512 KiB
@@ -116,6 +134,9 @@ OVERRIDES: dict[str, dict[str, str]] = {
 }
 
 logger = logging.getLogger("prefect_roboflow.webhook")
+
+#: The task path's hand-off: a checked delivery and its id → the id of the task run that will run it.
+HandOff = Callable[["ImagesArrived", str], Awaitable[str]]
 
 
 def trigger_parameters(flow: str, out_dir: str) -> dict[str, str]:
@@ -366,21 +387,52 @@ def create_app(
     tolerance_seconds: int | None = None,
     clock: Callable[[], float] = time.time,
     max_deliveries: int = MAX_DELIVERIES,
+    via: str | None = None,
+    state_dir: str | None = None,
+    hand_off: HandOff | None = None,
+    sweep_seconds: float = SWEEP_SECONDS,
+    grace_seconds: float = 30.0,
+    stale_seconds: float = 600.0,
 ) -> FastAPI:
     """The webhook app. The secret is loaded once, at start-up, and never logged or returned.
 
     ``tolerance_seconds`` (else ``$PREFECT_ROBOFLOW_WEBHOOK_TOLERANCE``, else 300) is how far a
     request's timestamp may be from ``clock()``; ``app.state.deliveries`` is its ``DeliveryGuard``.
+
+    ``via`` (else ``$PREFECT_ROBOFLOW_WEBHOOK_VIA``, else ``"deployments"``) is where accepted
+    deliveries go: ``"deployments"`` emits the event the deployment triggers match;
+    ``"task-worker"`` writes the delivery to the journal under ``state_dir`` (else
+    ``$PREFECT_ROBOFLOW_WEBHOOK_STATE``, else ``$PREFECT_HOME/prefect-roboflow-webhook``) and
+    submits it as a background task run for ``serve.py --task-worker`` (see ``task_worker.py``),
+    sweeping the journal every ``sweep_seconds``. ``hand_off`` replaces that hand-off (tests).
     """
     limit = max_body_bytes or int(os.environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_BYTES)
     tolerance = tolerance_seconds or int(os.environ.get(TOLERANCE_ENV) or DEFAULT_TOLERANCE)
+    path = "task-worker" if hand_off is not None else (via or os.environ.get(VIA_ENV) or "deployments")
+    if path not in PATHS:
+        raise ValueError(f"via must be one of {PATHS}, not {path!r}")
     deliveries = DeliveryGuard(tolerance, clock, max_deliveries)
     state: dict[str, str] = {}
+    handed: list[HandOff] = [hand_off] if hand_off is not None else []
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state["secret"] = await load_secret(secret, secret_block)
-        yield
+        if path != "task-worker" or hand_off is not None:
+            yield
+            return
+        from task_worker import TaskPath  # the task path's Prefect side (light: no flows)
+
+        async with TaskPath(state_dir, grace=grace_seconds, stale=stale_seconds) as tasks:
+            app.state.task_path = tasks
+            handed[:] = [lambda arrived, delivery_id: tasks.hand_off(_delivery(arrived, delivery_id))]
+            sweeping = asyncio.create_task(tasks.sweep_forever(sweep_seconds))
+            try:
+                yield
+            finally:
+                sweeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeping
 
     app = FastAPI(title="prefect-roboflow images webhook", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.deliveries = deliveries
@@ -408,6 +460,8 @@ def create_app(
             deliveries.release(delivery_id)
             errors = exc.errors(include_url=False, include_input=False, include_context=False)
             return JSONResponse({"detail": errors}, status_code=422)
+        if handed:
+            return await _hand_off(handed[0], arrived, delivery_id)
         event = _event(arrived)
         try:
             await emit(event)
@@ -423,7 +477,28 @@ def create_app(
             {"event_id": str(event.id), "event": EVENT, "flow": arrived.flow, "images": images}, status_code=202
         )
 
+    async def _hand_off(handing: HandOff, arrived: ImagesArrived, delivery_id: str) -> JSONResponse:
+        try:
+            task_run_id = await handing(arrived, delivery_id)
+        except Exception as exc:  # the sender should retry later, with the same delivery id
+            deliveries.release(delivery_id)
+            logger.error("could not hand delivery %s to the task worker: %s", delivery_id, type(exc).__name__)
+            return JSONResponse({"detail": "Prefect is unavailable, try again later"}, status_code=503)
+        images = len(arrived.images)
+        logger.info(
+            "handed delivery %s to the task worker as task run %s: %d image(s) for %s",
+            delivery_id, task_run_id, images, arrived.flow,
+        )  # fmt: skip
+        answer = {"delivery_id": delivery_id, "task_run_id": task_run_id, "flow": arrived.flow, "images": images}
+        return JSONResponse(answer, status_code=202)
+
     return app
+
+
+def _delivery(arrived: ImagesArrived, delivery_id: str) -> dict[str, Any]:
+    """What the task worker is handed: the delivery as the sender sent it, checked."""
+    received = datetime.now(timezone.utc).isoformat()
+    return {"id": delivery_id, "received": received, **arrived.model_dump()}
 
 
 def main() -> None:
@@ -438,9 +513,25 @@ def main() -> None:
     parser.add_argument(
         "--tolerance", type=int, help=f"seconds a signed request stays valid (default {DEFAULT_TOLERANCE})"
     )
+    parser.add_argument("--via", choices=PATHS, default=os.environ.get(VIA_ENV) or "deployments",
+                        help=f"emit the deployments' event, or hand off to a task worker (${VIA_ENV})")  # fmt: skip
+    parser.add_argument("--state", help=f"the task path's state folder, shared with the task workers (${STATE_ENV}; "
+                        "default $PREFECT_HOME/prefect-roboflow-webhook)")  # fmt: skip
+    parser.add_argument("--sweep", type=float, default=SWEEP_SECONDS,
+                        help="seconds between sweeps of the task path's journal")  # fmt: skip
     args = parser.parse_args()
+    if args.via == "task-worker":
+        import task_worker  # noqa: F401  (Prefect sets its logging up on import: before uvicorn sets its own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(secret_block=args.secret_block, max_body_bytes=args.max_bytes, tolerance_seconds=args.tolerance)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Prefect API request otherwise
+    app = create_app(
+        secret_block=args.secret_block,
+        max_body_bytes=args.max_bytes,
+        tolerance_seconds=args.tolerance,
+        via=args.via,
+        state_dir=args.state,
+        sweep_seconds=args.sweep,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -10,7 +10,9 @@
 - `monitor_drift`: has a window of new images drifted from a reference or pinned baseline?
 
 `VectorIndex` (``prefect_roboflow.flows.vector_index``) keeps embeddings searchable at millions of
-rows; the embedding flows add to one with ``index_path``.
+rows; the embedding flows add to one with ``index_path``. `run_delivery`
+(``prefect_roboflow.flows.deliveries``) runs one webhook delivery through a flow's steps in a
+Prefect task worker, in under a second.
 
 All take image references (a folder, a glob, or paths and https URLs), cache every result by
 content, write outputs atomically, and publish progress, tables, a summary and an event. They

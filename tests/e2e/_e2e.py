@@ -303,6 +303,36 @@ class WebhookReceiver:
 
 
 @dataclass
+class TaskWorker:
+    """`deployments/serve.py --task-worker` (the webhook's task path) against the e2e server."""
+
+    process: Process
+    out: Path
+    state: Path
+
+    @classmethod
+    def start(cls, server: PrefectServer, root: Path, out: Path, state: Path, inference_url: str) -> TaskWorker:
+        """A task worker writing under ``out``, registered in the journal under ``state``, once it
+        has warmed up and subscribed (its log says so); each start logs to a file of its own."""
+        starts = len(list(root.glob("task-worker-*.log")))
+        cmd = [sys.executable, str(DEPLOYMENTS / "serve.py"), "--task-worker", "--out", str(out), "--state", str(state)]
+        env = server.env(INFERENCE_SERVER_URL=inference_url)
+        process = Process.start("task worker", cmd, env, root / f"task-worker-{starts + 1}.log", cwd=root)
+        try:
+            wait_for(lambda: "Subscribing to runs" in process.log.read_text(errors="replace"), 180,
+                     "the task worker's subscription", process, server.process)  # fmt: skip
+        except BaseException:
+            process.stop()
+            raise
+        return cls(process, out, state)
+
+    def kill(self) -> None:
+        """SIGKILL the worker by its PID, as the kernel's OOM killer or a power cut would end it."""
+        os.kill(self.process.popen.pid, signal.SIGKILL)
+        self.process.popen.wait(timeout=30)
+
+
+@dataclass
 class TriggeredRun:
     """A flow run that a signed webhook request started, and what was sent."""
 

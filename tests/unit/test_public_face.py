@@ -23,6 +23,7 @@ PUBLIC_MODULES = [
     "prefect_roboflow.flows.steps",
     "prefect_roboflow.flows.records",
     "prefect_roboflow.flows.vector_index",
+    "prefect_roboflow.flows.deliveries",
 ]
 PRIVATE_FOLDERS = ["_storage", "_video", "_steps", "_index", "_outputs", "_run", "_drift"]
 #: Which private folder may import which (flows/README.md); the public modules sit above them all.
@@ -37,7 +38,9 @@ MAY_IMPORT = {
 }
 
 
-@pytest.mark.parametrize("module_name", ["prefect_roboflow.flows", "prefect_roboflow.flows.steps"])
+@pytest.mark.parametrize(
+    "module_name", ["prefect_roboflow.flows", "prefect_roboflow.flows.steps", "prefect_roboflow.flows.deliveries"]
+)
 def test_every_exported_name_is_importable_and_documented(module_name: str) -> None:
     module = importlib.import_module(module_name)
     assert module.__doc__, module_name
