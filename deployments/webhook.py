@@ -482,7 +482,7 @@ def create_app(
             task_run_id = await handing(arrived, delivery_id)
         except Exception as exc:  # the sender should retry later, with the same delivery id
             deliveries.release(delivery_id)
-            logger.error("could not hand delivery %s to the task worker: %s", delivery_id, type(exc).__name__)
+            logger.error("could not hand delivery %s to the task worker: %s: %s", delivery_id, type(exc).__name__, exc)
             return JSONResponse({"detail": "Prefect is unavailable, try again later"}, status_code=503)
         images = len(arrived.images)
         logger.info(

@@ -36,6 +36,7 @@ import pytest
 import webhook
 from _e2e import (
     DEPLOYMENTS,
+    REPO,
     PrefectServer,
     Served,
     TaskWorker,
@@ -94,7 +95,8 @@ class TaskPathStack:
         def recorded() -> dict[str, Any] | None:
             response = self.server.api.http.get(f"/task_runs/{task_run_id}")
             run = response.json() if response.status_code == 200 else None
-            return run if run and run["state"]["type"] in states else None
+            state = (run or {}).get("state") or {}  # a run being recorded can be read without its state
+            return run if state.get("type") in states else None
 
         return wait_for(recorded, 60, f"task run {task_run_id} in {states}", self.server.process)
 
@@ -290,6 +292,27 @@ def test_a_delivery_survives_its_worker_being_killed_mid_task(task_path: TaskPat
     assert task_path.task_run(again.group(1))["state"]["type"] == "COMPLETED"
     parts = sorted(p.name for p in task_path.table("embed_images", delivery_id).parent.glob(f"*{delivery_id}*"))
     assert parts == [f"delivery-{delivery_id}.parquet"]
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_ui_shows_a_delivery_as_a_task_run(task_path: TaskPathStack, tmp_path: Path) -> None:
+    from _browser import Chromium
+    from PIL import Image
+
+    images = _new_images(tmp_path, 2, 34_000)
+    answer = _accepted(task_path.receiver.post_signed({"images": images, "flow": "embed_images"}))
+    delivery_id, run_id = answer["delivery_id"], answer["task_run_id"]
+    run = task_path.task_run(run_id, ("COMPLETED",))
+    shots = REPO / "test-artifacts" / "ui-task-path"
+    shots.mkdir(parents=True, exist_ok=True)
+    with Chromium(tmp_path / "chromium-profile") as browser:
+        browser.goto(f"{task_path.server.url}/runs/task-run/{run_id}")
+        page = browser.wait_for_text([run["name"], "Completed", f"delivery {delivery_id}: 2 image(s), 0 failed"], 90)
+        assert "Can't connect to Server API" not in page
+        shot = browser.screenshot(shots / "task-run.png")
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and len(image.convert("L").getcolors(1 << 16) or []) > 50
 
 
 # --- the journal's rules, in-process ----------------------------------------------------------------
