@@ -102,9 +102,9 @@ def webhook_delivery(delivery: dict[str, Any], journal: str) -> dict[str, Any]:
     book, delivery_id = Journal(journal), str(delivery["id"])
     if _registered is not None and _registered.folder != book.folder:
         logger.warning(
-            "this worker is registered in %s but the delivery's journal is %s: give the receiver and the "
-            "worker the same state folder, or a dead worker's undelivered runs wait %s",
-            _registered.folder, book.folder, "for the stale limit",
+            "this worker is registered in %s, the delivery's journal is %s: give the receiver and the workers "
+            "the same --state, or that receiver's sweep does not see when a worker dies",
+            _registered.folder, book.folder,
         )  # fmt: skip
     with book.claim(delivery_id, str(task_run.id)) as claimed:
         if claimed is None:
@@ -112,6 +112,8 @@ def webhook_delivery(delivery: dict[str, Any], journal: str) -> dict[str, Any]:
             return {"delivery_id": delivery_id, "skipped": True}
         extra: dict[str, Any] = {}
         if delivery["flow"] == "detect_crop_classify":
+            if settings.examples is None or settings.labels is None:
+                warm_up(settings)  # a worker that serve_tasks did not start: the bundled examples
             extra = {"examples": settings.examples, "labels": settings.labels}
         try:
             result = run_delivery(
