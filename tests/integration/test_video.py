@@ -31,7 +31,7 @@ from prefect_roboflow.blocks import InferenceServer, InvalidInputError
 from prefect_roboflow.flows import auto_label, classify_images, detect_crop_classify, embed_images
 from prefect_roboflow.flows._video.decode import iter_frames
 from prefect_roboflow.flows._video.sample import SCENE_THRESHOLD, SceneGate, VideoSampling
-from prefect_roboflow.flows._video.track import ByteTracker
+from prefect_roboflow.flows._video.track import Tracker
 from prefect_roboflow.flows.demo import example_spec
 
 pytestmark = pytest.mark.server
@@ -281,25 +281,26 @@ def test_memory_stays_flat_over_a_long_video(tmp_path: Path) -> None:
 
 def test_tracker_keeps_an_id_for_a_shape_moving_across_frames() -> None:
     rng = np.random.default_rng(2)
-    tracker = ByteTracker()
+    tracker = Tracker()
     seen: list[list[int | None]] = []
     for k in range(40):
         moving = [20 + 6 * k, 50, 60 + 6 * k, 90]  # 6 px a frame: consecutive boxes overlap
         still = [400, 300, 450, 350]
         boxes = np.array([moving, still], float) + rng.normal(0, 1.0, (2, 4))
         order = rng.permutation(2)  # detections come in any order
-        ids = tracker.update(boxes[order], np.array([0.9, 0.8])[order])
-        seen.append([ids[list(order).index(0)], ids[list(order).index(1)]])
-    assert {tuple(s) for s in seen} == {(1, 2)}
-    # a low-confidence sighting keeps its track; a miss of a few frames too; a new object a new id
-    assert tracker.update(np.array([[20 + 6 * 40, 50, 60 + 6 * 40, 90]]), np.array([0.3])) == [1]
-    for _ in range(3):
-        tracker.update(np.zeros((0, 4)))
-    assert tracker.update(np.array([[20 + 6 * 44, 50, 60 + 6 * 44, 90], [10, 400, 50, 440]]), np.array([0.9, 0.9])) == [
-        1,
-        3,
-    ]
-    assert tracker.update(np.array([[0, 0, 5, 5]]), np.array([0.05])) == [None]  # below the tracker's floor
+        tracks = tracker.update(boxes[order], np.array([0.9, 0.8])[order], time_s=k / 30)
+        seen.append([tracks[list(order).index(0)], tracks[list(order).index(1)]])  # type: ignore[list-item]
+    assert {(a.id, b.id) for a, b in seen} == {(1, 2)}  # type: ignore[union-attr]
+    # a low-confidence sighting keeps its track; a miss of a few frames too; a new object is tentative
+    (again,) = tracker.update(np.array([[20 + 6 * 40, 50, 60 + 6 * 40, 90]]), np.array([0.3]), time_s=40 / 30)
+    assert again is not None and again.id == 1
+    for k in range(41, 44):
+        tracker.update(np.zeros((0, 4)), time_s=k / 30)
+    later = tracker.update(
+        np.array([[20 + 6 * 44, 50, 60 + 6 * 44, 90], [10, 400, 50, 440]]), np.array([0.9, 0.9]), time_s=44 / 30
+    )
+    assert [t.id if t else 0 for t in later] == [1, None]
+    assert tracker.update(np.array([[0, 0, 5, 5]]), np.array([0.05]), time_s=45 / 30) == [None]  # below the floor
 
 
 def _scene_video(path: Path, frames: int = 30, fps: int = 10) -> Path:
