@@ -131,7 +131,7 @@ async def detect_crop_classify(
         return steps.classify.submit(embedded, label_set, min_score)
 
     schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
-    tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder, video.fps) if run.videos else None
+    tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder) if run.videos else None
     with ParquetSink(shard.table(out, "detections") if shard else join(out, "detections.parquet"), schema) as sink:
         async for batch in run.process(submit):
             batch = tracks.track(batch)  # video frames: tracker ids across each video's frames

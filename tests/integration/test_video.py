@@ -357,7 +357,7 @@ def test_an_annotated_video_is_published_whole_to_a_bucket(clip_mp4: Path, s3: M
     from prefect_roboflow.flows.records import Batch
 
     frames = list(frame_records(str(clip_mp4), VideoSampling(fps=2.0)))
-    sink = AnnotatedVideoSink(f"s3://{s3.bucket}/run/annotated", fps=2.0)
+    sink = AnnotatedVideoSink(f"s3://{s3.bucket}/run/annotated")
     sink.write(Batch([], "1/2", parents=frames[:12]))
     assert s3.keys("run/") == []  # nothing visible until the video is complete
     sink.write(Batch([], "2/2", parents=frames[12:]))
