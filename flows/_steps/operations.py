@@ -22,7 +22,7 @@ from prefect_roboflow.blocks import (
     OwlV2,
     ReferenceExample,
 )
-from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image
+from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image, upright
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
 from ..records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
@@ -181,11 +181,11 @@ def detect_records(
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes as an RGB array, EXIF orientation applied as the server does."""
-    from PIL import Image, ImageOps
+    """Encoded image bytes as an RGB array, turned as the server turns it (`blocks.images.upright`)."""
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return np.asarray(upright(image).convert("RGB"))
 
 
 def encode_jpeg(pixels: np.ndarray) -> bytes:

@@ -166,13 +166,13 @@ class Orientation:
         return cls.of_matrix(math.cos(radians), math.sin(radians), -math.sin(radians), math.cos(radians))
 
     @property
-    def upright(self) -> bool:
+    def as_stored(self) -> bool:
         """Whether frames are shown as stored."""
         return (self.a, self.b, self.c, self.d) == (1, 0, 0, 1)
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """``(height, width, ...)`` pixels as shown (a view when nothing moves, else a copy)."""
-        if self.upright:
+        if self.as_stored:
             return pixels
         out = pixels
         if self.a == 0:  # x' follows y: the axes swap
