@@ -95,6 +95,7 @@ class StepStats(StepReport):
         self.cached += report.cached
         self.sent += report.sent
         self.failed += report.failed
+        self.dropped += report.dropped
         self.seconds += report.seconds
         self.requests += len(report.infos)
         self.retries += sum(i.attempts - 1 for i in report.infos)
@@ -106,7 +107,7 @@ class StepStats(StepReport):
 
     def row(self) -> dict[str, Any]:
         """The step's row of the table artifact."""
-        counts = ("batches", "items", "cached", "sent", "failed", "requests", "retries", "concurrency_limit")
+        counts = ("batches", "items", "cached", "sent", "failed", "dropped", "requests", "retries", "concurrency_limit")
         return {
             "step": self.step,
             "model": self.model,
