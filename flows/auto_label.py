@@ -10,6 +10,7 @@ The kept boxes, clipped to their images, are exported as COCO and/or YOLO throug
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -234,11 +235,16 @@ async def auto_label(
     gallery = GallerySink(join(out, "gallery"), list(prompts))
     tracks = VideoTracks()  # video frames: tracker ids across each video's frames
     run: RunTotals
+    object_counts: dict[str, int]
     if fan_out is not None:
+        has_video = await asyncio.to_thread(fanout.has_video, images)
+        schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if has_video else DETECTIONS_SCHEMA
+        settings = {"video_fps": video.fps, "video_sample": video.mode}
         run = fanned = await fanout.fan_out(
-            FLOW_KEY, images, out, fan_out, {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
+            FLOW_KEY, images, out, fan_out, {"labels": schema, "review": REVIEW_SCHEMA}, settings, has_video
         )
         labelled, review_items = _merge_parts(fanned, gallery)
+        object_counts = fanned.summed("object_counts")
         labels, review_path = fanned.folder("labels"), fanned.folder("review")
     else:
         description = f"Auto-labelling with {detector.label} and {embedder.label}"
@@ -246,7 +252,8 @@ async def auto_label(
         all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
         class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
         labeller = _Labeller(list(prompts), min_score, gallery)
-        labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
+        videos_in_job = run.videos or (shard is not None and shard.videos)  # one schema for every part of a job
+        labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
 
         def submit(batch: Batch) -> PrefectFuture[Batch]:
             found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
@@ -266,15 +273,18 @@ async def auto_label(
                 run.write(sink, rows)
                 review.write(review_rows)
         labels, review_path = str(sink.path), str(review.path)
+        object_counts = tracks.object_counts()
         if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part
-            shard.save(out, run, _part(labeller))
-            return await run.finish(*_outcome(run, {}, labels, review_path, gallery.folder), max_failure_rate)
+            shard.save(out, run, {**_part(labeller), "object_counts": object_counts})
+            outcome = _outcome(run, {}, labels, review_path, gallery.folder)
+            outcome[0].object_counts = object_counts
+            return await run.finish(*outcome, max_failure_rate)
         labelled, review_items = labeller.images, labeller.review
     version = f"{detector.label}+{embedder.label}"
     datasets = write_datasets(labelled, list(prompts), formats, out, model_version=version, image_prefix=image_prefix)
     gallery_path = gallery.finish(review_items)
     outcome = _outcome(run, datasets, labels, review_path, gallery_path)
-    outcome[0].object_counts = tracks.object_counts()
+    outcome[0].object_counts = object_counts
     return await run.finish(*outcome, max_failure_rate)
 
 

@@ -8,6 +8,7 @@ once per run, and cached; annotated copies of the images are drawn as the batche
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect.futures import PrefectFuture
@@ -117,8 +118,16 @@ async def detect_crop_classify(
     out = resolve_out_dir(out_dir)
     run: RunTotals
     if fan_out is not None:
-        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": DETECTIONS_SCHEMA})
-        return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
+        has_video = await asyncio.to_thread(fanout.has_video, images)
+        schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if has_video else DETECTIONS_SCHEMA
+        settings = {"video_fps": video.fps, "video_sample": video.mode}
+        fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": schema}, settings, has_video)
+        fanned.videos = sum(int(extra.get("videos", 0)) for extra in fanned.extras)
+        videos_written = [str(v) for extra in fanned.extras for v in extra.get("annotated_videos", [])]
+        outcome = _outcome(
+            fanned, fanned.folder("detections"), join(out, "annotated"), fanned.summed("object_counts"), videos_written
+        )
+        return await fanned.finish(*outcome, max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
     description = f"Detecting with {detector.label}, labelling with {embedder.label}"
     run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
@@ -130,7 +139,8 @@ async def detect_crop_classify(
         embedded: Any = steps.embed.submit(embedder, cropped, cache)
         return steps.classify.submit(embedded, label_set, min_score)
 
-    schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
+    videos_in_job = run.videos or (shard is not None and shard.videos)  # one schema for every part of a job
+    schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
     tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder) if run.videos else None
     with ParquetSink(shard.table(out, "detections") if shard else join(out, "detections.parquet"), schema) as sink:
         async for batch in run.process(submit):
@@ -140,13 +150,14 @@ async def detect_crop_classify(
             if videos is not None:
                 videos.write(batch)
     written = videos.close() if videos is not None else []
-    if shard is not None:
-        shard.save(out, run)
-    return await run.finish(*_outcome(run, str(sink.path), annotated.folder, tracks, written), max_failure_rate)
+    counts = tracks.object_counts()
+    if shard is not None:  # the parent adds up the shards' objects (a video is in one shard)
+        shard.save(out, run, {"object_counts": counts, "annotated_videos": written, "videos": run.videos})
+    return await run.finish(*_outcome(run, str(sink.path), annotated.folder, counts, written), max_failure_rate)
 
 
 def _outcome(
-    run: RunTotals, table: str, annotated: str, tracks: VideoTracks | None = None, videos: list[str] | None = None
+    run: RunTotals, table: str, annotated: str, object_counts: dict[str, int], videos: list[str]
 ) -> tuple[DetectCropClassifyResult, str, list[str]]:
     """The run's result, summary title and summary sections."""
     result = DetectCropClassifyResult(
@@ -159,8 +170,8 @@ def _outcome(
         **run.figures(),
         detections_path=table,
         annotated_dir=annotated,
-        object_counts=tracks.object_counts() if tracks is not None else {},
-        annotated_videos=videos or [],
+        object_counts=object_counts,
+        annotated_videos=videos,
     )
     sample = [{**r, "label_score": "" if r["label_score"] is None else f"{r['label_score']:.3f}"} for r in run.sample]
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
@@ -172,7 +183,7 @@ def _outcome(
     if run.videos:
         objects = [{"label": k, "objects": v} for k, v in result.object_counts.items()]
         sections.insert(1, "## Objects in videos (tracked)\n\n" + markdown_table(objects, ["label", "objects"]))
-        sections[-1] += "".join(f"\n- annotated video: `{v}`" for v in videos or [])
+        sections[-1] += "".join(f"\n- annotated video: `{v}`" for v in videos)
     title = (
         f"{result.detections} objects found in {result.images} images ({result.images_without_detections} without any)"
     )

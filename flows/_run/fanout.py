@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -54,9 +55,10 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from .._outputs.files import ParquetSink
 from .._steps.sources import ImageSource, iter_image_refs
 from .._storage.access import delete, join, list_files, read_bytes, write_bytes
+from .._storage.listing import is_video
 from .batch import RunTotals, markdown_table
 
-__all__ = ["FanOut", "FannedOut", "Shard", "fan_out"]
+__all__ = ["FanOut", "FannedOut", "Shard", "fan_out", "has_video"]
 
 SHARDS_FOLDER = "_shards"
 POLL_SECONDS = 2.0
@@ -90,6 +92,7 @@ class Shard(BaseModel):
     index: int = Field(ge=0)
     manifest: str
     attempt: int = Field(default=1, ge=1)
+    videos: bool = False  # the job has a video: every shard writes the video columns, its part has one or not
 
     @property
     def name(self) -> str:
@@ -171,6 +174,20 @@ class FannedOut(RunTotals):
                 raise InvalidInputError("out_dir", f"shard {outcome.shard.name}'s result: {exc}") from None
             self.extras.append(saved["extra"])
 
+    def summed(self, key: str) -> dict[str, int]:
+        """The shards' ``key`` counts (``extra[key]``: name → count) added up, most first.
+
+        Raises:
+            InvalidInputError: naming ``out_dir``, when a shard's counts are not name → count.
+        """
+        total: Counter[str] = Counter()
+        for index, extra in enumerate(self.extras):
+            try:
+                total.update({str(k): int(v) for k, v in dict(extra.get(key) or {}).items()})
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError("out_dir", f"shard part-{index:05d}'s {key}: {exc}") from None
+        return dict(total.most_common())
+
     def folder(self, stem: str) -> str:
         """The dataset folder ``<out_dir>/<stem>/``."""
         return join(self._out, stem) + "/"
@@ -194,20 +211,35 @@ class FannedOut(RunTotals):
         return [("shards", f"Shards of this {self.flow_key} run.", [o.row() for o in self._outcomes])]
 
 
+def has_video(images: ImageSource) -> bool:
+    """Whether a job's source names a video (listed until one is met): its tables then have the
+    video columns, in every shard's part."""
+    return any(is_video(ref) for ref in iter_image_refs(images))
+
+
 async def fan_out(
-    flow_key: str, images: ImageSource, out: str, plan: FanOut, tables: dict[str, pa.Schema]
+    flow_key: str,
+    images: ImageSource,
+    out: str,
+    plan: FanOut,
+    tables: dict[str, pa.Schema],
+    settings: dict[str, Any] | None = None,
+    videos: bool = False,
 ) -> FannedOut:
     """Run a flow's job as shards of ``plan.shard_size`` images on a deployment; wait for all.
 
-    ``tables`` names the dataset folders a shard writes a part of (stem → schema), its main table first.
+    ``tables`` names the dataset folders a shard writes a part of (stem → schema: the job's, the
+    same in every part), its main table first. ``settings`` are parameters every shard gets as the
+    parent checked them (e.g. the video sampling), over this run's own; ``videos`` says the job has
+    a video (`has_video`).
 
     Raises:
         InvalidInputError: naming ``fan_out``, when there is no deployment to run the shards on.
     """
-    job = _Job(await _deployment(plan), _shard_parameters(), out, tables, plan.retries)
+    job = _Job(await _deployment(plan), {**_shard_parameters(), **(settings or {})}, out, tables, plan.retries)
     shards: list[asyncio.Task[_Outcome]] = []
     try:
-        async for shard, count in _manifests(images, out, plan):  # each shard starts once its manifest is up
+        async for shard, count in _manifests(images, out, plan, videos):  # each starts once its manifest is up
             shards.append(asyncio.create_task(_run(job, shard, count)))
         outcomes = list(await asyncio.gather(*shards))
     except BaseException:
@@ -248,12 +280,14 @@ def _shard_parameters() -> dict[str, Any]:
     return parameters
 
 
-async def _manifests(images: ImageSource, out: str, plan: FanOut) -> AsyncIterator[tuple[Shard, int]]:
+async def _manifests(
+    images: ImageSource, out: str, plan: FanOut, videos: bool = False
+) -> AsyncIterator[tuple[Shard, int]]:
     """Each shard and its number of references, once its manifest is written (listing in a thread)."""
     refs = iter_image_refs(images)
     index = 0
     while chunk := await asyncio.to_thread(_take, refs, plan.shard_size):
-        shard = Shard(index=index, manifest=_shards_file(out, index, "json"))
+        shard = Shard(index=index, manifest=_shards_file(out, index, "json"), videos=videos)
         await asyncio.to_thread(write_bytes, shard.manifest, json.dumps(chunk).encode())
         await asyncio.to_thread(_forget_result, out, index)
         yield shard, len(chunk)

@@ -166,3 +166,48 @@ def test_detect_crop_classify_on_a_phone_video_matches_what_was_drawn(stub: Scen
         duration = container.duration / 1_000_000
     assert shown == pytest.approx([float(k) for k in range(SECONDS)], abs=1e-4)
     assert SECONDS - 1 <= duration <= SECONDS - 1 + 1 / FPS + 1e-3  # the sampled span plus one source frame
+
+
+def _sorted_rows(table: object) -> list[dict]:
+    rows = table.to_pylist()  # type: ignore[attr-defined]
+    return sorted(rows, key=lambda r: (r["image_ref"], r["frame_index"] or -1, r["detection_index"] or -1))
+
+
+def test_a_fanned_out_run_writes_the_tables_and_counts_of_a_plain_run(
+    stub: SceneStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from prefect_roboflow.flows._run import fanout
+
+    video = str(_phone_video(tmp_path / "phone.mov"))
+    photos = [str(_photo(tmp_path / f"photo-{o}.jpg", o)) for o in (3, 6, 8)]
+    images = [photos[0], photos[1], video, photos[2]]  # shard 0: photos only; shard 1: the video and a photo
+    kwargs = {"server": stub.url, "confidence": 0.5, "batch_size": 2, "video_fps": 0.5, "video_sample": "fps"}
+    plain = detect_crop_classify(images, _example(tmp_path), LABELS, str(tmp_path / "plain"), **kwargs)
+    shards: list[dict] = []
+
+    async def run_shard_here(deployment: str, parameters: dict, **_: object) -> SimpleNamespace:
+        """A work pool's worker, in this process: the shard run of the deployment's flow."""
+        shards.append(parameters)
+        state = await detect_crop_classify(**parameters, return_state=True)
+        return SimpleNamespace(state=state, name=f"shard-{parameters['shard']['index']}")
+
+    async def a_deployment(plan: object) -> str:
+        return "detect-crop-classify/here"
+
+    monkeypatch.setattr(fanout, "arun_deployment", run_shard_here)
+    monkeypatch.setattr(fanout, "_deployment", a_deployment)
+    fanned = detect_crop_classify(
+        images, _example(tmp_path), LABELS, str(tmp_path / "fanned"), fan_out={"shard_size": 2}, **kwargs
+    )
+    assert [s["shard"]["index"] for s in shards] == [0, 1] and all(s["shard"]["videos"] for s in shards)
+    assert all((s["video_fps"], s["video_sample"]) == (0.5, "fps") for s in shards)  # the parent's settings
+    parts = sorted((tmp_path / "fanned" / "detections").glob("part-*.parquet"))
+    assert len(parts) == 2 and len({str(pq.read_schema(p)) for p in parts}) == 1  # one schema, video columns too
+    assert pq.read_schema(parts[0]).names == pq.read_schema(plain.detections_path).names
+    assert _sorted_rows(pq.read_table(tmp_path / "fanned" / "detections")) == _sorted_rows(
+        pq.read_table(plain.detections_path)
+    )
+    assert fanned.object_counts == plain.object_counts == {f"a {name} object": 1 for name in COLOURS}
+    assert len(fanned.annotated_videos) == 1 and fanned.detections == plain.detections
