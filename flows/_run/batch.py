@@ -179,15 +179,19 @@ class Progress:
         self._sent_at, self._percent = time.monotonic(), percent
 
 
-def pipelined(batches: Iterable[T], submit: Callable[[T], F], window: int = 2) -> Iterator[tuple[T, F]]:
+async def pipelined(batches: Iterable[T], submit: Callable[[T], F], window: int = 2) -> AsyncIterator[tuple[T, F]]:
     """Submit work for up to ``window`` batches ahead, yielding ``(batch, future)`` in order.
 
     While one batch's tasks finish (their last requests, then ~0.1 s of Prefect bookkeeping),
     the next is already reading its images and sending requests, so the server never idles
     between batches. The engine's concurrency limit still bounds the requests in flight.
+
+    Each batch is made on a worker thread: listing a source, and decoding a video's frames and
+    encoding them as JPEG, are I/O and CPU work that would otherwise hold the flow's event loop.
     """
+    source = iter(batches)
     pending: deque[tuple[T, F]] = deque()
-    for batch in batches:
+    while (batch := await asyncio.to_thread(next, source, None)) is not None:
         pending.append((batch, submit(batch)))
         if len(pending) >= window:
             yield pending.popleft()
@@ -381,7 +385,7 @@ class BatchRun(RunTotals):
         shared = contextvars.copy_context()
         client = shared.run(_enter_sync_client)
         try:
-            for _, future in pipelined(self.batches(), lambda batch: shared.run(submit, batch), window):
+            async for _, future in pipelined(self.batches(), lambda batch: shared.run(submit, batch), window):
                 # The steps run in the task runner's threads meanwhile; the loop stays free for
                 # the run's own requests (the progress artifact) while this waits.
                 await asyncio.to_thread(future.wait)

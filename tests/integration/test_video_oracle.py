@@ -211,3 +211,28 @@ def test_a_fanned_out_run_writes_the_tables_and_counts_of_a_plain_run(
     )
     assert fanned.object_counts == plain.object_counts == {f"a {name} object": 1 for name in COLOURS}
     assert len(fanned.annotated_videos) == 1 and fanned.detections == plain.detections
+
+
+def test_frames_are_decoded_and_encoded_off_the_flows_event_loop(
+    stub: SceneStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from prefect_roboflow.flows import embed_images
+    from prefect_roboflow.flows._steps import sources
+
+    made_on_loop: list[bool] = []
+    original = sources.frame_records
+
+    def watched(*args: object, **kwargs: object) -> Iterator[ImageRecord]:
+        for record in original(*args, **kwargs):  # type: ignore[arg-type]
+            try:  # the thread that decoded and encoded this frame runs an event loop, or not
+                asyncio.get_running_loop()
+                made_on_loop.append(True)
+            except RuntimeError:
+                made_on_loop.append(False)
+            yield record
+
+    monkeypatch.setattr(sources, "frame_records", watched)
+    result = embed_images(str(_phone_video(tmp_path / "phone.mov")), str(tmp_path / "out"), server=stub.url)
+    assert result.images == SECONDS and made_on_loop == [False] * SECONDS
