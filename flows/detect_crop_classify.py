@@ -22,7 +22,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import DetectCropClassifyParameters, check_video, resolve_out_dir
+from ._run.parameters import check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -109,19 +109,22 @@ async def detect_crop_classify(
         (``tracker_id``), ``object_counts`` counts distinct objects per label, and ``annotated/``
         also holds one annotated MP4 per video.
     """
-    DetectCropClassifyParameters.check(locals())
     video = check_video(video_fps, video_sample)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
+    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
+    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
     run: RunTotals
     if fan_out is not None:
         has_video = await asyncio.to_thread(fanout.has_video, images)
         schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if has_video else DETECTIONS_SCHEMA
         settings = {"video_fps": video.fps, "video_sample": video.mode}
         fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": schema}, settings, has_video)
+        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+            fanned.warn(note)
         fanned.videos = sum(int(extra.get("videos", 0)) for extra in fanned.extras)
         videos_written = [str(v) for extra in fanned.extras for v in extra.get("annotated_videos", [])]
         outcome = _outcome(
@@ -150,6 +153,8 @@ async def detect_crop_classify(
             if videos is not None:
                 videos.write(batch)
     written = videos.close() if videos is not None else []
+    for note in await asyncio.to_thread(unfound.result) if unfound else []:
+        run.warn(note)
     counts = tracks.object_counts()
     if shard is not None:  # the parent adds up the shards' objects (a video is in one shard)
         shard.save(out, run, {"object_counts": counts, "annotated_videos": written, "videos": run.videos})
