@@ -171,8 +171,10 @@ def evaluate(sequences: list[Sequence], python: str, rates: Seq[float] = RATES) 
             metric_key = "reference" if key.startswith("reference") else key
             hota = [r["metrics"][metric_key]["HOTA"] for r in source]
             idf1_te = [r["metrics"][metric_key]["IDF1"] for r in source]
+            per_sequence = [score([f], [i])["IDF1"] for f, i in zip(frames, ids, strict=True)]
             row[key] = {
                 **mot,
+                "IDF1_disagreement": max(abs(a - b) for a, b in zip(per_sequence, idf1_te, strict=True)),
                 "HOTA": float(np.mean(hota)),
                 "IDF1_trackeval_mean": float(np.mean(idf1_te)),
                 "counted": sum(counted),
@@ -183,17 +185,25 @@ def evaluate(sequences: list[Sequence], python: str, rates: Seq[float] = RATES) 
 
 
 def _verdicts(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
-    idf1 = all(r["ours"]["IDF1"] >= max(r["reference"]["IDF1"], r["reference_lost"]["IDF1"]) for r in rows)
+    idf1 = all(
+        r["ours"][key] >= max(r["reference"][key], r["reference_lost"][key])
+        for r in rows
+        for key in ("IDF1", "IDF1_trackeval_mean")
+    )
     counts = all(abs(r["ours"]["counted"] - r["objects"]) <= 0.1 * r["objects"] for r in rows)
     low = [r for r in rows if r["fps"] <= 1]
-    margin = min(r["ours"]["IDF1"] - max(r["reference"]["IDF1"], r["reference_lost"]["IDF1"]) for r in low)
+    margin = min(
+        r["ours"][key] - max(r["reference"][key], r["reference_lost"][key])
+        for r in low
+        for key in ("IDF1", "IDF1_trackeval_mean")
+    )
     figures = ", ".join(
         f"{r['fps']:g} fps {r['ours']['IDF1']:.3f} vs {max(r['reference']['IDF1'], r['reference_lost']['IDF1']):.3f}"
         for r in rows
     )
     count_figures = ", ".join(f"{r['fps']:g} fps {r['ours']['counted']}/{r['objects']}" for r in rows)
     return [
-        ("IDF1 ≥ the reference's (the better of its two settings) at every rate", figures, idf1),
+        ("IDF1 ≥ the reference's (the better of its two settings) at every rate, both scorers", figures, idf1),
         ("object counts within 10% of the true distinct objects (all sequences of a rate)", count_figures, counts),
         ("at ≤ 1 fps, IDF1 ≥ the reference's + 0.1", f"smallest margin {margin:+.3f}", margin >= 0.1),
     ]
@@ -228,8 +238,9 @@ def main() -> int:
         "|---|---|---|",
         *(f"| {t} | {m} | {'PASS' if ok else 'FAIL'} |" for t, m, ok in verdicts),
         "",
-        "| fps | true objects | tracker | IDF1 | HOTA | MOTA | ID switches | counted | worst sequence count error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fps | true objects | tracker | IDF1 | IDF1 (trackers.eval, mean of sequences) | HOTA | MOTA | ID switches "
+        "| counted | worst sequence count error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = {
         "ours": "ours (IoU + crop embeddings)",
@@ -241,14 +252,17 @@ def main() -> int:
         for key, name in names.items():
             m = row[key]
             lines.append(
-                f"| {row['fps']:g} | {row['objects']} | {name} | {m['IDF1']:.3f} | {m['HOTA']:.3f} | {m['MOTA']:.3f} "
+                f"| {row['fps']:g} | {row['objects']} | {name} | {m['IDF1']:.3f} | {m['IDF1_trackeval_mean']:.3f} "
+                f"| {m['HOTA']:.3f} | {m['MOTA']:.3f} "
                 f"| {m['IDSW']} | {m['counted']} | {m['worst_count_error']:.0%} |"
             )
-    agree = max(abs(r[k]["IDF1"] - r[k]["IDF1_trackeval_mean"]) for r in rows for k in names)
+    ours_gap = max(r[k]["IDF1_disagreement"] for r in rows for k in ("ours", "ours_iou"))
+    theirs_gap = max(r[k]["IDF1_disagreement"] for r in rows for k in ("reference", "reference_lost"))
     lines += [
         "",
-        f"IDF1 by the two implementations (motmetrics over all sequences, trackers.eval mean per sequence) differ by "
-        f"at most {agree:.3f} here (pooling versus averaging).",
+        "The two implementations, per sequence: py-motmetrics' IDF1 and `trackers.eval`'s differ by at most "
+        f"{ours_gap:.3f} on our outputs and {theirs_gap:.3f} on the reference's (where they differ, motmetrics "
+        "scores the reference higher; the targets hold under either).",
     ]
     section = "\n".join(lines) + "\n"
     print(section)

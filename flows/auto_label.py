@@ -250,12 +250,10 @@ async def auto_label(
     run: RunTotals
     object_counts: dict[str, int]
     if fan_out is not None:
-        has_video = await asyncio.to_thread(fanout.has_video, images)
-        schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if has_video else DETECTIONS_SCHEMA
         settings = {"video_fps": video.fps, "video_sample": video.mode}
-        run = fanned = await fanout.fan_out(
-            FLOW_KEY, images, out, fan_out, {"labels": schema, "review": REVIEW_SCHEMA}, settings, has_video
-        )
+        tables = {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
+        video_tables = {**tables, "labels": video_schema(DETECTIONS_SCHEMA, tracked=True)}
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
         for note in [*notes, *(await asyncio.to_thread(unfound.result) if unfound else [])]:
             run.warn(note)
         labelled, review_items = _merge_parts(fanned, gallery)

@@ -119,10 +119,9 @@ async def detect_crop_classify(
     unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
     run: RunTotals
     if fan_out is not None:
-        has_video = await asyncio.to_thread(fanout.has_video, images)
-        schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if has_video else DETECTIONS_SCHEMA
         settings = {"video_fps": video.fps, "video_sample": video.mode}
-        fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": schema}, settings, has_video)
+        tables, video_tables = {"detections": DETECTIONS_SCHEMA}, {"detections": video_schema(DETECTIONS_SCHEMA, True)}
+        fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
         for note in await asyncio.to_thread(unfound.result) if unfound else []:
             fanned.warn(note)
         fanned.videos = sum(int(extra.get("videos", 0)) for extra in fanned.extras)

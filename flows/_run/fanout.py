@@ -224,19 +224,23 @@ async def fan_out(
     plan: FanOut,
     tables: dict[str, pa.Schema],
     settings: dict[str, Any] | None = None,
-    videos: bool = False,
+    video_tables: dict[str, pa.Schema] | None = None,
 ) -> FannedOut:
     """Run a flow's job as shards of ``plan.shard_size`` images on a deployment; wait for all.
 
-    ``tables`` names the dataset folders a shard writes a part of (stem → schema: the job's, the
-    same in every part), its main table first. ``settings`` are parameters every shard gets as the
-    parent checked them (e.g. the video sampling), over this run's own; ``videos`` says the job has
-    a video (`has_video`).
+    ``tables`` names the dataset folders a shard writes a part of (stem → schema), its main table
+    first; ``video_tables`` their schemas when the job names a video (`has_video`): every part has
+    the job's one schema. ``settings`` are parameters every shard gets as the parent checked them
+    (e.g. the video sampling), over this run's own.
 
     Raises:
         InvalidInputError: naming ``fan_out``, when there is no deployment to run the shards on.
     """
-    job = _Job(await _deployment(plan), {**_shard_parameters(), **(settings or {})}, out, tables, plan.retries)
+    deployment = await _deployment(plan)
+    videos = video_tables is not None and await asyncio.to_thread(has_video, images)
+    if videos and video_tables is not None:
+        tables = video_tables
+    job = _Job(deployment, {**_shard_parameters(), **(settings or {})}, out, tables, plan.retries)
     shards: list[asyncio.Task[_Outcome]] = []
     try:
         async for shard, count in _manifests(images, out, plan, videos):  # each starts once its manifest is up

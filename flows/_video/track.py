@@ -307,13 +307,12 @@ class Tracker:
         track_vectors = [t.embedding for t in tracks]
         det_vectors = [vectors[i] for i in detections]
         if any(v is not None for v in track_vectors) and any(v is not None for v in det_vectors):
+            with_t = [(r, v) for r, v in enumerate(track_vectors) if v is not None]
+            with_d = [(c, v) for c, v in enumerate(det_vectors) if v is not None]
             similarity = np.full(iou.shape, np.nan)
-            for r, tv in enumerate(track_vectors):
-                if tv is None:
-                    continue
-                for c, dv in enumerate(det_vectors):
-                    if dv is not None:
-                        similarity[r, c] = float(tv @ dv)
+            if with_t and with_d:
+                products = np.vstack([v for _, v in with_t]) @ np.vstack([v for _, v in with_d]).T
+                similarity[np.ix_([r for r, _ in with_t], [c for c, _ in with_d])] = products
             known = ~np.isnan(similarity)
             scaled = np.where(known, np.clip((similarity - threshold) / max(1e-6, 1 - threshold), -1, 1), 0.0)
             alike = known & (similarity >= threshold) & self._reachable(tracks, predicted, chosen, time_s)
