@@ -41,7 +41,10 @@ instants are no longer reconstructed (FFmpeg's `skip_frame`, switched per packet
 each instant is always decoded whole), and the whole path is ~1.6× faster than before. Frames are
 decoded on all cores (FFmpeg's frame and slice threads; these figures are pinned to one CPU) and a
 run's batches are made on a worker thread, off the flow's event loop; frames go to JPEG through
-OpenCV from the decoder's BGR (the same bytes as Pillow's, so earlier cache entries still hit)."""
+OpenCV from the decoder's BGR (the same bytes as Pillow's, so earlier cache entries still hit).
+Decoder picked: PyAV — its decode costs about what OpenCV's does (rows above), and only PyAV decodes
+keyframes alone, skips non-reference frames, gives the container's presentation times and display
+matrix, says why a file cannot be read, and writes H.264."""
 
 
 def make_video(path: Path, seconds: int, bframes: bool = False) -> Path:
