@@ -243,8 +243,14 @@ async def auto_label(
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
     gallery = GallerySink(join(out, "gallery"), list(prompts))
-    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
-    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
+    # each example box looked for in its own image, once the source and deployment are known good (a
+    # typed error comes before any request): with the first batch, or after the fan-out; never in a shard
+    check: list[PrefectFuture[list[str]]] = []
+
+    def check_examples() -> None:
+        if shard is None and not check:
+            check.append(steps.check_example_boxes.submit(detector, reference, confidence, cache))
+
     notes = [ONE_CLASS_NOTE] if len(prompts) == 1 and min_score is None and shard is None else []
     tracks = VideoTracks()  # video frames: tracker ids across each video's frames
     run: RunTotals
@@ -254,7 +260,8 @@ async def auto_label(
         tables = {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
         video_tables = {**tables, "labels": video_schema(DETECTIONS_SCHEMA, tracked=True)}
         run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
-        for note in [*notes, *(await asyncio.to_thread(unfound.result) if unfound else [])]:
+        check_examples()
+        for note in [*notes, *await asyncio.to_thread(check[0].result)]:
             run.warn(note)
         labelled, review_items = _merge_parts(fanned, gallery)
         object_counts = fanned.summed("object_counts")
@@ -271,6 +278,7 @@ async def auto_label(
         labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
 
         def submit(batch: Batch) -> PrefectFuture[Batch]:
+            check_examples()
             found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
             cropped: Any = steps.crop.submit(found)
             embedded: Any = steps.embed.submit(embedder, cropped, cache)
@@ -288,7 +296,7 @@ async def auto_label(
                 run.write(sink, rows)
                 review.write(review_rows)
         labels, review_path = str(sink.path), str(review.path)
-        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+        for note in await asyncio.to_thread(check[0].result) if check else []:
             run.warn(note)
         object_counts = tracks.object_counts()
         if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part

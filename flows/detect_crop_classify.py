@@ -9,6 +9,7 @@ once per run, and cached; annotated copies of the images are drawn as the batche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from prefect.futures import PrefectFuture
@@ -115,14 +116,21 @@ async def detect_crop_classify(
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
-    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
-    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
+    # each example box looked for in its own image, once the source and deployment are known good (a
+    # typed error comes before any request): with the first batch, or after the fan-out; never in a shard
+    check: list[PrefectFuture[list[str]]] = []
+
+    def check_examples() -> None:
+        if shard is None and not check:
+            check.append(steps.check_example_boxes.submit(detector, reference, confidence, cache))
+
     run: RunTotals
     if fan_out is not None:
         settings = {"video_fps": video.fps, "video_sample": video.mode}
         tables, video_tables = {"detections": DETECTIONS_SCHEMA}, {"detections": video_schema(DETECTIONS_SCHEMA, True)}
         fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
-        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+        check_examples()
+        for note in await asyncio.to_thread(check[0].result):
             fanned.warn(note)
         fanned.videos = sum(int(extra.get("videos", 0)) for extra in fanned.extras)
         videos_written = [str(v) for extra in fanned.extras for v in extra.get("annotated_videos", [])]
@@ -136,6 +144,7 @@ async def detect_crop_classify(
     label_set = steps.embed_labels(embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:  # each step gets its input as a future
+        check_examples()
         found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
         cropped: Any = steps.crop.submit(found, padding)
         embedded: Any = steps.embed.submit(embedder, cropped, cache)
@@ -144,15 +153,16 @@ async def detect_crop_classify(
     videos_in_job = run.videos or (shard is not None and shard.videos)  # one schema for every part of a job
     schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
     tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder) if run.videos else None
-    with ParquetSink(shard.table(out, "detections") if shard else join(out, "detections.parquet"), schema) as sink:
+    table = shard.table(out, "detections") if shard else join(out, "detections.parquet")
+    with ParquetSink(table, schema) as sink, videos or contextlib.nullcontext():  # on an error, nothing published
         async for batch in run.process(submit):
             batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
             run.write(sink, detection_rows(batch, embedder, schema))
             annotated.write(batch)
             if videos is not None:
                 videos.write(batch)
-    written = videos.close() if videos is not None else []
-    for note in await asyncio.to_thread(unfound.result) if unfound else []:
+    written = videos.written if videos is not None else []
+    for note in await asyncio.to_thread(check[0].result) if check else []:
         run.warn(note)
     counts = tracks.object_counts()
     if shard is not None:  # the parent adds up the shards' objects (a video is in one shard)

@@ -20,6 +20,7 @@ sink.close()           # publishes the last video; returns the published paths
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -181,9 +182,29 @@ class AnnotatedVideoSink:
         self.written.append(target)
 
     def close(self) -> list[str]:
-        """Publish the video still being written; the published locations."""
+        """Publish the video still being written; the published locations. Closing again does nothing."""
         try:
             self._finish()
         finally:
             self._work.cleanup()
         return self.written
+
+    def abort(self) -> None:
+        """Drop the video still being written (its encoder and local file), publishing nothing more."""
+        encoder, self._encoder = self._encoder, None
+        try:
+            if encoder is not None:
+                with contextlib.suppress(Exception):  # a half-written file is deleted just below
+                    encoder.container.close()
+        finally:
+            self._work.cleanup()
+
+    def __enter__(self) -> AnnotatedVideoSink:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """On success the last video is published (as `close`); on an error the sink is aborted."""
+        if kind is None:
+            self.close()
+        else:
+            self.abort()

@@ -123,9 +123,9 @@ def test_an_auto_label_shard_keeps_its_labelled_part_for_the_parent(
     examples, _ = example_spec()
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     kwargs: dict[str, object] = {"server": proxy.url, "cache_storage": cache, "batch_size": 4}
-    probe = auto_label(scenes, examples, CLASSES, str(tmp_path / "probe"), min_score=0.0, **kwargs)
+    probe = auto_label(scenes, examples, CLASSES, str(tmp_path / "probe"), min_probability=0.0, **kwargs)
     scores = [r["label_score"] for r in pq.read_table(probe.labels_path).to_pylist() if r["status"] == "labelled"]
-    kwargs["min_score"] = float(np.median(scores))  # about half the boxes kept, half left for review
+    kwargs["min_probability"] = float(np.median(scores))  # about half the boxes kept, half left for review
     whole = auto_label(scenes, examples, CLASSES, str(tmp_path / "whole"), **kwargs)
     assert whole.labelled and whole.review, "the scenes give both kept and reviewed boxes: this checks both"
     # when a shard of every image runs
