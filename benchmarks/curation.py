@@ -1,7 +1,11 @@
 """Curation at scale (issue 30): `curate_images` over a 1,000,000 or 10,000,000 × 512 vector index.
 
+    bash benchmarks/run.sh --only curation [--rows 1000000]    # = python -m benchmarks.curation bench
     python -m benchmarks.curation build --rows 1000000 --index out/benchmarks/curation-1m
     python -m benchmarks.curation run --index out/benchmarks/curation-1m [--budget 1000] [--check 1000]
+
+``bench`` builds ``out/benchmarks/curation-<rows>`` once (kept for later runs) and runs it in a fresh
+process with ``--check 500 --rerun``.
 
 ``build`` writes a vector index of synthetic clustered 512-d unit vectors (as `benchmarks.index_bench`:
 each cluster of ~1,000 rows, at most 4,096 clusters, spans a random 32-d subspace around its centre,
@@ -160,9 +164,30 @@ def run(index_path: str, budget: int, check: int, rerun: bool, cache: str | None
     return figures
 
 
+def bench(rows: int) -> dict[str, Any]:
+    """Build the index of ``rows`` once, then measure a run of it in a fresh process."""
+    import subprocess
+
+    index = Path(__file__).resolve().parents[1] / "out" / "benchmarks" / f"curation-{rows}"
+    if not (index / "manifest.json").exists():
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.curation", "build", "--rows", str(rows), "--index", str(index)],
+            check=True,
+        )
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.curation", "run", "--index", str(index), "--check", "500", "--rerun"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    whole = sub.add_parser("bench")
+    whole.add_argument("--rows", type=int, default=1_000_000)
     b = sub.add_parser("build")
     b.add_argument("--rows", type=int, default=1_000_000)
     b.add_argument("--index", required=True)
@@ -174,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--cache")
     r.add_argument("--out")
     args = parser.parse_args(argv)
-    if args.command == "build":
+    if args.command == "bench":
+        print(json.dumps(bench(args.rows), default=str), flush=True)
+    elif args.command == "build":
         print(json.dumps(build(args.rows, args.index)), flush=True)
     else:
         figures = run(args.index, args.budget, args.check, args.rerun, args.cache, args.out)

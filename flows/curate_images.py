@@ -28,6 +28,7 @@ import numpy as np
 from prefect import get_run_logger
 from pydantic import BaseModel
 
+from ._curation.box_issues import BOX_ISSUES_SCHEMA, BoxIssues, box_issues
 from ._curation.gallery import GALLERY_ROWS, GalleryItem, write_gallery
 from ._curation.label_issues import LabelIssues, label_issues
 from ._curation.scores import Scores, Settings, cached_scores
@@ -37,7 +38,7 @@ from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import ParquetSink, show_location
 from ._run.batch import emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
-from ._run.parameters import CurateImagesParameters, resolve_out_dir
+from ._run.parameters import resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._storage.access import is_remote, join
 
@@ -58,6 +59,8 @@ class CurateImagesResult(BaseModel):
     leaks: int
     label_issues: int
     labelled: int
+    box_label_issues: int  # reviewed images cleanlab's object-detection check flags
+    box_issues_path: str | None
     from_cache: bool
     seconds: float
     curation_path: str
@@ -74,6 +77,7 @@ async def curate_images(
     k: int = 10,
     split_column: str = "split",
     labels: str | None = None,
+    reviewed: str | None = None,
     classes: list[str] | None = None,
     cache_storage: str | None = None,
     gallery_rows: int = GALLERY_ROWS,
@@ -94,6 +98,9 @@ async def curate_images(
         labels: A labelled table (``label`` and ``label_scores`` per row: `classify_images`,
             `detect_crop_classify`, `auto_label`, or one with reviewed labels written back) whose
             labels cleanlab judges, joined by ``image_ref`` and ``detection_index``.
+        reviewed: Reviewed boxes as a COCO ``annotations.json`` (exported by `auto_label`, or by Label
+            Studio or CVAT after review) that cleanlab's object-detection check judges against the
+            detections of ``labels``: ``box_issues.parquet``, one row per reviewed image.
         classes: The class names in ``label_scores`` order (default: read from the table).
         cache_storage: Where scores are cached (see `embed_images`); a rerun over the same rows
             reads them back.
@@ -108,7 +115,6 @@ async def curate_images(
         InvalidInputError: naming the parameter, before anything is read: a bad number, a missing
             source, a table without embeddings, splits of different models.
     """
-    CurateImagesParameters.check(locals())
     logger = get_run_logger()
     started = time.perf_counter()
     out = resolve_out_dir(out_dir)
@@ -126,8 +132,10 @@ async def curate_images(
         )
         scores, cached = await asyncio.to_thread(cached_scores, cache, opened, settings, logger.info)
         judged = await asyncio.to_thread(label_issues, opened, labels, classes) if labels else None
+        boxes = await asyncio.to_thread(_box_issues, labels, reviewed, judged) if reviewed else None
         path = await asyncio.to_thread(_write_table, join(out, "curation.parquet"), opened, scores, judged)
-        gallery = await asyncio.to_thread(_gallery, join(out, "gallery"), opened, scores, judged, gallery_rows)
+        boxes_path = await asyncio.to_thread(_write_boxes, join(out, "box_issues.parquet"), boxes) if boxes else None
+        gallery = await asyncio.to_thread(_gallery, join(out, "gallery"), opened, scores, judged, gallery_rows, boxes)
     result = CurateImagesResult(
         rows=opened.index.rows + opened.failed.num_rows,
         failed=opened.failed.num_rows,
@@ -138,6 +146,8 @@ async def curate_images(
         leaks=int((scores.leak_with >= 0).sum()),
         label_issues=judged.issues if judged else 0,
         labelled=int((judged.given >= 0).sum()) if judged else 0,
+        box_label_issues=boxes.issues if boxes else 0,
+        box_issues_path=boxes_path,
         from_cache=cached,
         seconds=round(time.perf_counter() - started, 3),
         curation_path=path,
@@ -154,6 +164,19 @@ def _write_table(path: str, source: Source, scores: Scores, judged: LabelIssues 
     return str(sink.path)
 
 
+def _box_issues(labels: str | None, reviewed: str, judged: LabelIssues | None) -> BoxIssues:
+    from ._storage.parquet import read_table
+
+    assert labels is not None and judged is not None  # the contract asks for labels with reviewed
+    return box_issues(read_table(labels, field="labels"), reviewed, judged.classes)
+
+
+def _write_boxes(path: str, boxes: BoxIssues) -> str:
+    with ParquetSink(path, BOX_ISSUES_SCHEMA) as sink:
+        sink.write_table(boxes.table)
+    return str(sink.path)
+
+
 def _items(source: Source, rows: np.ndarray, caption: Any) -> list[GalleryItem]:
     if len(rows) == 0:
         return []
@@ -163,7 +186,9 @@ def _items(source: Source, rows: np.ndarray, caption: Any) -> list[GalleryItem]:
     return [GalleryItem(ref, caption(int(row))) for ref, row in zip(refs, rows.tolist(), strict=True)]
 
 
-def _gallery(folder: str, source: Source, scores: Scores, judged: LabelIssues | None, size: int) -> str:
+def _gallery(
+    folder: str, source: Source, scores: Scores, judged: LabelIssues | None, size: int, boxes: BoxIssues | None
+) -> str:
     order = np.argsort(-scores.uniqueness, kind="stable")
     picks = np.argsort(np.where(scores.pick >= 0, scores.pick, np.iinfo(np.int32).max), kind="stable")
     picks = picks[: min(size, int((scores.pick >= 0).sum()))]
@@ -185,6 +210,21 @@ def _gallery(folder: str, source: Source, scores: Scores, judged: LabelIssues | 
             return f"labelled {given!r}, probably {suggested!r} (label quality {judged.quality[row]:.3f})"
 
         sections.append(("Suspected label mistakes", _items(source, flagged, mistaken)))
+    if boxes is not None:
+        flagged_boxes = boxes.table.filter(boxes.table.column("label_issue")).sort_by("label_quality").slice(0, size)
+        sections.append(
+            (
+                "Suspected box label mistakes (reviewed)",
+                [
+                    GalleryItem(ref, f"box label quality {quality:.3f}")
+                    for ref, quality in zip(
+                        flagged_boxes.column("image_ref").to_pylist(),
+                        flagged_boxes.column("label_quality").to_pylist(),
+                        strict=True,
+                    )
+                ],
+            )
+        )
     return write_gallery(folder, sections, "curate_images")
 
 
@@ -204,6 +244,7 @@ async def _publish(
         {"figure": "duplicate groups (rows in them)", "value": f"{result.duplicate_groups} ({result.rows_in_groups})"},
         {"figure": "rows leaking into another split", "value": result.leaks},
         {"figure": "label issues / labelled rows", "value": f"{result.label_issues} / {result.labelled}"},
+        {"figure": "reviewed images with box label issues", "value": result.box_label_issues},
         {
             "figure": "sketch values a row / neighbour lists / selection passes",
             "value": f"{scores.sketch_width} / {scores.lists} / {scores.passes}",
@@ -212,7 +253,7 @@ async def _publish(
     ]
     keys = await materialize_outputs(
         FLOW_KEY,
-        [result.curation_path, result.gallery_path],
+        [p for p in (result.curation_path, result.box_issues_path, result.gallery_path) if p],
         source if isinstance(source, str) else list(source.values()),
         {"rows": result.rows, "failed": result.failed, "selected": result.selected},
         [f"{opened.index.family} {opened.index.version}"],

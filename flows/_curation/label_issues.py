@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from .._storage.access import local_copy
+from .._storage.parquet import read_table
 from .sources import Source
 
 __all__ = ["LOGIT_SCALE", "LabelIssues", "label_issues"]
@@ -53,15 +52,10 @@ class LabelIssues:
 
 
 def _read(path: str) -> pa.Table:
-    field = "labels"
-    with local_copy(path, field=field) as local:
-        try:
-            table = pq.read_table(local)
-        except (OSError, pa.ArrowInvalid) as error:
-            raise InvalidInputError(field, f"{path} is not a readable parquet table: {error}") from None
+    table = read_table(path, field="labels")
     missing = {"image_ref", "label", "label_scores"} - set(table.column_names)
     if missing:
-        raise InvalidInputError(field, f"{path} lacks column(s) {sorted(missing)}")
+        raise InvalidInputError("labels", f"{path} lacks column(s) {sorted(missing)}")
     return table
 
 

@@ -323,10 +323,19 @@ class CurateImagesParameters(FlowParameters):
     k: Annotated[int, BeforeValidator(_not_bool), Field(ge=3, le=100)]
     split_column: Text
     labels: Text | None
+    reviewed: Text | None = None
     classes: Prompts | None
     cache_storage: Text | None
     gallery_rows: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=1000)]
     seed: Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _reviewed_boxes_need_predictions(self) -> CurateImagesParameters:
+        if self.reviewed is not None and self.labels is None:
+            raise InvalidInputError(
+                "reviewed", "reviewed boxes are judged against a labelled table's detections: give labels"
+            )
+        return self
 
 
 #: Each shipped flow's contract, by the flow function's name.

@@ -324,3 +324,74 @@ def test_bad_parameters_are_refused_naming_them_before_any_work(
         curate_images(**call)
     assert caught.value.field == field
     assert not (tmp_path / "out" / "curation.parquet").exists()
+
+
+def test_box_label_issues_are_cleanlabs_on_reviewed_coco(tmp_path: Path) -> None:
+    """Reviewed COCO boxes against a detections table: the images whose reviewer swapped a class
+    (planted) are cleanlab's object-detection issues, and the scores are cleanlab's own."""
+    import json
+
+    from cleanlab.object_detection.filter import find_label_issues
+    from cleanlab.object_detection.rank import get_label_quality_scores
+
+    rng = np.random.default_rng(11)
+    classes, images, per_image = ["apple", "orange", "box"], 40, 3
+    refs, shas, boxes, truth = [], [], [], []
+    for i in range(images):
+        for d in range(per_image):
+            x, y = 10 + 100 * d, 10 + rng.integers(0, 50)
+            refs.append(f"shelf/{i:03d}.png")
+            shas.append(hashlib.sha256(f"b{i}".encode()).hexdigest())
+            boxes.append([float(x), float(y), float(x + 60), float(y + 60)])
+            truth.append(int(rng.integers(0, 3)))
+    probs = np.full((len(refs), 3), 0.02, dtype=np.float32)
+    probs[np.arange(len(refs)), truth] = 0.96
+    n = len(refs)
+    table = write_table(
+        tmp_path / "labels.parquet",
+        clustered(n, seed=11),
+        shas,
+        detection_index=pa.array([i % per_image for i in range(n)], pa.int32()),
+        label=[classes[t] for t in truth],
+        label_scores=pa.array([list(p) for p in probs], pa.list_(pa.float32())),
+        box_xyxy=pa.array(boxes, pa.list_(pa.float32(), 4)),
+    )
+    table_rows = pq.read_table(table).set_column(0, "image_ref", pa.array(refs))
+    pq.write_table(table_rows, table)
+    swapped = set(rng.choice(images, 6, replace=False).tolist())
+    annotations, given, predictions = [], [], []
+    for i in range(images):
+        rows = range(i * per_image, (i + 1) * per_image)
+        labels = [(truth[r] + 1) % 3 if i in swapped and r == rows[0] else truth[r] for r in rows]
+        for r, label in zip(rows, labels, strict=True):
+            x1, y1, x2, y2 = boxes[r]
+            annotations.append({"id": r, "image_id": i, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+        given.append({"bboxes": np.asarray([boxes[r] for r in rows], np.float32), "labels": np.asarray(labels)})
+        per_class = np.empty(3, dtype=object)
+        for k in range(3):
+            per_class[k] = np.asarray([[*boxes[r], probs[r, k]] for r in rows], np.float32)
+        predictions.append(per_class)
+    coco = {
+        "images": [{"id": i, "file_name": f"{i:03d}-{shas[i * per_image][:10]}.png"} for i in range(images)],
+        "categories": [{"id": k + 1, "name": name} for k, name in enumerate(classes)],
+        "annotations": annotations,
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    result = curate_images(
+        str(table), str(tmp_path / "out"), budget=5, labels=str(table), reviewed=str(tmp_path / "annotations.json"),
+        classes=classes,
+    )  # fmt: skip
+    assert result.box_issues_path is not None
+    rows = pq.read_table(result.box_issues_path).to_pandas()
+    assert rows["image_ref"].tolist() == [f"shelf/{i:03d}.png" for i in range(images)]
+    theirs = find_label_issues(given, predictions)
+    assert (rows["label_issue"].to_numpy() == theirs).all() and result.box_label_issues == int(theirs.sum())
+    assert np.allclose(rows["label_quality"], get_label_quality_scores(given, predictions, verbose=False), atol=1e-6)
+    assert set(np.flatnonzero(theirs).tolist()) == swapped  # the planted swaps, and only they
+    assert "Suspected box label mistakes" in Path(result.gallery_path).read_text()
+
+
+def test_reviewed_boxes_need_a_labelled_table(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        curate_images(str(tmp_path / "t.parquet"), str(tmp_path / "out"), reviewed=str(tmp_path / "a.json"))
+    assert caught.value.field == "reviewed"
