@@ -164,6 +164,56 @@ def run(index_path: str, budget: int, check: int, rerun: bool, cache: str | None
     return figures
 
 
+def oracle() -> dict[str, Any]:
+    """The agreements the tests assert, as figures: 20,000 planted rows (tests/integration/test_curate_images.py)
+    against FiftyOne Brain's code (its side venv), brute-force pairs and brute-force greedy k-centre."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+    from prefect.testing.utilities import prefect_test_harness
+    from scipy.stats import spearmanr
+
+    from prefect_roboflow.flows.curate_images import curate_images
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests" / "integration"))
+    import test_curate_images as t  # the planted rows and brute-force helpers the tests use
+
+    data = t.planted()
+    root = Path(tempfile.mkdtemp(prefix="curation-oracle-"))
+    table = t.write_table(root / "embeddings.parquet", data["vectors"], data["shas"], data["splits"])
+    with prefect_test_harness(server_startup_timeout=120):
+        result = curate_images(str(table), str(root / "out"), budget=100, cache_storage=str(root / "cache"))
+    rows = pq.read_table(result.curation_path).to_pandas()
+    python = subprocess.run([str(t.ORACLE / "up")], check=True, capture_output=True, text=True).stdout.split()[-1]
+    np.save(root / "e.npy", data["vectors"])
+    subprocess.run([python, str(t.ORACLE / "oracle.py"), str(root / "e.npy"), str(root / "fo.npz")], check=True)
+    fo = np.load(root / "fo.npz")
+    vectors = data["vectors"]
+    greedy = [0]
+    nearest = 1.0 - vectors @ vectors[0]
+    while len(greedy) < 100:
+        greedy.append(int(np.argmax(nearest)))
+        np.minimum(nearest, 1.0 - vectors @ vectors[greedy[-1]], out=nearest)
+    picks = rows.loc[rows["selected"], "selection_rank"].sort_values().index.to_numpy()
+    return {
+        "rows": len(rows),
+        "uniqueness_spearman_vs_fiftyone": round(float(spearmanr(rows["uniqueness"], fo["uniqueness"]).statistic), 6),
+        "uniqueness_max_abs_difference": float(np.abs(rows["uniqueness"].to_numpy() - fo["uniqueness"]).max()),
+        "representativeness_spearman_vs_1_minus_fiftyone": round(
+            float(spearmanr(rows["representativeness"], 1.0 - fo["representativeness"]).statistic), 6
+        ),
+        "representativeness_spearman_vs_fiftyone_as_returned": round(
+            float(spearmanr(rows["representativeness"], fo["representativeness"]).statistic), 6
+        ),
+        "same_cluster_as_fiftyone": float((rows["cluster"].to_numpy() == fo["cluster"]).mean()),
+        "coverage_radius": t._radius(vectors, picks),
+        "brute_force_greedy_radius": t._radius(vectors, np.asarray(greedy)),
+        "duplicate_groups": result.duplicate_groups,
+        "leaks": result.leaks,
+    }
+
+
 def bench(rows: int) -> dict[str, Any]:
     """Build the index of ``rows`` once, then measure a run of it in a fresh process."""
     import subprocess
@@ -186,6 +236,7 @@ def bench(rows: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("oracle")
     whole = sub.add_parser("bench")
     whole.add_argument("--rows", type=int, default=1_000_000)
     b = sub.add_parser("build")
@@ -199,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--cache")
     r.add_argument("--out")
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.command == "oracle":
+        print(json.dumps(oracle(), default=str), flush=True)
+    elif args.command == "bench":
         print(json.dumps(bench(args.rows), default=str), flush=True)
     elif args.command == "build":
         print(json.dumps(build(args.rows, args.index)), flush=True)

@@ -395,3 +395,57 @@ def test_reviewed_boxes_need_a_labelled_table(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError) as caught:
         curate_images(str(tmp_path / "t.parquet"), str(tmp_path / "out"), reviewed=str(tmp_path / "a.json"))
     assert caught.value.field == "reviewed"
+
+
+def test_the_deployment_curates_the_table_of_each_embed_images_run() -> None:
+    """serve.py's trigger, rendered by Prefect's own code on the event `embed_images` emits."""
+    import json
+    import sys
+    from datetime import datetime, timezone
+    from uuid import uuid4
+
+    import yaml
+    from prefect.events.schemas.events import Resource
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    sys.path.insert(0, str(REPO / "deployments"))
+    import serve
+
+    trigger = serve.embedded_trigger("/data/out/curate-images")
+    run_id = uuid4()
+    event = ReceivedEvent.model_validate(
+        {
+            "id": uuid4(),
+            "occurred": datetime.now(timezone.utc),
+            "event": "prefect_roboflow.embed_images.completed",  # what emit_completed("embed-images", ...) sends
+            "resource": {
+                "prefect.resource.id": f"prefect_roboflow.flow-run.{run_id}",
+                "prefect.resource.name": "embed-images",
+            },
+            "payload": {"embeddings_path": "/data/out/embed-images/embeddings.parquet", "images": 12},
+        }
+    )
+    assert event.event in trigger.expect
+    assert trigger.match.matches(event.resource)
+    other = Resource.model_validate(
+        {"prefect.resource.id": "prefect_roboflow.flow-run.x", "prefect.resource.name": "x"}
+    )
+    assert not trigger.match.matches(other)  # another flow's completion starts nothing
+    action = RunDeployment.model_validate(
+        {"source": "selected", "deployment_id": uuid4(), "parameters": trigger.parameters}
+    )
+    templates = json.loads(json.dumps(action.parameters))
+    RunDeployment._upgrade_v1_templates(templates)
+    context = HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event})
+    rendered = hydrate(templates, context)
+    assert rendered == {
+        "source": "/data/out/embed-images/embeddings.parquet",
+        "out_dir": f"/data/out/curate-images/events/{event.id}",
+    }
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    (deployment,) = [d for d in spec["deployments"] if d["entrypoint"].endswith(":curate_images")]
+    (declared,) = deployment["triggers"]
+    assert declared["expect"] == sorted(trigger.expect) and declared["match"] == trigger.match.root
+    assert declared["parameters"]["source"] == trigger.parameters["source"]
