@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from ._curation.box_issues import BOX_ISSUES_SCHEMA, BoxIssues, box_issues
 from ._curation.gallery import GALLERY_ROWS, GalleryItem, write_gallery
-from ._curation.label_issues import LabelIssues, label_issues
+from ._curation.label_issues import LabelIssues, cached_label_issues
 from ._curation.scores import Scores, Settings, cached_scores
 from ._curation.sources import Source, describe, open_source
 from ._curation.table import CURATION_SCHEMA, curation_blocks
@@ -131,7 +131,7 @@ async def curate_images(
             opened.index.version,
         )
         scores, cached = await asyncio.to_thread(cached_scores, cache, opened, settings, logger.info)
-        judged = await asyncio.to_thread(label_issues, opened, labels, classes) if labels else None
+        judged = await asyncio.to_thread(cached_label_issues, cache, opened, labels, classes) if labels else None
         boxes = await asyncio.to_thread(_box_issues, labels, reviewed, judged) if reviewed else None
         path = await asyncio.to_thread(_write_table, join(out, "curation.parquet"), opened, scores, judged)
         boxes_path = await asyncio.to_thread(_write_boxes, join(out, "box_issues.parquet"), boxes) if boxes else None

@@ -11,11 +11,15 @@ right). No home-made score: the judgement is cleanlab's.
 
 Rows join the curation's rows by ``(image_ref, detection_index)``. A row whose scores do not have
 one value per class, or whose label is not a class, is not scored and says why; ``"unknown"`` and
-empty labels are not labels.
+empty labels are not labels. `cached_label_issues` stores the verdicts under the rows' digest, the
+labelled table's bytes and the classes: a rerun reads them back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,10 +28,12 @@ import pyarrow as pa
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
+from .._steps.cache import ContentCache, content_key
+from .._storage.access import read_bytes
 from .._storage.parquet import read_table
 from .sources import Source
 
-__all__ = ["LOGIT_SCALE", "LabelIssues", "label_issues"]
+__all__ = ["LOGIT_SCALE", "LabelIssues", "cached_label_issues", "label_issues"]
 
 #: CLIP's logit scale: zero-shot probabilities are softmax(100 × cosine similarity).
 LOGIT_SCALE = 100.0
@@ -49,6 +55,43 @@ class LabelIssues:
     def issues(self) -> int:
         """How many rows cleanlab flags."""
         return int((self.issue == 1).sum())
+
+    def dump(self) -> bytes:
+        """As one cache entry."""
+        buffer = io.BytesIO()
+        facts = json.dumps({"classes": self.classes, "errors": {str(k): v for k, v in self.errors.items()}})
+        np.savez(buffer, facts=np.frombuffer(facts.encode(), np.uint8), given=self.given, suggested=self.suggested,
+                 quality=self.quality, issue=self.issue)  # fmt: skip
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, data: bytes, rows: int) -> LabelIssues | None:
+        """The verdicts of a cache entry, or None when it is not one for ``rows`` rows."""
+        try:
+            with np.load(io.BytesIO(data)) as stored:
+                facts = json.loads(bytes(stored["facts"]).decode())
+                arrays = [stored[name] for name in ("given", "suggested", "quality", "issue")]
+        except (OSError, ValueError, KeyError):
+            return None
+        if any(len(a) != rows for a in arrays):
+            return None
+        given, suggested, quality, issue = arrays
+        errors = {int(k): str(v) for k, v in facts["errors"].items()}
+        return cls(list(facts["classes"]), given, suggested, quality, issue, errors)
+
+
+def cached_label_issues(cache: ContentCache, source: Source, path: str, classes: list[str] | None) -> LabelIssues:
+    """`label_issues`, stored under the rows' digest, the labelled table's content and the classes."""
+    digest = hashlib.sha256(read_bytes(path, field="labels")).hexdigest()
+    model = {"family": source.index.family, "version": source.index.version}
+    key = content_key("curate-labels", f"{source.digest}/{digest}", model, {"format": "1", "classes": classes})
+    stored = cache.get(key)
+    found = LabelIssues.load(stored, source.index.rows) if stored is not None else None
+    if found is not None:
+        return found
+    judged = label_issues(source, path, classes)
+    cache.put(key, judged.dump())
+    return judged
 
 
 def _read(path: str) -> pa.Table:

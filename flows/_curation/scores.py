@@ -102,6 +102,17 @@ def _one_thread() -> Iterator[None]:
 def compute_scores(source: Source, settings: Settings, progress: Callable[[str], None] = lambda _: None) -> Scores:
     """Every score of ``source``'s rows (see the module docs)."""
     index, rows = source.index, source.index.rows
+    if rows == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return Scores(
+            np.empty(0, np.float32),
+            np.empty(0, np.float32),
+            np.empty(0, np.int16),
+            empty,
+            empty,
+            empty,
+            np.empty(0, np.int32),
+        )
     with _one_thread():
         sample = index.vectors(sample_rows(rows))
         clusters = Clusters(sample, rows)

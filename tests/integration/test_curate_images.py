@@ -229,7 +229,7 @@ def test_the_scale_path_agrees_with_exact_search(
     assert result.coverage_radius <= 1.2 * curated["result"].coverage_radius
 
 
-def test_label_issues_are_cleanlabs_and_find_planted_flips(tmp_path: Path) -> None:
+def test_label_issues_are_cleanlabs_and_find_planted_flips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cleanlab.filter import find_label_issues
 
     rng = np.random.default_rng(3)
@@ -250,7 +250,10 @@ def test_label_issues_are_cleanlabs_and_find_planted_flips(tmp_path: Path) -> No
         label=[classes[g] for g in given],
         label_scores=pa.array([list(p) for p in probs.astype(np.float32)], pa.list_(pa.float32())),
     )
-    result = curate_images(str(table), str(tmp_path / "out"), budget=10, labels=str(table), classes=classes)
+    cache = str(tmp_path / "cache")
+    result = curate_images(
+        str(table), str(tmp_path / "out"), budget=10, labels=str(table), classes=classes, cache_storage=cache
+    )
     rows = pq.read_table(result.curation_path).to_pandas()
     theirs = find_label_issues(given, probs.astype(np.float32) / probs.astype(np.float32).sum(axis=1, keepdims=True))
     assert (rows["label_issue"].to_numpy(dtype=bool) == theirs).all()
@@ -259,6 +262,18 @@ def test_label_issues_are_cleanlabs_and_find_planted_flips(tmp_path: Path) -> No
     assert found[flipped].mean() >= 0.6 and found.sum() <= 3 * len(flipped)  # planted flips, few others
     assert (rows["label"].to_numpy() == np.asarray(classes)[given]).all()
     assert "Suspected label mistakes" in Path(result.gallery_path).read_text()
+    # a rerun reads cleanlab's verdicts from the cache
+    from prefect_roboflow.flows._curation import label_issues, scores
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("a cached rerun judged labels again")
+
+    monkeypatch.setattr(label_issues, "label_issues", refuse)
+    monkeypatch.setattr(scores, "compute_scores", refuse)
+    again = curate_images(
+        str(table), str(tmp_path / "again"), budget=10, labels=str(table), classes=classes, cache_storage=cache
+    )
+    assert pq.read_table(again.curation_path).equals(pq.read_table(result.curation_path))
 
 
 def test_failed_rows_and_indexes_and_splits_by_source(tmp_path: Path) -> None:
