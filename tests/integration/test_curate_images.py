@@ -464,3 +464,22 @@ def test_the_deployment_curates_the_table_of_each_embed_images_run() -> None:
     (declared,) = deployment["triggers"]
     assert declared["expect"] == sorted(trigger.expect) and declared["match"] == trigger.match.root
     assert declared["parameters"]["source"] == trigger.parameters["source"]
+
+
+def test_a_table_whose_every_row_failed_is_a_table_of_failed_rows(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "image_ref": ["a.jpg", "b.jpg"],
+            "image_sha256": pa.nulls(2, pa.string()),
+            "model": ["clip", "clip"],
+            "version": ["ViT-B-16", "ViT-B-16"],
+            "embedding": pa.nulls(2, pa.list_(pa.float32())),
+            "status": ["failed", "failed"],
+            "error": ["read: not an image", "server: 500"],
+        }
+    )
+    pq.write_table(table, tmp_path / "failed.parquet")
+    result = curate_images(str(tmp_path / "failed.parquet"), str(tmp_path / "out"), budget=3)
+    rows = pq.read_table(result.curation_path).to_pandas()
+    assert result.rows == 2 == result.failed and result.selected == 0
+    assert rows["status"].tolist() == ["failed", "failed"] and rows["error"].tolist() == table["error"].to_pylist()
