@@ -26,8 +26,6 @@ __all__ = ["POOL_ROWS", "Selection", "k_centre"]
 POOL_ROWS = 8_192
 #: Rows compared with the new picks at once in a pass.
 PASS_BLOCK = 131_072
-#: Passes over every row at most, about: a pass takes at least ``budget / MAX_PASSES`` picks.
-MAX_PASSES = 32
 
 
 class Selection:
@@ -68,10 +66,9 @@ def k_centre(sketch: Sketch, budget: int, eligible: np.ndarray, start: list[int]
         norms = sketch.norms[pool]
         distance = score[pool].copy()
         chosen: list[int] = []
-        at_least = max(1, -(-budget // MAX_PASSES))
         while len(picks) + len(chosen) < budget:
             best = int(np.argmax(distance))
-            if distance[best] <= 0.0 or (distance[best] < threshold and len(chosen) >= at_least):
+            if distance[best] <= 0.0 or distance[best] < threshold:
                 break
             chosen.append(int(pool[best]))
             squared = norms + norms[best] - 2.0 * (values @ values[best])
