@@ -24,7 +24,7 @@ PUBLIC_MODULES = [
     "prefect_roboflow.flows.records",
     "prefect_roboflow.flows.vector_index",
 ]
-PRIVATE_FOLDERS = ["_storage", "_video", "_steps", "_index", "_outputs", "_run", "_drift"]
+PRIVATE_FOLDERS = ["_storage", "_video", "_steps", "_index", "_outputs", "_run", "_drift", "_curation"]
 #: Which private folder may import which (flows/README.md); the public modules sit above them all.
 MAY_IMPORT = {
     "_storage": set(),
@@ -34,6 +34,7 @@ MAY_IMPORT = {
     "_outputs": {"_steps", "_video", "_storage"},
     "_run": {"_outputs", "_index", "_steps", "_video", "_storage", "vector_index"},
     "_drift": {"_outputs", "_index", "_steps", "_storage", "vector_index"},
+    "_curation": {"_outputs", "_index", "_steps", "_storage", "vector_index"},
 }
 
 
