@@ -25,10 +25,12 @@ from ._outputs.dataset import DEFAULT_FORMATS, EXPORT_FORMATS, GallerySink, Labe
 from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import AutoLabelParameters, check_video, resolve_out_dir
+from ._run.totals import ImageCounts, RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource, load

@@ -10,10 +10,12 @@ from . import steps
 from ._outputs.files import ParquetSink
 from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import ClassifyImagesParameters, check_index, check_video, resolve_out_dir
+from ._run.totals import ImageCounts, RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource

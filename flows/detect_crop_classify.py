@@ -18,10 +18,13 @@ from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
 from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import DetectCropClassifyParameters, check_video, resolve_out_dir
+from ._run.stats import RequestFigures
+from ._run.totals import RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource

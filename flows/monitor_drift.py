@@ -30,9 +30,12 @@ from ._drift.methods import DEFAULT_METHOD, METHODS, THRESHOLDS, drift_score
 from ._drift.windows import Window, check_same, checked_vectors, read_window
 from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import show_location
-from ._run.batch import EVENT_PREFIX, BatchRun, check_failure_rate, emit_completed, markdown_table, publish_summary
+from ._run.artifacts import markdown_table, publish_summary
+from ._run.batch import BatchRun
+from ._run.events import EVENT_PREFIX, emit_completed
 from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
+from ._run.totals import check_failure_rate
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource, count_images

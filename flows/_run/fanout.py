@@ -54,7 +54,8 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from .._outputs.files import ParquetSink
 from .._steps.sources import ImageSource, iter_image_refs
 from .._storage.access import delete, join, list_files, read_bytes, write_bytes
-from .batch import RunTotals, markdown_table
+from .artifacts import markdown_table
+from .totals import RunTotals
 
 __all__ = ["FanOut", "FannedOut", "Shard", "fan_out"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from prefect_roboflow.blocks import InvalidInputError
-from prefect_roboflow.flows._run import batch as batch_module
+from prefect_roboflow.flows._run import growth
 from prefect_roboflow.flows._run.batch import BatchRun
 from prefect_roboflow.flows.records import Batch, StepReport
 
@@ -62,14 +62,14 @@ def test_a_batch_that_sends_brings_the_size_back(folder: Path) -> None:
 
 
 def test_a_grown_batch_holds_at_most_the_byte_budget(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_module, "GROWN_BATCH_BYTES", 20 * FILE_BYTES)
+    monkeypatch.setattr(growth, "GROWN_BATCH_BYTES", 20 * FILE_BYTES)
     batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 0)
     assert {len(b) for b in batches[1:-1]} == {20}  # grown, but within the budget
     assert sum(len(b) for b in batches) == 200
 
 
 def test_a_budget_under_batch_size_never_shrinks_a_batch(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_module, "GROWN_BATCH_BYTES", 3 * FILE_BYTES)
+    monkeypatch.setattr(growth, "GROWN_BATCH_BYTES", 3 * FILE_BYTES)
     batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 0)
     assert [len(b) for b in batches] == [8] * 25
 
