@@ -4,7 +4,10 @@ OWLv2 finds objects like the examples (`detect`), each is cropped (`crop`) and e
 and gets the class whose prompts it is most similar to (`classify` against each class's prompt
 ensemble: several prompts per class are averaged in embedding space). A detection's score is the
 zero-shot probability of its class (softmax of 100 × cosine similarity over the classes, as CLIP
-computes it); under ``min_score`` it is not labelled but listed for review with its best guesses.
+computes it). It is not labelled but listed for review with its best guesses when that probability
+is under ``min_probability`` (the classes disagree) or its cosine similarity to the class is under
+``min_score`` (it is like none of them; ``min_score`` means the same in every flow). With one class
+every probability is 1.0: only ``min_score`` can send a box to review, and a run without it says so.
 The kept boxes, clipped to their images, are exported as COCO and/or YOLO through supervision.
 """
 
@@ -16,12 +19,13 @@ from typing import Any, Literal
 
 import numpy as np
 from prefect.futures import PrefectFuture
+from prefect.logging import get_run_logger
 from pydantic import Field
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from . import steps
-from ._outputs.dataset import DEFAULT_FORMATS, EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
+from ._outputs.dataset import DEFAULT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
 from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
 from ._run import fanout
@@ -29,7 +33,7 @@ from ._run.artifacts import markdown_table
 from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import AutoLabelParameters, check_video, resolve_out_dir
+from ._run.parameters import check_video, resolve_out_dir
 from ._run.totals import ImageCounts, RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
@@ -104,8 +108,11 @@ def _probabilities(crop: ImageRecord) -> np.ndarray:
 class _Labeller:
     """Sorts each crop batch into kept boxes (for the datasets and the gallery) and review items."""
 
-    def __init__(self, classes: Sequence[str], min_score: float, gallery: GallerySink) -> None:
-        self.classes, self.min_score, self.gallery = list(classes), min_score, gallery
+    def __init__(
+        self, classes: Sequence[str], min_score: float | None, min_probability: float, gallery: GallerySink
+    ) -> None:
+        self.classes, self.gallery = list(classes), gallery
+        self.min_score, self.min_probability = min_score, min_probability
         self.schema = DETECTIONS_SCHEMA  # with the frame and tracker columns on video
         self.images: list[LabelledImage] = []
         self.review: list[ReviewItem] = []
@@ -131,7 +138,9 @@ class _Labeller:
                 best = int(probabilities.argmax())
                 row.update(box_xyxy=box.tolist(), label_score=float(probabilities[best]))
                 row.update(label_scores=probabilities.tolist())
-                if probabilities[best] >= self.min_score:
+                assert crop.label is not None
+                similar = self.min_score is None or crop.label.scores[best] >= self.min_score
+                if similar and probabilities[best] >= self.min_probability:
                     row.update(status="labelled", label=self.classes[best])
                     labelled.xyxy.append(box.tolist())
                     labelled.class_ids.append(best)
@@ -163,12 +172,11 @@ class _Labeller:
         }
 
 
-def _check(min_score: float, formats: Sequence[str]) -> None:
-    if not 0.0 <= min_score <= 1.0:
-        raise InvalidInputError("min_score", f"must lie in [0, 1], got {min_score}")
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown or not formats:
-        raise InvalidInputError("formats", f"expected some of {list(EXPORT_FORMATS)}, got {list(formats)}")
+#: What a one-class run without ``min_score`` says in its log and summary.
+ONE_CLASS_NOTE = (
+    "one class: every box's class probability is 1.0, so min_probability sends none to review; "
+    "set min_score (a cosine similarity, as in the other flows) to review the boxes least like the class"
+)
 
 
 @roboflow_flow(name="auto-label", flow_run_name="auto-label[{model}]", validate_parameters=True)
@@ -178,7 +186,8 @@ async def auto_label(
     classes: Classes,
     out_dir: str,
     formats: Sequence[str] = DEFAULT_FORMATS,
-    min_score: float = 0.5,
+    min_score: float | None = None,
+    min_probability: float = 0.5,
     server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
@@ -204,7 +213,11 @@ async def auto_label(
             ``coco/``, ``yolo/``, ``gallery/`` (see `_dataset` for what a reader sees during a rewrite).
         formats: Some of ``"coco"``, ``"yolo"``, ``"label_studio"`` (``label_studio/tasks.json``: tasks
             with predictions) and ``"cvat"`` (``cvat/coco-1.0.zip``: CVAT's COCO 1.0 import); see `_outputs.handoff`.
-        min_score: Detections whose class probability is below this go to review, unlabelled.
+        min_score: Detections whose cosine similarity to their best class is below this go to
+            review, unlabelled (as `classify_images` and `detect_crop_classify` call theirs
+            "unknown"). The one rule that works with a single class.
+        min_probability: Detections whose class probability (softmax over the classes) is below
+            this go to review, unlabelled: the classes compete for the box.
         server: A saved `InferenceServer` block name, a URL, or a list of URLs (several servers).
         model: ``"clip"`` or ``"perception_encoder"`` for the crops and prompts.
         version: Version of that model; detector_version: OWLv2's; their defaults when omitted.
@@ -226,10 +239,11 @@ async def auto_label(
             writes one COCO/YOLO dataset and one gallery page from all the shards' parts.
         shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
-    AutoLabelParameters.check(locals())
     video = check_video(video_fps, video_sample)
-    _check(min_score, formats)
     prompts = class_prompts(classes)
+    notes = [ONE_CLASS_NOTE] if len(prompts) == 1 and min_score is None else []
+    for note in notes:
+        get_run_logger().warning(note)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
@@ -247,7 +261,7 @@ async def auto_label(
         run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
         all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
         class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
-        labeller = _Labeller(list(prompts), min_score, gallery)
+        labeller = _Labeller(list(prompts), min_score, min_probability, gallery)
         labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
 
         def submit(batch: Batch) -> PrefectFuture[Batch]:
@@ -270,12 +284,13 @@ async def auto_label(
         labels, review_path = str(sink.path), str(review.path)
         if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part
             shard.save(out, run, _part(labeller))
-            return await run.finish(*_outcome(run, {}, labels, review_path, gallery.folder), max_failure_rate)
+            outcome = _outcome(run, {}, labels, review_path, gallery.folder, notes)
+            return await run.finish(*outcome, max_failure_rate)
         labelled, review_items = labeller.images, labeller.review
     version = f"{detector.label}+{embedder.label}"
     datasets = write_datasets(labelled, list(prompts), formats, out, model_version=version, image_prefix=image_prefix)
     gallery_path = gallery.finish(review_items)
-    outcome = _outcome(run, datasets, labels, review_path, gallery_path)
+    outcome = _outcome(run, datasets, labels, review_path, gallery_path, notes)
     outcome[0].object_counts = tracks.object_counts()
     return await run.finish(*outcome, max_failure_rate)
 
@@ -311,7 +326,7 @@ def _merge_parts(run: fanout.FannedOut, gallery: GallerySink) -> tuple[list[Labe
 
 
 def _outcome(
-    run: RunTotals, datasets: dict[str, str], labels: str, review: str, gallery: str
+    run: RunTotals, datasets: dict[str, str], labels: str, review: str, gallery: str, notes: Sequence[str] = ()
 ) -> tuple[AutoLabelResult, str, list[str]]:
     counts = run.counts()
     result = AutoLabelResult(
@@ -330,10 +345,13 @@ def _outcome(
     )
     sections = [
         f"## Classes\n\n{counts_table}",
-        f"## Review\n\n{result.review} detection(s) under min_score, with their best guesses: `{review}`",
+        f"## Review\n\n{result.review} detection(s) under min_score or min_probability, with their best guesses: "
+        f"`{review}`",
         f"## Outputs\n\n- review gallery: {show_location(gallery)}\n"
         + "".join(f"- {fmt.upper()}: `{path}`\n" for fmt, path in datasets.items())
         + f"- table: `{labels}`",
     ]
+    if notes:
+        sections.insert(0, "## Warnings\n\n" + "".join(f"- {note}\n" for note in notes))
     title = f"{result.labelled} objects labelled in {result.images} images ({result.review} for review)"
     return result, title, sections

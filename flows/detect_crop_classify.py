@@ -22,7 +22,7 @@ from ._run.artifacts import markdown_table
 from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import DetectCropClassifyParameters, check_video, resolve_out_dir
+from ._run.parameters import check_video, resolve_out_dir
 from ._run.stats import RequestFigures
 from ._run.totals import RunTotals
 from ._steps.cache import resolve_cache
@@ -111,7 +111,6 @@ async def detect_crop_classify(
         (``tracker_id``), ``object_counts`` counts distinct objects per label, and ``annotated/``
         also holds one annotated MP4 per video.
     """
-    DetectCropClassifyParameters.check(locals())
     video = check_video(video_fps, video_sample)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)

@@ -10,7 +10,7 @@ from ._run.artifacts import markdown_table
 from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import EmbedImagesParameters, check_index, check_video, resolve_out_dir
+from ._run.parameters import check_index, check_video, resolve_out_dir
 from ._run.totals import ImageCounts, RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
@@ -75,7 +75,6 @@ async def embed_images(
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
         embedding, status ("ok" | "failed"), error``.
     """
-    EmbedImagesParameters.check(locals())
     video = check_video(video_fps, video_sample)
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)

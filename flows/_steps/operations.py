@@ -18,10 +18,10 @@ from prefect_roboflow.blocks import (
     EmbeddingModel,
     InferenceError,
     InvalidInputError,
-    ModelBlock,
     OwlV2,
     ReferenceExample,
 )
+from prefect_roboflow.blocks._model import ModelBlock
 from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
@@ -270,7 +270,8 @@ def embed_label_texts(model: EmbeddingModel, labels: Sequence[str], cache: Conte
         lambda misses: list(model.embed_texts([labels[i] for i in misses])),
         lambda v: fits_model(model, v),
     )
-    label_set = LabelSet(model.label, tuple(labels), np.vstack(vectors).astype(np.float32))
+    arrays = [v for v in vectors if not isinstance(v, InferenceError)]  # embed_texts raises rather than answer one
+    label_set = LabelSet(model.label, tuple(labels), np.vstack(arrays).astype(np.float32))
     report = StepReport("embed_labels", model.label, len(labels), len(labels) - sent, sent, 0, 0.0, infos)
     report.seconds = time.monotonic() - started
     return label_set, report
