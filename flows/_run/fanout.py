@@ -3,7 +3,9 @@
 The parent run lists its source once, lazily, and writes every ``shard_size`` references to a
 manifest (``<out_dir>/_shards/part-00003.json``, one whole object). Each shard is a
 `run_deployment` of the flow's own deployment (or the one `FanOut.deployment` names) with
-``shard=`` set, so whichever worker of the pool is free picks it up; it reads its manifest, runs
+``shard=`` set and its manifest as ``images`` (Prefect stores a run's parameters: a shard's do not
+hold the job's references, so they do not grow with the job), so whichever worker of the pool is
+free picks it up; it reads its manifest, runs
 the flow's usual batches and writes one part of each of its *dataset folders*
 (``<out_dir>/embeddings/part-00003.parquet``) and its totals (``_shards/part-00003.result.json``:
 the `RunTotals` and what else the flow keeps for its parent, e.g. `auto_label`'s labelled boxes).
@@ -123,7 +125,7 @@ class _Job:
     """What every shard of one fan-out needs."""
 
     deployment: str
-    parameters: dict[str, Any]
+    parameters: dict[str, Any]  # every shard's (`_job_parameters`)
     out: str
     tables: dict[str, pa.Schema]  # stem → schema; a lost shard's failed rows go to the first
     retries: int
@@ -205,7 +207,7 @@ async def fan_out(
     Raises:
         InvalidInputError: naming ``fan_out``, when there is no deployment to run the shards on.
     """
-    job = _Job(await _deployment(plan), _shard_parameters(), out, tables, plan.retries)
+    job = _Job(await _deployment(plan), _job_parameters(), out, tables, plan.retries)
     shards: list[asyncio.Task[_Outcome]] = []
     try:
         async for shard, count in _manifests(images, out, plan):  # each shard starts once its manifest is up
@@ -241,12 +243,21 @@ async def _deployment(plan: FanOut) -> str:
             raise InvalidInputError("fan_out", f"no deployment named {plan.deployment!r}") from None
 
 
-def _shard_parameters() -> dict[str, Any]:
-    """This run's parameters, as each shard gets them (a vector index is updated by the parent)."""
+def _job_parameters() -> dict[str, Any]:
+    """This run's parameters, as every shard gets them: no fan-out, no vector index (the parent
+    updates it), and no ``images`` (each shard gets its own: `_shard_parameters`)."""
     parameters = {**this_run.parameters, "fan_out": None}
+    parameters.pop("images", None)
     if "index_path" in parameters:
         parameters["index_path"] = None
     return parameters
+
+
+def _shard_parameters(job: dict[str, Any], shard: Shard) -> dict[str, Any]:
+    """One shard run's parameters: the job's, ``shard``, and as ``images`` its manifest (the
+    references it reads), never the job's source: what Prefect stores per shard run does not grow
+    with the job (a list source of N references would be stored once per shard)."""
+    return {**job, "images": shard.manifest, "shard": shard.model_dump()}
 
 
 async def _manifests(images: ImageSource, out: str, plan: FanOut) -> AsyncIterator[tuple[Shard, int]]:
@@ -271,7 +282,7 @@ async def _run(job: _Job, shard: Shard, images: int) -> _Outcome:
         shard = shard.model_copy(update={"attempt": attempt})
         run = await arun_deployment(
             job.deployment,
-            parameters={**job.parameters, "shard": shard.model_dump()},
+            parameters=_shard_parameters(job.parameters, shard),
             timeout=None,
             poll_interval=POLL_SECONDS,
             as_subflow=True,
