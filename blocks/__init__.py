@@ -27,6 +27,7 @@ from .exceptions import (
     ModelNotFoundError,
     RateLimitedError,
     ServerUnavailableError,
+    ServerUnreachableError,
 )
 from .images import encode_array
 from .owlv2 import Box, OwlV2, ReferenceExample
@@ -59,6 +60,7 @@ __all__ = [
     "ReferenceExample",
     "ResponseInfo",
     "ServerUnavailableError",
+    "ServerUnreachableError",
     "encode_array",
     "record_responses",
 ]

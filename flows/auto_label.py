@@ -13,13 +13,13 @@ The kept boxes, clipped to their images, are exported as COCO and/or YOLO throug
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
 from prefect.futures import PrefectFuture
-from prefect.logging import get_run_logger
 from pydantic import Field
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
@@ -241,24 +241,28 @@ async def auto_label(
     """
     video = check_video(video_fps, video_sample)
     prompts = class_prompts(classes)
-    notes = [ONE_CLASS_NOTE] if len(prompts) == 1 and min_score is None else []
-    for note in notes:
-        get_run_logger().warning(note)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
     gallery = GallerySink(join(out, "gallery"), list(prompts))
+    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
+    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
+    notes = [ONE_CLASS_NOTE] if len(prompts) == 1 and min_score is None and shard is None else []
     tracks = VideoTracks()  # video frames: tracker ids across each video's frames
     run: RunTotals
     if fan_out is not None:
         run = fanned = await fanout.fan_out(
             FLOW_KEY, images, out, fan_out, {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
         )
+        for note in [*notes, *(await asyncio.to_thread(unfound.result) if unfound else [])]:
+            run.warn(note)
         labelled, review_items = _merge_parts(fanned, gallery)
         labels, review_path = fanned.folder("labels"), fanned.folder("review")
     else:
         description = f"Auto-labelling with {detector.label} and {embedder.label}"
         run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
+        for note in notes:
+            run.warn(note)
         all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
         class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
         labeller = _Labeller(list(prompts), min_score, min_probability, gallery)
@@ -282,15 +286,17 @@ async def auto_label(
                 run.write(sink, rows)
                 review.write(review_rows)
         labels, review_path = str(sink.path), str(review.path)
+        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+            run.warn(note)
         if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part
             shard.save(out, run, _part(labeller))
-            outcome = _outcome(run, {}, labels, review_path, gallery.folder, notes)
+            outcome = _outcome(run, {}, labels, review_path, gallery.folder)
             return await run.finish(*outcome, max_failure_rate)
         labelled, review_items = labeller.images, labeller.review
     version = f"{detector.label}+{embedder.label}"
     datasets = write_datasets(labelled, list(prompts), formats, out, model_version=version, image_prefix=image_prefix)
     gallery_path = gallery.finish(review_items)
-    outcome = _outcome(run, datasets, labels, review_path, gallery_path, notes)
+    outcome = _outcome(run, datasets, labels, review_path, gallery_path)
     outcome[0].object_counts = tracks.object_counts()
     return await run.finish(*outcome, max_failure_rate)
 
@@ -326,7 +332,7 @@ def _merge_parts(run: fanout.FannedOut, gallery: GallerySink) -> tuple[list[Labe
 
 
 def _outcome(
-    run: RunTotals, datasets: dict[str, str], labels: str, review: str, gallery: str, notes: Sequence[str] = ()
+    run: RunTotals, datasets: dict[str, str], labels: str, review: str, gallery: str
 ) -> tuple[AutoLabelResult, str, list[str]]:
     counts = run.counts()
     result = AutoLabelResult(
@@ -351,7 +357,5 @@ def _outcome(
         + "".join(f"- {fmt.upper()}: `{path}`\n" for fmt, path in datasets.items())
         + f"- table: `{labels}`",
     ]
-    if notes:
-        sections.insert(0, "## Warnings\n\n" + "".join(f"- {note}\n" for note in notes))
     title = f"{result.labelled} objects labelled in {result.images} images ({result.review} for review)"
     return result, title, sections

@@ -8,6 +8,7 @@ once per run, and cached; annotated copies of the images are drawn as the batche
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect.futures import PrefectFuture
@@ -117,9 +118,13 @@ async def detect_crop_classify(
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
+    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
+    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
     run: RunTotals
     if fan_out is not None:
         run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": DETECTIONS_SCHEMA})
+        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+            run.warn(note)
         return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
     description = f"Detecting with {detector.label}, labelling with {embedder.label}"
@@ -142,6 +147,8 @@ async def detect_crop_classify(
             if videos is not None:
                 videos.write(batch)
     written = videos.close() if videos is not None else []
+    for note in await asyncio.to_thread(unfound.result) if unfound else []:
+        run.warn(note)
     if shard is not None:
         shard.save(out, run)
     return await run.finish(*_outcome(run, str(sink.path), annotated.folder, tracks, written), max_failure_rate)

@@ -57,7 +57,7 @@ BLOCKS_API = {
     "encode_array", "record_responses", "InferenceError", "InferenceClientError", "InferenceConnectionError",
     "InferenceResponseError", "InferenceServerError", "InferenceStatusError", "InferenceTimeoutError",
     "InferenceTransportError", "InvalidImageError", "InvalidInputError", "ModelNotFoundError",
-    "RateLimitedError", "ServerUnavailableError",
+    "RateLimitedError", "ServerUnavailableError", "ServerUnreachableError",
 }  # fmt: skip
 
 
