@@ -128,8 +128,8 @@ async def detect_crop_classify(
         return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
     description = f"Detecting with {detector.label}, labelling with {embedder.label}"
-    run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
-    label_set = steps.embed_labels(embedder, labels, cache)
+    run = await BatchRun.listed(FLOW_KEY, images, batch_size, description, video=video, shard=shard)
+    label_set = await asyncio.to_thread(steps.embed_labels, embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:  # each step gets its input as a future
         found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
@@ -139,18 +139,19 @@ async def detect_crop_classify(
 
     schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
     tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder, video.fps) if run.videos else None
-    with ParquetSink(shard.table(out, "detections") if shard else join(out, "detections.parquet"), schema) as sink:
+    table = shard.table(out, "detections") if shard else join(out, "detections.parquet")
+    async with ParquetSink(table, schema) as sink:
         async for batch in run.process(submit):
             batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
-            run.write(sink, detection_rows(batch, embedder, schema))
-            annotated.write(batch)
-            if videos is not None:
-                videos.write(batch)
-    written = videos.close() if videos is not None else []
+            await run.write(sink, detection_rows(batch, embedder, schema))
+            await annotated.write(batch)
+            if videos is not None:  # H.264 encoding: on a worker thread, off the flow's event loop
+                await asyncio.to_thread(videos.write, batch)
+    written = await asyncio.to_thread(videos.close) if videos is not None else []
     for note in await asyncio.to_thread(unfound.result) if unfound else []:
         run.warn(note)
     if shard is not None:
-        shard.save(out, run)
+        await asyncio.to_thread(shard.save, out, run)
     return await run.finish(*_outcome(run, str(sink.path), annotated.folder, tracks, written), max_failure_rate)
 
 

@@ -10,27 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Callable, Iterable
+from typing import Any, TypeVar
 
 from prefect.context import SyncClientContext
 from prefect.futures import PrefectFuture
 
-__all__ = ["finished", "pipelined"]
+__all__ = ["finished"]
 
 T = TypeVar("T")
-F = TypeVar("F")
-
-
-def pipelined(batches: Iterable[T], submit: Callable[[T], F], window: int = 2) -> Iterator[tuple[T, F]]:
-    """Submit work for up to ``window`` batches ahead, yielding ``(batch, future)`` in order."""
-    pending: deque[tuple[T, F]] = deque()
-    for batch in batches:
-        pending.append((batch, submit(batch)))
-        if len(pending) >= window:
-            yield pending.popleft()
-    while pending:
-        yield pending.popleft()
 
 
 async def finished(
@@ -38,21 +26,42 @@ async def finished(
 ) -> AsyncGenerator[T, None]:
     """Each batch as its submitted tasks return it, in order, ``window`` batches in flight.
 
+    The flow's event loop only submits and awaits: the next batch is made (its references read
+    back, a video's frames decoded) and each task chain waited for on worker threads.
+
     One sync API client serves every task of the run: a task run in a worker thread otherwise
     opens its own (~20 ms of CPU each, mostly its TLS context: the warm run's largest cost). The
     tasks are submitted from a context that holds it (Prefect's sync flows do the same), entered
-    and left inside that context, wherever this generator is closed.
+    (on a worker thread: a TLS context and a request) and left inside that context, wherever this
+    generator is closed.
     """
     shared = contextvars.copy_context()
-    client = shared.run(_enter_sync_client)
+    client = await asyncio.to_thread(shared.run, _enter_sync_client)
+    made = iter(batches)
+    pending: deque[PrefectFuture[T]] = deque()
     try:
-        for _, future in pipelined(batches, lambda batch: shared.run(submit, batch), window):
-            # The steps run in the task runner's threads meanwhile; the loop stays free for the
-            # run's own requests (the progress artifact) while this waits.
-            await asyncio.to_thread(future.wait)
-            yield future.result()
+        while True:
+            batch = await asyncio.to_thread(next, made, _END)
+            if batch is _END:
+                break
+            pending.append(shared.run(submit, batch))
+            if len(pending) >= window:
+                yield await _result(pending.popleft())
+        while pending:
+            yield await _result(pending.popleft())
     finally:
-        shared.run(client.__exit__, None, None, None)
+        await asyncio.to_thread(shared.run, client.__exit__, None, None, None)
+
+
+_END: Any = object()
+
+
+async def _result(future: PrefectFuture[T]) -> T:
+    """The batch a task chain returns, waited for and taken from its final state on a worker thread
+    (`PrefectFuture.result` reads the state through Prefect's own event loop thread): the steps run
+    in the task runner's threads meanwhile, and the flow's loop stays free for the run's own
+    requests (the progress artifact)."""
+    return await asyncio.to_thread(future.result)
 
 
 def _enter_sync_client() -> SyncClientContext:
