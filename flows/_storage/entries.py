@@ -6,9 +6,12 @@ SQLite, a test suite), and a million entries are a million files. Here a batch's
 transaction appended to a write-ahead log (``synchronous=NORMAL``: a process crash loses nothing
 committed, an OS crash at most the last transactions, never a torn one), and a batch is read with
 one query. Several threads and processes share the file (WAL readers never wait; a writer waits up
-to `BUSY_TIMEOUT` for another). Each thread of each process has its own connection, closed when
-the thread ends. A local disk only: SQLite's locks are not safe on network file systems (share a
-cache across machines through a storage block).
+to `BUSY_TIMEOUT` for another). A process keeps its connections to a file in a pool: a call takes
+an idle one (or opens one) and gives it back, so there are as many as calls at once, whatever
+number of threads come and go (one connection per thread, left to the garbage collector when a
+task runner's thread ended, held an open file each until a full collection). A local disk only:
+SQLite's locks are not safe on network file systems (share a cache across machines through a
+storage block).
 
 The entries are bounded in size. Each has its size and when it was last used (written, or read:
 a read is noted when the last noted use is older than `TOUCH_SECONDS`), in microseconds, in a
@@ -28,11 +31,12 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["BUSY_TIMEOUT", "ENTRIES_FILE", "LOW_WATER", "TOUCH_SECONDS", "LocalEntries"]
@@ -51,7 +55,9 @@ _KEYS_PER_QUERY = 500
 #: The schema's version (``PRAGMA user_version``): 1 added the ``uses`` table and the total.
 _SCHEMA = 1
 
-_local = threading.local()
+#: Idle connections, by process and file (a forked child opens its own).
+_idle: dict[tuple[int, str], list[sqlite3.Connection]] = {}
+_idle_lock = threading.Lock()
 
 
 def _now() -> int:
@@ -76,69 +82,71 @@ class LocalEntries:
         self.path = folder / ENTRIES_FILE
         self.max_bytes = max_bytes
 
-    def _connection(self) -> sqlite3.Connection:
-        connections: dict[tuple[int, str], sqlite3.Connection] = _local.__dict__.setdefault("connections", {})
-        key = (os.getpid(), str(self.path))  # a forked child opens its own
-        connection = connections.get(key)
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """An idle connection of this process to the file (or a new one), given back after use."""
+        key = (os.getpid(), str(self.path))
+        with _idle_lock:
+            idle = _idle.setdefault(key, [])
+            connection = idle.pop() if idle else None
         if connection is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            # used by one thread at a time (taken from the pool), though not always the same one
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             if connection.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA:
                 _migrate(connection)
-            connections[key] = connection
-        return connection
+        try:
+            yield connection
+        finally:
+            with _idle_lock:
+                _idle.setdefault(key, []).append(connection)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The stored entries among ``keys`` (their use noted)."""
         wanted = list(dict.fromkeys(keys))
         found: dict[str, bytes] = {}
         stale: list[str] = []
-        connection = self._connection()
         now = _now()
-        for chunk in _chunks(wanted):
-            query = (
-                "SELECT e.key, e.value, u.used FROM entries e JOIN uses u ON u.key = e.key "
-                f"WHERE e.key IN ({_marks(chunk)})"
-            )
-            for key, value, used in connection.execute(query, chunk):
-                found[key] = value
-                if now - used >= TOUCH_SECONDS * 1_000_000:
-                    stale.append(key)
-        if stale:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                for chunk in _chunks(stale):
-                    connection.execute(f"UPDATE uses SET used = ? WHERE key IN ({_marks(chunk)})", [now, *chunk])
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
+        with self._connection() as connection:
+            for chunk in _chunks(wanted):
+                query = (
+                    "SELECT e.key, e.value, u.used FROM entries e JOIN uses u ON u.key = e.key "
+                    f"WHERE e.key IN ({_marks(chunk)})"
+                )
+                for key, value, used in connection.execute(query, chunk):
+                    found[key] = value
+                    if now - used >= TOUCH_SECONDS * 1_000_000:
+                        stale.append(key)
+            if stale:
+                with _transaction(connection):
+                    for chunk in _chunks(stale):
+                        connection.execute(f"UPDATE uses SET used = ? WHERE key IN ({_marks(chunk)})", [now, *chunk])
         return found
 
     def count(self) -> int:
         """How many entries there are (0 before the first write)."""
         if not self.path.exists():
             return 0
-        return int(self._connection().execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        with self._connection() as connection:
+            return int(connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
     def size(self) -> int:
         """The entries' values' bytes, in total (0 before the first write)."""
         if not self.path.exists():
             return 0
-        return int(self._connection().execute("SELECT bytes FROM total").fetchone()[0])
+        with self._connection() as connection:
+            return int(connection.execute("SELECT bytes FROM total").fetchone()[0])
 
     def put_many(self, entries: Mapping[str, bytes]) -> None:
         """Store every ``key: value`` of ``entries`` (replacing what is there), in one transaction,
         then evict the least recently used entries while the total is over ``max_bytes``."""
         if not entries:
             return
-        connection = self._connection()
         keys = list(entries)
         now = _now()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with self._connection() as connection, _transaction(connection):
             replaced = 0
             for chunk in _chunks(keys):
                 query = f"SELECT COALESCE(SUM(size), 0) FROM uses WHERE key IN ({_marks(chunk)})"
@@ -152,10 +160,6 @@ class LocalEntries:
             connection.execute("UPDATE total SET bytes = bytes + ?", (added,))
             if self.max_bytes is not None:
                 _evict(connection, self.max_bytes, int(self.max_bytes * LOW_WATER))
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
 
     def prune(self, max_bytes: int) -> tuple[int, int]:
         """Remove the least recently used entries until the values take at most ``max_bytes``.
@@ -165,22 +169,26 @@ class LocalEntries:
         """
         if not self.path.exists():
             return 0, 0
-        connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            removed = _evict(connection, max_bytes, max_bytes)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-        return removed
+        with self._connection() as connection, _transaction(connection):
+            return _evict(connection, max_bytes, max_bytes)
+
+
+@contextlib.contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction (taken at once: ``BEGIN IMMEDIATE``), committed, or rolled back on an exception."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
 
 
 def _migrate(connection: sqlite3.Connection) -> None:
     """Create the tables, or add the ``uses`` table and the total to entries written before (their
     use unknown: taken as the oldest)."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(connection):
         if connection.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA:  # not done by another process meanwhile
             connection.execute(
                 "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
@@ -193,10 +201,6 @@ def _migrate(connection: sqlite3.Connection) -> None:
             connection.execute("CREATE TABLE total (bytes INTEGER NOT NULL)")
             connection.execute("INSERT INTO total (bytes) SELECT COALESCE(SUM(size), 0) FROM uses")
             connection.execute(f"PRAGMA user_version = {_SCHEMA}")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
 
 
 def _evict(connection: sqlite3.Connection, over: int, down_to: int) -> tuple[int, int]:
