@@ -36,7 +36,8 @@ from ._curation.sources import Source, describe, open_source
 from ._curation.table import CURATION_SCHEMA, curation_blocks
 from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import ParquetSink, show_location
-from ._run.batch import emit_completed, markdown_table, publish_summary
+from ._run.artifacts import markdown_table, publish_summary
+from ._run.events import emit_completed
 from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
 from ._steps.cache import resolve_cache

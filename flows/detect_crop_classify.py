@@ -9,7 +9,6 @@ once per run, and cached; annotated copies of the images are drawn as the batche
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from prefect.futures import PrefectFuture
@@ -20,10 +19,13 @@ from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
 from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import check_video, resolve_out_dir
+from ._run.stats import RequestFigures
+from ._run.totals import RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -140,8 +142,8 @@ async def detect_crop_classify(
         return await fanned.finish(*outcome, max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
     description = f"Detecting with {detector.label}, labelling with {embedder.label}"
-    run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
-    label_set = steps.embed_labels(embedder, labels, cache)
+    run = await BatchRun.listed(FLOW_KEY, images, batch_size, description, video=video, shard=shard)
+    label_set = await asyncio.to_thread(steps.embed_labels, embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:  # each step gets its input as a future
         check_examples()
@@ -154,19 +156,25 @@ async def detect_crop_classify(
     schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
     tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder) if run.videos else None
     table = shard.table(out, "detections") if shard else join(out, "detections.parquet")
-    with ParquetSink(table, schema) as sink, videos or contextlib.nullcontext():  # on an error, nothing published
-        async for batch in run.process(submit):
-            batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
-            run.write(sink, detection_rows(batch, embedder, schema))
-            annotated.write(batch)
-            if videos is not None:
-                videos.write(batch)
-    written = videos.written if videos is not None else []
+    try:
+        async with ParquetSink(table, schema) as sink:
+            async for batch in run.process(submit):
+                batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
+                await run.write(sink, detection_rows(batch, embedder, schema))
+                await annotated.write(batch)
+                if videos is not None:  # H.264 encoding: on a worker thread, off the flow's event loop
+                    await asyncio.to_thread(videos.write, batch)
+    except BaseException:
+        if videos is not None:  # an error mid-run publishes no video and leaves no encoder open
+            videos.abort()
+        raise
+    written = await asyncio.to_thread(videos.close) if videos is not None else []
     for note in await asyncio.to_thread(check[0].result) if check else []:
         run.warn(note)
     counts = tracks.object_counts()
     if shard is not None:  # the parent adds up the shards' objects (a video is in one shard)
-        shard.save(out, run, {"object_counts": counts, "annotated_videos": written, "videos": run.videos})
+        extras = {"object_counts": counts, "annotated_videos": written, "videos": run.videos}
+        await asyncio.to_thread(shard.save, out, run, extras)
     return await run.finish(*_outcome(run, str(sink.path), annotated.folder, counts, written), max_failure_rate)
 
 

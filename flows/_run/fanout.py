@@ -3,7 +3,9 @@
 The parent run lists its source once, lazily, and writes every ``shard_size`` references to a
 manifest (``<out_dir>/_shards/part-00003.json``, one whole object). Each shard is a
 `run_deployment` of the flow's own deployment (or the one `FanOut.deployment` names) with
-``shard=`` set, so whichever worker of the pool is free picks it up; it reads its manifest, runs
+``shard=`` set and its manifest as ``images`` (Prefect stores a run's parameters: a shard's do not
+hold the job's references, so they do not grow with the job), so whichever worker of the pool is
+free picks it up; it reads its manifest, runs
 the flow's usual batches and writes one part of each of its *dataset folders*
 (``<out_dir>/embeddings/part-00003.parquet``) and its totals (``_shards/part-00003.result.json``:
 the `RunTotals` and what else the flow keeps for its parent, e.g. `auto_label`'s labelled boxes).
@@ -56,7 +58,8 @@ from .._outputs.files import ParquetSink
 from .._steps.sources import ImageSource, iter_image_refs
 from .._storage.access import delete, join, list_files, read_bytes, write_bytes
 from .._storage.listing import is_video
-from .batch import RunTotals, markdown_table
+from .artifacts import markdown_table
+from .totals import RunTotals
 
 __all__ = ["FanOut", "FannedOut", "Shard", "fan_out", "has_video"]
 
@@ -125,7 +128,7 @@ class _Job:
     """What every shard of one fan-out needs."""
 
     deployment: str
-    parameters: dict[str, Any]
+    parameters: dict[str, Any]  # every shard's (`_job_parameters`)
     out: str
     tables: dict[str, pa.Schema]  # stem → schema; a lost shard's failed rows go to the first
     retries: int
@@ -240,7 +243,7 @@ async def fan_out(
     videos = video_tables is not None and await asyncio.to_thread(has_video, images)
     if videos and video_tables is not None:
         tables = video_tables
-    job = _Job(deployment, {**_shard_parameters(), **(settings or {})}, out, tables, plan.retries)
+    job = _Job(deployment, {**_job_parameters(), **(settings or {})}, out, tables, plan.retries)
     shards: list[asyncio.Task[_Outcome]] = []
     try:
         async for shard, count in _manifests(images, out, plan, videos):  # each starts once its manifest is up
@@ -276,12 +279,21 @@ async def _deployment(plan: FanOut) -> str:
             raise InvalidInputError("fan_out", f"no deployment named {plan.deployment!r}") from None
 
 
-def _shard_parameters() -> dict[str, Any]:
-    """This run's parameters, as each shard gets them (a vector index is updated by the parent)."""
+def _job_parameters() -> dict[str, Any]:
+    """This run's parameters, as every shard gets them: no fan-out, no vector index (the parent
+    updates it), and no ``images`` (each shard gets its own: `_shard_parameters`)."""
     parameters = {**this_run.parameters, "fan_out": None}
+    parameters.pop("images", None)
     if "index_path" in parameters:
         parameters["index_path"] = None
     return parameters
+
+
+def _shard_parameters(job: dict[str, Any], shard: Shard) -> dict[str, Any]:
+    """One shard run's parameters: the job's, ``shard``, and as ``images`` its manifest (the
+    references it reads), never the job's source: what Prefect stores per shard run does not grow
+    with the job (a list source of N references would be stored once per shard)."""
+    return {**job, "images": shard.manifest, "shard": shard.model_dump()}
 
 
 async def _manifests(
@@ -308,7 +320,7 @@ async def _run(job: _Job, shard: Shard, images: int) -> _Outcome:
         shard = shard.model_copy(update={"attempt": attempt})
         run = await arun_deployment(
             job.deployment,
-            parameters={**job.parameters, "shard": shard.model_dump()},
+            parameters=_shard_parameters(job.parameters, shard),
             timeout=None,
             poll_interval=POLL_SECONDS,
             as_subflow=True,

@@ -198,13 +198,3 @@ class AnnotatedVideoSink:
                     encoder.container.close()
         finally:
             self._work.cleanup()
-
-    def __enter__(self) -> AnnotatedVideoSink:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        """On success the last video is published (as `close`); on an error the sink is aborted."""
-        if kind is None:
-            self.close()
-        else:
-            self.abort()

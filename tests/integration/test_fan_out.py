@@ -33,9 +33,10 @@ def test_a_shard_run_embeds_its_manifest_into_its_part(
     refs = [str(p) for p in image_paths[:3]]
     manifest.write_text(json.dumps(refs))
     shard = {"index": 2, "manifest": str(manifest), "attempt": 1}
-    # when a run of the flow is given that shard (the images parameter is not what it reads)
+    # when a run of the flow is given that shard, and as images its manifest (as the parent gives them:
+    # a shard run's parameters do not hold the job's references)
     result = embed_images(
-        str(image_paths[5]), str(tmp_path / "out"), server=proxy.url, cache_storage=str(tmp_path / "cache"), shard=shard
+        str(manifest), str(tmp_path / "out"), server=proxy.url, cache_storage=str(tmp_path / "cache"), shard=shard
     )
     # then its part of the dataset folder holds exactly the manifest's images, and its counts are kept
     part = tmp_path / "out" / "embeddings" / "part-00002.parquet"

@@ -293,7 +293,7 @@ def test_a_run_that_crashes_midway_leaves_the_previous_objects(
     # when a rerun over fewer images dies after its first batch
     from prefect_roboflow.flows._outputs.annotated import AnnotatedImageSink
 
-    original, calls = AnnotatedImageSink.write, []
+    original, calls = AnnotatedImageSink.draw, []
 
     def crash_on_second_batch(self: AnnotatedImageSink, batch: Any) -> None:
         calls.append(batch)
@@ -301,7 +301,7 @@ def test_a_run_that_crashes_midway_leaves_the_previous_objects(
             raise RuntimeError("the flow process crashed")
         original(self, batch)
 
-    monkeypatch.setattr(AnnotatedImageSink, "write", crash_on_second_batch)
+    monkeypatch.setattr(AnnotatedImageSink, "draw", crash_on_second_batch)  # on its worker thread
     with pytest.raises(RuntimeError, match="crashed"):
         detect_crop_classify([f"{s3.url}{k}" for k in keys[:4]], examples, LABELS, out, **kwargs)
     # then every object is the previous one, whole: the table still has all five images
