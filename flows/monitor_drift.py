@@ -30,12 +30,15 @@ from ._drift.methods import DEFAULT_METHOD, METHODS, THRESHOLDS, drift_score
 from ._drift.windows import Window, check_same, checked_vectors, read_window
 from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import show_location
-from ._run.batch import EVENT_PREFIX, BatchRun, check_failure_rate, emit_completed, markdown_table, publish_summary
+from ._run.artifacts import markdown_table, publish_summary
+from ._run.batch import BatchRun
+from ._run.events import EVENT_PREFIX, emit_completed
 from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
+from ._run.totals import check_failure_rate
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
-from ._steps.sources import ImageSource, count_images
+from ._steps.sources import ImageSource
 from ._storage.access import join
 from ._storage.publish import write_output
 
@@ -96,11 +99,13 @@ async def _embed_window(
     images: ImageSource, field: str, embedder: Any, cache: Any, batch_size: int, max_failure_rate: float
 ) -> Window:
     """The images of ``images`` embedded (through the cache) as a window."""
+    description = f"Embedding the {field} window with {embedder.label}"
     try:
-        count_images(images)
+        run = await BatchRun.listed(FLOW_KEY, images, batch_size, description)  # the window's one listing
     except InvalidInputError as error:
+        if not error.field.startswith("images"):
+            raise
         raise InvalidInputError(field, error.reason) from None
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Embedding the {field} window with {embedder.label}")
     vectors: list[np.ndarray] = []
     async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
         vectors.extend(np.asarray(r.embedding, dtype=np.float32) for r in batch.records if r.ok)
