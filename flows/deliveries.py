@@ -48,8 +48,8 @@ from . import steps
 from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
 from ._outputs.tables import DETECTIONS_SCHEMA, EMBEDDINGS_SCHEMA, detection_rows, record_rows, video_schema
-from ._run.batch import check_failure_rate
 from ._run.parameters import CONTRACTS, check_video, resolve_out_dir
+from ._run.totals import check_failure_rate
 from ._steps.cache import resolve_cache
 from ._steps.models import detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource, count_records, iter_record_batches
@@ -210,7 +210,7 @@ def run_delivery(
                 labelled = tracks.track(steps.classify(embedded, label_set, min_score))
                 rows = detection_rows(labelled, embedder, schema)
                 sink.write(rows)
-                annotated.write(labelled)
+                annotated.draw(labelled)
                 tally.add(labelled, len(rows))
     return DeliveryResult(
         delivery_id=delivery_id,
