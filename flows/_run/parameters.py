@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from prefect.exceptions import ParameterTypeError
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from prefect_roboflow.blocks import Box, EmbeddingModel
 from prefect_roboflow.blocks._model import ModelBlock
@@ -106,7 +115,7 @@ Prompts = Annotated[list[Text], Field(min_length=1), AfterValidator(_unique)]
 Family = Literal["clip", "perception_encoder"]
 
 
-def _image_source(value: Any) -> Any:
+def _image_source(value: Any, info: ValidationInfo) -> Any:
     """A folder, a glob, a URL, or a list of them: not empty, no blank reference."""
     if isinstance(value, (str, os.PathLike)):
         if not os.fspath(value).strip():
@@ -118,7 +127,7 @@ def _image_source(value: Any) -> Any:
         raise ValueError("no images given")
     for i, ref in enumerate(value):
         if not isinstance(ref, (str, os.PathLike)) or not os.fspath(ref).strip():
-            raise InvalidInputError(f"images[{i}]", f"expected a path or URL, got {ref!r:.80}")
+            raise InvalidInputError(f"{info.field_name}[{i}]", f"expected a path or URL, got {ref!r:.80}")
     return value
 
 

@@ -91,6 +91,7 @@ bad_rates = st.one_of(
 bad_sample_modes = st.text(max_size=12).filter(lambda s: s not in {"fps", "keyframes", "scene"})
 bad_families = st.text(max_size=12).filter(lambda s: s not in {"clip", "perception_encoder"})
 bad_optional_text = blank
+DRIFT_METHODS = {"domain_classifier", "mean_cosine", "share_drifted", "mmd"}
 
 
 def mistakes(reference: str, off_image: bool = True) -> dict[str, dict[str, st.SearchStrategy[Any]]]:
@@ -141,6 +142,44 @@ def mistakes(reference: str, off_image: bool = True) -> dict[str, dict[str, st.S
             "k": st.one_of(st.integers(max_value=0), st.integers(min_value=101), bools, fractional),
         },
         "search_images": {"query": blank, "embeddings_path": blank, "top_k": bad_counts},
+        "curate_images": {
+            "source": bad_images,
+            "out_dir": blank,
+            "budget": st.one_of(st.integers(max_value=-1), bools, fractional, not_finite),
+            "threshold": st.one_of(
+                st.floats(max_value=0.0, allow_infinity=False),
+                st.floats(min_value=1.0, exclude_min=True, allow_infinity=False),
+                not_finite,
+                bools,
+            ),
+            "k": st.one_of(st.integers(max_value=2), st.integers(min_value=101), bools, fractional),
+            "split_column": blank,
+            "gallery_rows": st.one_of(st.integers(max_value=-1), st.integers(min_value=1001), bools),
+            "seed": st.one_of(st.integers(max_value=-1), bools, fractional),
+        },
+        "monitor_drift": {
+            "current": bad_images,
+            "out_dir": blank,
+            "methods": st.one_of(
+                st.just([]),
+                st.just(["mean_cosine", "mean_cosine"]),
+                st.text(max_size=12)
+                .filter(lambda s: s not in {"domain_classifier", "mean_cosine", "share_drifted", "mmd"})
+                .map(lambda s: [s]),
+            ),
+            "alpha": st.one_of(
+                st.floats(max_value=0.0, allow_infinity=False),
+                st.floats(min_value=0.5, exclude_min=True, allow_infinity=False),
+                not_finite,
+                bools,
+            ),
+            "thresholds": st.one_of(st.just({"mmd": 0.1}), not_finite.map(lambda x: {"mean_cosine": x})),
+            "permutations": st.one_of(st.integers(max_value=18), st.integers(min_value=100_001), bools, fractional),
+            "model": bad_families,
+            "batch_size": bad_counts,
+            "seed": st.one_of(st.integers(max_value=-1), bools, fractional),
+            "max_failure_rate": bad_fractions,
+        },
     }
 
 
@@ -161,6 +200,8 @@ def good_parameters(flow: str, images: str, reference: str, out_dir: Path, table
         "auto_label": {"images": images, "examples": examples, "classes": ["a", "b"], "out_dir": out},
         "find_duplicates": {"source": table, "out_dir": out},
         "search_images": {"query": "a cat", "embeddings_path": table},
+        "curate_images": {"source": table, "out_dir": out},
+        "monitor_drift": {"current": table, "out_dir": out},
     }[flow]
 
 

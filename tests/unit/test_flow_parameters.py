@@ -11,28 +11,27 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prefect import Flow
 from prefect.exceptions import ParameterTypeError
 from support.parameter_mistakes import good_parameters, mistakes, names_parameter, of_flow
 
+from prefect_roboflow import flows
 from prefect_roboflow.blocks import InvalidInputError
-from prefect_roboflow.flows import (
-    auto_label,
-    classify_images,
-    detect_crop_classify,
-    embed_images,
-    find_duplicates,
-    search_images,
-)
+from prefect_roboflow.flows import embed_images, search_images
 from prefect_roboflow.flows._run.parameters import CONTRACTS, FlowParameterError, FlowParameters, contract_of
 
-FLOWS = {
-    f.fn.__name__: f
-    for f in (embed_images, classify_images, detect_crop_classify, auto_label, find_duplicates, search_images)
+#: Every flow the package ships, by its function's name.
+FLOWS: dict[str, Flow[Any, Any]] = {
+    f.fn.__name__: f for f in (getattr(flows, name) for name in flows.__all__) if isinstance(f, Flow)
 }
-MISTAKES = {  # no image is read here
-    flow: of_flow(strategies, inspect.signature(FLOWS[flow].fn).parameters)
-    for flow, strategies in mistakes("reference.png", off_image=False).items()
-}
+_ALL_MISTAKES = mistakes("reference.png", off_image=False)  # no image is read here
+MISTAKES = {flow: of_flow(_ALL_MISTAKES.get(flow, {}), inspect.signature(f.fn).parameters) for flow, f in FLOWS.items()}
+
+
+def test_every_shipped_flow_has_a_contract_and_mistakes_to_try() -> None:
+    assert len(FLOWS) >= 8
+    assert set(FLOWS) == set(CONTRACTS)
+    assert all(MISTAKES[flow] for flow in FLOWS), "a flow without mistakes to try"
 
 
 def _check(flow: str) -> Any:
