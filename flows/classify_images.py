@@ -88,7 +88,12 @@ async def classify_images(
     check_index(index_path, embedder)
     run: RunTotals
     if fan_out is not None:
-        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"classifications": CLASSIFICATIONS_SCHEMA})
+        settings = {"video_fps": video.fps, "video_sample": video.mode}  # the shards sample as the parent checked
+        tables, video_tables = (
+            {"classifications": CLASSIFICATIONS_SCHEMA},
+            {"classifications": video_schema(CLASSIFICATIONS_SCHEMA)},
+        )
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
         table, parts = fanned.folder("classifications"), fanned.parts("classifications")
     else:
         description = f"Classifying images with {embedder.label}"
@@ -100,7 +105,8 @@ async def classify_images(
             return steps.classify.submit(embedded, label_set, min_score)
 
         path = shard.table(out, "classifications") if shard else join(out, "classifications.parquet")
-        schema = video_schema(CLASSIFICATIONS_SCHEMA) if run.videos else CLASSIFICATIONS_SCHEMA
+        videos_in_job = run.videos or (shard is not None and shard.videos)  # one schema for every part of a job
+        schema = video_schema(CLASSIFICATIONS_SCHEMA) if videos_in_job else CLASSIFICATIONS_SCHEMA
         async with ParquetSink(path, schema) as sink:
             async for batch in run.process(submit):
                 await run.write(sink, record_rows(batch.records, embedder, schema))

@@ -84,13 +84,16 @@ async def embed_images(
     check_index(index_path, embedder)
     run: RunTotals
     if fan_out is not None:  # the shards write the parts; the parent adds them to the index, one by one
-        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"embeddings": EMBEDDINGS_SCHEMA})
+        settings = {"video_fps": video.fps, "video_sample": video.mode}  # the shards sample as the parent checked
+        tables, video_tables = {"embeddings": EMBEDDINGS_SCHEMA}, {"embeddings": video_schema(EMBEDDINGS_SCHEMA)}
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
         table, parts = fanned.folder("embeddings"), fanned.parts("embeddings")
     else:
         description = f"Embedding images with {embedder.label}"
         run = await BatchRun.listed(FLOW_KEY, images, batch_size, description, video=video, shard=shard)
         path = shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet")
-        schema = video_schema(EMBEDDINGS_SCHEMA) if run.videos else EMBEDDINGS_SCHEMA
+        videos_in_job = run.videos or (shard is not None and shard.videos)  # one schema for every part of a job
+        schema = video_schema(EMBEDDINGS_SCHEMA) if videos_in_job else EMBEDDINGS_SCHEMA
         async with ParquetSink(path, schema) as sink:
             async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
                 await run.write(sink, record_rows(batch.records, embedder, schema))

@@ -170,7 +170,7 @@ def test_detect_crop_classify_on_a_phone_video_matches_what_was_drawn(stub: Scen
 
 def _sorted_rows(table: object) -> list[dict]:
     rows = table.to_pylist()  # type: ignore[attr-defined]
-    return sorted(rows, key=lambda r: (r["image_ref"], r["frame_index"] or -1, r["detection_index"] or -1))
+    return sorted(rows, key=lambda r: (r["image_ref"], r["frame_index"] or -1, r.get("detection_index") or -1))
 
 
 def test_a_fanned_out_run_writes_the_tables_and_counts_of_a_plain_run(
@@ -236,3 +236,43 @@ def test_frames_are_decoded_and_encoded_off_the_flows_event_loop(
     monkeypatch.setattr(sources, "frame_records", watched)
     result = embed_images(str(_phone_video(tmp_path / "phone.mov")), str(tmp_path / "out"), server=stub.url)
     assert result.images == SECONDS and made_on_loop == [False] * SECONDS
+
+
+@pytest.mark.parametrize("flow_name", ["embed_images", "classify_images"])
+def test_every_batch_flow_fanned_out_writes_one_schema_and_the_rows_of_a_plain_run(
+    stub: SceneStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow_name: str
+) -> None:
+    """A photo-only shard writes the video columns too when the job has a video (pandas, pyarrow
+    and duckdb read a folder with one part's schema); the shards sample as the parent was told."""
+    from types import SimpleNamespace
+
+    from prefect_roboflow import flows
+    from prefect_roboflow.flows._run import fanout
+
+    flow = getattr(flows, flow_name)
+    stem = {"embed_images": "embeddings", "classify_images": "classifications"}[flow_name]
+    extra = {"labels": LABELS} if flow_name == "classify_images" else {}
+    video = str(_phone_video(tmp_path / "phone.mov"))
+    photos = [str(_photo(tmp_path / f"photo-{o}.jpg", o)) for o in (3, 6, 8)]
+    images = [photos[0], photos[1], video, photos[2]]  # shard 0: photos only; shard 1: the video and a photo
+    kwargs = {"server": stub.url, "batch_size": 2, "video_fps": 0.5, "video_sample": "fps", **extra}
+    plain = flow(images, out_dir=str(tmp_path / "plain"), **kwargs)
+    shards: list[dict] = []
+
+    async def run_shard_here(deployment: str, parameters: dict, **_: object) -> SimpleNamespace:
+        shards.append(parameters)
+        state = await flow(**parameters, return_state=True)
+        return SimpleNamespace(state=state, name=f"shard-{parameters['shard']['index']}")
+
+    async def a_deployment(plan: object) -> str:
+        return f"{flow_name}/here"
+
+    monkeypatch.setattr(fanout, "arun_deployment", run_shard_here)
+    monkeypatch.setattr(fanout, "_deployment", a_deployment)
+    flow(images, out_dir=str(tmp_path / "fanned"), fan_out={"shard_size": 2}, **kwargs)
+    assert [s["shard"]["index"] for s in shards] == [0, 1] and all(s["shard"]["videos"] for s in shards)
+    assert all((s["video_fps"], s["video_sample"]) == (0.5, "fps") for s in shards)
+    parts = sorted((tmp_path / "fanned" / stem).glob("part-*.parquet"))
+    plain_table = getattr(plain, f"{stem}_path")
+    assert len(parts) == 2 and {pq.read_schema(p).names == pq.read_schema(plain_table).names for p in parts} == {True}
+    assert _sorted_rows(pq.read_table(tmp_path / "fanned" / stem)) == _sorted_rows(pq.read_table(plain_table))
