@@ -2,7 +2,8 @@
 
 A source is a vector index (a folder or object-storage URL), an embeddings table (``.parquet``
 written by ``embed_images``, ``classify_images``, ``detect_crop_classify`` or ``auto_label``: every
-row with an embedding), or a mapping ``{split name: index or table}``. A table's rows without an
+row with an embedding) or a folder of a table's parts (a fanned-out run's ``embeddings/``), or a
+mapping ``{split name: index or table}``. A table's rows without an
 embedding (``status == "failed"``) become the run's failed rows, with their error. A table's split
 column (``split_column``) or the mapping's keys give each row its split; then each row's reference
 is stored in the scratch index as ``<split>`` + `SPLIT_MARK` + reference, so that the same image in
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._index.store import is_index
-from .._storage.access import local_copy
+from .._storage.access import list_files, local_copy
 from ..vector_index import RowBatch, VectorIndex, family_name
 from .sketch import blocks
 
@@ -160,7 +161,7 @@ def _scratch(parts: dict[str, str], scratch: Path, split_column: str) -> Source:
     names: list[str] = []
     splits: list[np.ndarray] = []
     failed: list[pa.Table] = []
-    marked = len(parts) > 1 or any(_has_column(path, split_column) for path in parts.values() if _is_table(path))
+    marked = len(parts) > 1 or any(_has_column(path, split_column) for path in parts.values())
     identity: tuple[str, str] | None = None
     for name, path in parts.items():
         field = f"source[{name!r}]" if name else "source"
@@ -209,8 +210,11 @@ def _is_table(path: str) -> bool:
 
 
 def _has_column(path: str, column: str) -> bool:
+    """Whether a table (a folder's first part) has ``column``; an index or an unreadable path has not."""
     try:
-        with local_copy(path, field="source") as local:
+        if _is_index(path, "source"):
+            return False
+        with local_copy(_table_parts(path, "source")[0], field="source") as local:
             return column in pq.ParquetFile(local).schema_arrow.names
     except (InvalidInputError, OSError, pa.ArrowInvalid):
         return False
@@ -237,8 +241,19 @@ def _rows_of(
                 str(index.version),
             )
         return
-    with local_copy(path, field=field) as local:
-        yield from _table_rows(local, path, field, split_column, split)
+    for part in _table_parts(path, field):
+        with local_copy(part, field=field) as local:
+            yield from _table_rows(local, part, field, split_column, split)
+
+
+def _table_parts(path: str, field: str) -> list[str]:
+    """A table, or the parts of a dataset folder (a fanned-out run's ``embeddings/``), in name order."""
+    if _is_table(path):
+        return [path]
+    parts = [p for p in list_files(path, field=field) if p.endswith(".parquet")]
+    if not parts:
+        raise InvalidInputError(field, f"{path} is neither a vector index, a parquet table nor a folder of table parts")
+    return parts
 
 
 def _table_rows(

@@ -146,7 +146,9 @@ class RunTotals:
 
     async def finish(self, result: R, title: str, sections: Sequence[str], max_failure_rate: float) -> R:
         """The end of every run: its table artifacts, its outputs as assets, its summary, the
-        completion event, then the failure rule over all the images it took."""
+        completion event (not from a shard of a fanned-out job: automations see the job's one, from
+        its parent, whose table is the folder of every shard's part), then the failure rule over all
+        the images it took."""
         figures = {"images": self.images, "rows": sum(self.statuses.values()), "failed": self.statuses["failed"]}
         locations = output_locations(result.model_dump(), flow_run.parameters or {})
         # The table artifacts and the assets task are independent requests: sent together.
@@ -155,6 +157,7 @@ class RunTotals:
         extra = [assets_section(keys)] if keys else []
         warned = ["## Warnings\n\n" + "".join(f"- {w}\n" for w in self.warnings)] if self.warnings else []
         await publish_summary(self.flow_key, title, [*warned, *sections, *self.sections(), *extra])
-        emit_completed(self.flow_key, result.model_dump())
+        if not (flow_run.parameters or {}).get("shard"):  # a shard's part is not a job: its parent emits the job's
+            emit_completed(self.flow_key, result.model_dump())
         check_failure_rate(self.images_failed, self.images, max_failure_rate)
         return result

@@ -483,3 +483,28 @@ def test_a_table_whose_every_row_failed_is_a_table_of_failed_rows(tmp_path: Path
     rows = pq.read_table(result.curation_path).to_pandas()
     assert result.rows == 2 == result.failed and result.selected == 0
     assert rows["status"].tolist() == ["failed", "failed"] and rows["error"].tolist() == table["error"].to_pylist()
+
+
+def test_a_folder_of_table_parts_curates_as_the_whole_table(tmp_path: Path) -> None:
+    """A fanned-out embed_images run's table is a folder of parts (its completion event names the
+    folder): curated, it gives the rows of the same rows in one table."""
+    vectors = clustered(300, seed=7)
+    shas = [hashlib.sha256(f"p{i}".encode()).hexdigest() for i in range(300)]
+    shas[150] = shas[10]  # an exact copy across two parts
+    whole = pq.read_table(write_table(tmp_path / "whole.parquet", vectors, shas))
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    for i, start in enumerate(range(0, 300, 120)):
+        pq.write_table(whole.slice(start, 120), folder / f"part-{i:05d}.parquet")
+    (folder / "_SUCCESS").write_text("")  # not a part: ignored
+    one = curate_images(str(tmp_path / "whole.parquet"), str(tmp_path / "one"), budget=10)
+    parts = curate_images(str(folder), str(tmp_path / "parts"), budget=10)
+    assert (parts.rows, parts.failed) == (one.rows, one.failed) == (300, 0)
+    columns = ["image_ref", "duplicate_group", "selected", "uniqueness"]
+    a = pq.read_table(one.curation_path).to_pandas().sort_values("image_ref")[columns].reset_index(drop=True)
+    b = pq.read_table(parts.curation_path).to_pandas().sort_values("image_ref")[columns].reset_index(drop=True)
+    assert a.equals(b) and a["duplicate_group"].notna().sum() >= 2
+    with pytest.raises(InvalidInputError, match="folder of table parts") as caught:
+        (tmp_path / "empty").mkdir()
+        curate_images(str(tmp_path / "empty"), str(tmp_path / "nothing"), budget=10)  # a folder without parts
+    assert caught.value.field == "source"

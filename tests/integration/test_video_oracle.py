@@ -247,7 +247,7 @@ def test_every_batch_flow_fanned_out_writes_one_schema_and_the_rows_of_a_plain_r
     from types import SimpleNamespace
 
     from prefect_roboflow import flows
-    from prefect_roboflow.flows._run import fanout
+    from prefect_roboflow.flows._run import fanout, totals
 
     flow = getattr(flows, flow_name)
     stem = {"embed_images": "embeddings", "classify_images": "classifications"}[flow_name]
@@ -269,7 +269,12 @@ def test_every_batch_flow_fanned_out_writes_one_schema_and_the_rows_of_a_plain_r
 
     monkeypatch.setattr(fanout, "arun_deployment", run_shard_here)
     monkeypatch.setattr(fanout, "_deployment", a_deployment)
+    events: list[tuple[str, dict]] = []
+    monkeypatch.setattr(totals, "emit_completed", lambda key, payload: events.append((key, payload)))
     flow(images, out_dir=str(tmp_path / "fanned"), fan_out={"shard_size": 2}, **kwargs)
+    # the job's one completion event (the trigger that curates each embed_images table), from the
+    # parent, naming the folder of parts; none from the shards
+    assert [payload[f"{stem}_path"] for _, payload in events] == [f"{tmp_path / 'fanned' / stem}/"]
     assert [s["shard"]["index"] for s in shards] == [0, 1] and all(s["shard"]["videos"] for s in shards)
     assert all((s["video_fps"], s["video_sample"]) == (0.5, "fps") for s in shards)
     parts = sorted((tmp_path / "fanned" / stem).glob("part-*.parquet"))
