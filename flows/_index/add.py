@@ -12,11 +12,17 @@ pool — add at once, holding no lock while they work, and none can leave one he
 A writer that loses the race reads the new manifest, drops the rows the other writers added
 meanwhile (rewriting its own uncommitted segments without them), appends its segments after
 theirs and commits again, keeping their IVF-PQ (its own rows are scanned exactly until the next
-add extends it): every row is in the index exactly once. Readers open one committed manifest and
-every file it names: segments are never removed, and a replaced IVF-PQ file stays named in the
-manifest's ``retired`` for `GRACE_SECONDS`. Files no manifest names (a killed writer's segments,
-retired IVF-PQ files past their grace) are deleted after a commit, once `GRACE_SECONDS` old — never
-a running writer's.
+add extends it): every row is in the index exactly once. A refused commit may be this writer's
+own: an S3 PUT whose answer was lost is retried by the client and refused (412) by the write it
+repeats, and one refused while an earlier attempt is under way (409) may land after. So a writer
+told "refused" reads the manifest again: one naming its segments is its commit (done); one still
+the version it wrote over is tried again; only one another writer moved on (where its write can no
+longer land) is rebased on, and no file a committed manifest names is ever deleted.
+
+Readers open one committed manifest and every file it names: segments are never removed, and a
+replaced IVF-PQ file stays named in the manifest's ``retired`` for `GRACE_SECONDS`. Files no
+manifest names (a killed writer's segments, retired IVF-PQ files past their grace) are deleted
+after a commit, once `GRACE_SECONDS` old — never a running writer's.
 """
 
 from __future__ import annotations
@@ -101,21 +107,32 @@ def _commit_add(
     finally:
         if opened is not index:
             opened.close()
-    for _ in range(MAX_COMMIT_ATTEMPTS):
+    for attempt in range(MAX_COMMIT_ATTEMPTS):
         new.retired = _retired(base, new, time.time())
         if store.commit(new, tag):
             _remove_leftovers(store, new)
             return added, skipped, retrained, new
-        # Another writer committed first: rebase on its manifest.
+        mine = new.segments[len(base.segments) :]
+        latest, latest_tag = _committed(store)
+        if _names_all(latest, mine):
+            # The commit landed, its answer lost (a retried PUT refused 412 by its own write).
+            _remove_leftovers(store, latest)
+            return added, skipped, retrained, latest
+        if latest_tag == tag:
+            # Nothing committed meanwhile: this write may still be under way (409): try it again.
+            time.sleep(min(1.0, 0.05 * (attempt + 1)))
+            continue
+        # Another writer committed first: rebase on its manifest. This writer's refused write
+        # can no longer land (the manifest moved on from ``tag``), so its files are its own.
+        tag = latest_tag
         if new.ann is not None and new.ann != base.ann:
-            store.delete(new.ann["file"])  # this writer's, never committed
-        latest, tag = _committed(store)
+            _delete_unnamed(store, latest, [new.ann["file"]])  # this writer's, never committed
         _check_model(latest, family, version)
         if latest.dim is not None and latest.dim != new.dim:
             raise InvalidInputError("vectors", f"dimension {new.dim}; the index holds dimension {latest.dim}")
         had = {s.name for s in base.segments}
         others = [s for s in latest.segments if s.name not in had]
-        mine, dropped = _without_rows_of(store, new, new.segments[len(base.segments) :], others)
+        mine, dropped = _without_rows_of(store, new, mine, others, latest)
         added, skipped = added - dropped, skipped + dropped
         if not mine:
             return 0, skipped, False, latest
@@ -145,20 +162,45 @@ def _retired(base: _Manifest, new: _Manifest, now: float) -> dict[str, float]:
     return retired
 
 
-def _remove_leftovers(store: _Store, manifest: _Manifest, now: float | None = None) -> list[str]:
-    """Delete the index folder's files that ``manifest`` (the committed one) does not name and
-    that are `GRACE_SECONDS` old: a killed add's segments and temp files, IVF-PQ files retired
-    longer ago than that. Returns their names."""
-    now = time.time() if now is None else now
+def _named(manifest: _Manifest) -> set[str]:
+    """The files a reader of ``manifest`` may open (and the manifest itself)."""
     named = {MANIFEST, *manifest.retired} | {f"{s.name}{x}" for s in manifest.segments for x in (".npy", ".parquet")}
     if manifest.ann:
         named.add(manifest.ann["file"])
-    removed = []
-    for name, written in store.modified().items():
-        if name not in named and not name.endswith(LOCK_SUFFIX) and now - written >= GRACE_SECONDS:
-            store.delete(name)
-            removed.append(name)
-    return removed
+    return named
+
+
+def _names_all(manifest: _Manifest, segments: Iterable[_Segment]) -> bool:
+    """Whether ``manifest`` names every one of ``segments`` (names are unique to the add that wrote them)."""
+    names = {s.name for s in manifest.segments}
+    return all(s.name in names for s in segments)
+
+
+def _delete_unnamed(store: _Store, latest: _Manifest, names: Iterable[str]) -> list[str]:
+    """Delete ``names`` but those the committed manifest ``latest`` names: a file a committed
+    manifest names is never deleted (the last check before every delete here). Returns the deleted."""
+    keep = _named(latest)
+    deleted = [name for name in names if name not in keep]
+    for name in deleted:
+        store.delete(name)
+    return deleted
+
+
+def _remove_leftovers(store: _Store, manifest: _Manifest, now: float | None = None) -> list[str]:
+    """Delete the index folder's files that ``manifest`` (the committed one) does not name and
+    that are `GRACE_SECONDS` old: a killed add's segments and temp files, IVF-PQ files retired
+    longer ago than that, but never one the manifest committed by then names (read again when
+    there is anything to delete). Returns their names."""
+    now = time.time() if now is None else now
+    named = _named(manifest)
+    old = [
+        name
+        for name, written in store.modified().items()
+        if name not in named and not name.endswith(LOCK_SUFFIX) and now - written >= GRACE_SECONDS
+    ]
+    if not old:
+        return []
+    return _delete_unnamed(store, _committed(store)[0], old)
 
 
 def _segment_keys(store: _Store, segments: Iterable[_Segment]) -> set[_Key]:
@@ -183,10 +225,11 @@ def _keys_of(meta: pa.Table) -> Iterator[_Key]:
 
 
 def _without_rows_of(
-    store: _Store, manifest: _Manifest, mine: list[_Segment], others: list[_Segment]
+    store: _Store, manifest: _Manifest, mine: list[_Segment], others: list[_Segment], latest: _Manifest
 ) -> tuple[list[_Segment], int]:
-    """This writer's uncommitted segments without the rows ``others`` (committed meanwhile) hold:
-    a segment with such rows is written again without them and the old one deleted.
+    """This writer's uncommitted segments without the rows ``others`` (committed meanwhile, in
+    ``latest``) hold: a segment with such rows is written again without them and the old one
+    deleted (unless ``latest`` names it).
 
     Returns:
         ``(segments, rows dropped)``.
@@ -201,8 +244,7 @@ def _without_rows_of(
             vectors = np.load(store.local_file(f"{segment.name}.npy"))[keep]
             if keep:
                 kept.append(_write_segment(store, _new_name("seg", manifest.generation), meta.take(keep), vectors))
-            for ext in (".npy", ".parquet"):
-                store.delete(f"{segment.name}{ext}")
+            _delete_unnamed(store, latest, [f"{segment.name}{ext}" for ext in (".npy", ".parquet")])
         else:
             kept.append(segment)
     return kept, dropped

@@ -39,7 +39,7 @@ import httpx
 
 __all__ = ["Fault", "FaultProxy", "RecordedRequest"]
 
-FaultKind = Literal["status", "reset", "close", "stall", "truncate"]
+FaultKind = Literal["status", "reset", "close", "stall", "truncate", "lost"]
 
 # Per-connection headers a proxy must not forward (RFC 9110 7.6.1), plus the
 # ones it recomputes itself.
@@ -100,6 +100,13 @@ class Fault:
         """Forward, send status and headers with the full Content-Length but only
         half the body, then close: a connection dropped mid-response."""
         return cls("truncate")
+
+    @classmethod
+    def lost(cls) -> Fault:
+        """Forward, then abort with a TCP RST instead of the answer: the request took effect
+        upstream but its answer was lost (a client timing out after the server acted), so a
+        retry of it finds its own effect (a conditional PUT retried gets 412)."""
+        return cls("lost")
 
     @property
     def name(self) -> str:
@@ -342,9 +349,7 @@ class FaultProxy:
             await self._respond(writer, fault.code, fault.body, fault.headers, keep_alive)
             return keep_alive
         if fault is not None and fault.kind == "reset":
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            self._abort(writer)
             return False
         if fault is not None and fault.kind == "close":
             return False
@@ -366,6 +371,9 @@ class FaultProxy:
             await self._respond(writer, 502, b'{"message":"bad gateway"}')
             return False
         status, resp_headers, resp_body = forwarded
+        if fault is not None and fault.kind == "lost":
+            self._abort(writer)
+            return False
         if fault is not None and fault.kind == "truncate":
             head = self._head(status, resp_headers, len(resp_body), keep_alive=False)
             writer.write(head + resp_body[: len(resp_body) // 2])
@@ -390,6 +398,13 @@ class FaultProxy:
         except httpx.HTTPError:
             return None
         return response.status_code, tuple(response.headers.multi_items()), resp_body
+
+    @staticmethod
+    def _abort(writer: asyncio.StreamWriter) -> None:
+        """Close the connection with a TCP RST."""
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     @staticmethod
     def _head(code: int, headers: tuple[tuple[str, str], ...], length: int, *, keep_alive: bool) -> bytes:

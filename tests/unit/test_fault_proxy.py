@@ -157,6 +157,15 @@ def test_reset_aborts_with_rst(proxy: FaultProxy) -> None:
     assert [r.fault for r in proxy.requests] == ["reset", "reset"]
 
 
+def test_lost_forwards_then_aborts_without_the_answer(proxy: FaultProxy) -> None:
+    proxy.inject(Fault.lost())
+    before = _upstream_hits()
+    with httpx.Client(base_url=proxy.url, timeout=2) as client, pytest.raises(httpx.TransportError):
+        client.post("/infer", json={})
+    assert _upstream_hits() == before + 1  # the request reached the upstream; its answer did not come back
+    assert [r.fault for r in proxy.requests] == ["lost"]
+
+
 def test_close_ends_connection_without_response(proxy: FaultProxy) -> None:
     proxy.inject(Fault.close(), Fault.close())
     with (
