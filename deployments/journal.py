@@ -218,6 +218,12 @@ class Journal:
             _write_json(self.failed_folder / f"{delivery_id}.json", {**entry.dump(), "error": error[:2000]})
         self.done(delivery_id)
 
+    def forget_lock(self, delivery_id: str) -> None:
+        """The lock file of a delivery found without an entry (done meanwhile) goes again: taking
+        the lock made it. The caller holds that lock, so no entry can be written meanwhile (that
+        needs the lock), and whoever waits on the removed file takes the lock again on a new one."""
+        self._lock(delivery_id).unlink(missing_ok=True)
+
     @contextlib.contextmanager
     def claim(self, delivery_id: str, task_run_id: str) -> Iterator[Entry | None]:
         """For a worker's task run: the entry, with the lock held and the claim written, when the
@@ -225,8 +231,8 @@ class Journal:
         with self.locked(delivery_id) as held:
             assert held is not None
             entry = self.read(delivery_id)
-            if entry is None:  # done: the lock file this made goes again
-                self._lock(delivery_id).unlink(missing_ok=True)
+            if entry is None:
+                self.forget_lock(delivery_id)
             if entry is None or entry.task_run_id != task_run_id:
                 yield None
                 return
@@ -311,7 +317,8 @@ class Sweeper:
                 if held is None:  # a worker runs it, or the receiver is handing it off
                     continue
                 entry = self.journal.read(delivery_id)
-                if entry is None:
+                if entry is None:  # done between the listing and the lock
+                    self.journal.forget_lock(delivery_id)
                     continue
                 verdict = await self._verdict(entry, held)
                 if verdict is not None:

@@ -487,6 +487,55 @@ def test_when_a_worker_dies_its_unclaimed_runs_are_submitted_again_once(clocked:
     assert clocked.sweep() == []  # and only once: the runs submitted again came after the death
 
 
+def _locks(journal: Journal) -> list[str]:
+    return sorted(p.name for p in journal.folder.glob("*.lock"))
+
+
+def test_a_sweep_leaves_no_lock_file_of_a_delivery_done_after_its_listing(
+    clocked: Clocked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = {d: clocked.record(d) for d in ("d0", "d1", "d2")}
+    listing = clocked.journal.pending
+
+    def listed_then_done() -> list[str]:  # each delivery's worker finishes just after the sweep lists it
+        ids = listing()
+        for delivery_id in ids:
+            with clocked.journal.claim(delivery_id, runs[delivery_id]) as entry:
+                assert entry is not None
+                clocked.journal.done(delivery_id)
+        return ids
+
+    monkeypatch.setattr(clocked.journal, "pending", listed_then_done)
+    assert clocked.sweep() == []
+    assert _locks(clocked.journal) == [] and listing() == []
+
+
+def test_sweeps_racing_with_finishing_workers_leave_no_lock_files(clocked: Clocked) -> None:
+    """Two worker threads claim and finish 200 deliveries while the sweep runs again and again:
+    every sweep that takes a lock after its delivery finished removes the lock file it made."""
+    runs = {f"d{n}": clocked.record(f"d{n}") for n in range(200)}
+    claimed: list[bool] = []
+
+    def work(ids: list[str]) -> None:
+        for delivery_id in ids:
+            with clocked.journal.claim(delivery_id, runs[delivery_id]) as entry:
+                claimed.append(entry is not None)
+                clocked.journal.done(delivery_id)
+
+    ids = list(runs)
+    workers = [threading.Thread(target=work, args=(ids[w::2],)) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    while True:  # sweeps while the workers finish deliveries (all Scheduled: none is acted on)
+        assert clocked.sweep() == []
+        if not any(worker.is_alive() for worker in workers):
+            break
+    for worker in workers:
+        worker.join()
+    assert claimed == [True] * 200 and clocked.journal.pending() == []
+    assert _locks(clocked.journal) == []
+
+
 def test_the_task_path_modules_are_light() -> None:
     # the receiver imports task_worker (and journal) to submit: neither loads the flows or the image stack
     code = "import sys, task_worker; print(sorted(m for m in ('prefect_roboflow', 'numpy', 'PIL') if m in sys.modules))"
