@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from ._curation.box_issues import BOX_ISSUES_SCHEMA, BoxIssues, box_issues
 from ._curation.gallery import GALLERY_ROWS, GalleryItem, write_gallery
-from ._curation.label_issues import LabelIssues, cached_label_issues
+from ._curation.label_issues import LabelIssues, cached_label_issues, check_labels
 from ._curation.scores import Scores, Settings, cached_scores
 from ._curation.sources import Source, describe, open_source
 from ._curation.table import CURATION_SCHEMA, curation_blocks
@@ -121,6 +121,8 @@ async def curate_images(
     out = resolve_out_dir(out_dir)
     cache = resolve_cache(cache_storage)
     settings = Settings(threshold, leak_threshold if leak_threshold is not None else threshold, k, budget, seed)
+    if labels is not None:  # a bad labelled table or reviewed file: refused before hours of scoring
+        await asyncio.to_thread(check_labels, labels, classes, reviewed)
     with tempfile.TemporaryDirectory(dir=None if is_remote(out) else out, prefix=".curate-images-") as scratch:
         opened = await asyncio.to_thread(open_source, source, Path(scratch), split_column)
         await asyncio.to_thread(opened.read_identity)

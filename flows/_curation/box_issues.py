@@ -29,7 +29,7 @@ from .._outputs.annotated import annotated_name
 from .._storage.access import read_bytes
 from ..records import ImageRecord
 
-__all__ = ["BOX_ISSUES_SCHEMA", "BoxIssues", "box_issues"]
+__all__ = ["BOX_ISSUES_SCHEMA", "BoxIssues", "box_issues", "check_reviewed"]
 
 BOX_ISSUES_SCHEMA = pa.schema(
     [
@@ -80,6 +80,32 @@ def _coco(path: str, classes: list[str]) -> tuple[dict[str, np.ndarray], dict[st
     )
 
 
+def check_reviewed(
+    table: pa.Table, reviewed: str, classes: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[tuple[str, str]]]:
+    """The reviewed file's boxes and labels by image stem, and the table's images it names
+    (``(image_ref, stem)``).
+
+    Raises:
+        InvalidInputError: as `box_issues`.
+    """
+    if "box_xyxy" not in table.column_names:
+        raise InvalidInputError("labels", "has no box_xyxy column: box labels need a detections table")
+    boxes, labels = _coco(reviewed, classes)
+    shas: dict[str, str | None] = {}
+    for ref, sha in zip(table.column("image_ref").to_pylist(), table.column("image_sha256").to_pylist(), strict=True):
+        shas.setdefault(ref, sha)
+    found: list[tuple[str, str]] = []  # (ref, stem)
+    for ref, sha in shas.items():
+        named = Path(annotated_name(ImageRecord(ref, sha))).stem
+        stem = named if named in boxes else Path(ref.split("?")[0]).stem
+        if stem in boxes:
+            found.append((ref, stem))
+    if not found:
+        raise InvalidInputError("reviewed", f"{reviewed} names none of the labelled table's images")
+    return boxes, labels, found
+
+
 def box_issues(table: pa.Table, reviewed: str, classes: list[str]) -> BoxIssues:
     """cleanlab's verdict on each reviewed image (see the module docs).
 
@@ -90,9 +116,7 @@ def box_issues(table: pa.Table, reviewed: str, classes: list[str]) -> BoxIssues:
     from cleanlab.object_detection.filter import find_label_issues
     from cleanlab.object_detection.rank import get_label_quality_scores
 
-    if "box_xyxy" not in table.column_names:
-        raise InvalidInputError("labels", "has no box_xyxy column: box labels need a detections table")
-    boxes, labels = _coco(reviewed, classes)
+    boxes, labels, found = check_reviewed(table, reviewed, classes)
     predicted: dict[str, list[Any]] = {}
     shas: dict[str, str | None] = {}
     for ref, sha, box, scores in zip(
@@ -106,14 +130,6 @@ def box_issues(table: pa.Table, reviewed: str, classes: list[str]) -> BoxIssues:
         rows = predicted.setdefault(ref, [])
         if box is not None and scores is not None and len(scores) == len(classes):
             rows.append((box, scores))
-    found: list[tuple[str, str]] = []  # (ref, stem)
-    for ref, sha in shas.items():
-        named = Path(annotated_name(ImageRecord(ref, sha))).stem
-        stem = named if named in boxes else Path(ref.split("?")[0]).stem
-        if stem in boxes:
-            found.append((ref, stem))
-    if not found:
-        raise InvalidInputError("reviewed", f"{reviewed} names none of the labelled table's images")
     given = [{"bboxes": boxes[stem], "labels": labels[stem]} for _, stem in found]
     predictions = [_per_class(predicted[ref], len(classes)) for ref, _ in found]
     quality = get_label_quality_scores(given, predictions, verbose=False)

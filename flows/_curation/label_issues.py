@@ -33,7 +33,7 @@ from .._storage.access import read_bytes
 from .._storage.parquet import read_table
 from .sources import Source
 
-__all__ = ["LOGIT_SCALE", "LabelIssues", "cached_label_issues", "label_issues"]
+__all__ = ["LOGIT_SCALE", "LabelIssues", "cached_label_issues", "check_labels", "label_issues"]
 
 #: CLIP's logit scale: zero-shot probabilities are softmax(100 × cosine similarity).
 LOGIT_SCALE = 100.0
@@ -121,6 +121,32 @@ def _classes(labels: list[str | None], scores: list[list[float] | None], width: 
     return [votes[i].most_common(1)[0][0] if i in votes else f"class {i}" for i in range(width)]
 
 
+def _names(
+    path: str, labels: list[str | None], scores: list[list[float] | None], classes: list[str] | None
+) -> list[str]:
+    """The class of each score position: ``classes``, or the table's own (see `_classes`)."""
+    widths = Counter(len(s) for s in scores if s is not None)
+    if not widths:
+        raise InvalidInputError("labels", f"{path} has no row with label_scores")
+    width = widths.most_common(1)[0][0]
+    if classes is not None and len(classes) != width:
+        raise InvalidInputError("classes", f"{len(classes)} classes; {path}'s label_scores have {width} values")
+    return list(classes) if classes is not None else _classes(labels, scores, width)
+
+
+def check_labels(path: str, classes: list[str] | None, reviewed: str | None) -> None:
+    """``labels``, ``classes`` and ``reviewed`` checked before any work, with the errors
+    `label_issues` and `box_issues` would raise after the scoring (a labelled table is small
+    beside the rows scored: read whole here, and again later)."""
+    from .box_issues import check_reviewed
+
+    table = _read(path)
+    labels = [None if v is None else str(v) for v in table.column("label").to_pylist()]
+    names = _names(path, labels, table.column("label_scores").to_pylist(), classes)
+    if reviewed is not None:
+        check_reviewed(table, reviewed, names)
+
+
 def label_issues(source: Source, path: str, classes: list[str] | None) -> LabelIssues:
     """cleanlab's verdict on each labelled row of ``path`` that is a row of ``source``.
 
@@ -132,14 +158,9 @@ def label_issues(source: Source, path: str, classes: list[str] | None) -> LabelI
 
     table = _read(path)
     scores = table.column("label_scores").to_pylist()
-    widths = Counter(len(s) for s in scores if s is not None)
-    if not widths:
-        raise InvalidInputError("labels", f"{path} has no row with label_scores")
-    width = widths.most_common(1)[0][0]
     labels = [None if v is None else str(v) for v in table.column("label").to_pylist()]
-    if classes is not None and len(classes) != width:
-        raise InvalidInputError("classes", f"{len(classes)} classes; {path}'s label_scores have {width} values")
-    names = list(classes) if classes is not None else _classes(labels, scores, width)
+    names = _names(path, labels, scores, classes)
+    width = len(names)
     detections = (
         table.column("detection_index").to_pylist() if "detection_index" in table.column_names else [None] * len(labels)
     )

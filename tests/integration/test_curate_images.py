@@ -508,3 +508,48 @@ def test_a_folder_of_table_parts_curates_as_the_whole_table(tmp_path: Path) -> N
         (tmp_path / "empty").mkdir()
         curate_images(str(tmp_path / "empty"), str(tmp_path / "nothing"), budget=10)  # a folder without parts
     assert caught.value.field == "source"
+
+
+def test_a_bad_labelled_table_or_reviewed_file_is_refused_before_any_scoring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 10M rows the scores take an hour: labels, classes and reviewed are checked before them."""
+    import importlib
+    import json
+
+    module = importlib.import_module("prefect_roboflow.flows.curate_images")  # the module, not the flow
+
+    def no_scoring(*_: object, **__: object) -> None:
+        raise AssertionError("scored before the labels were checked")
+
+    monkeypatch.setattr(module, "open_source", no_scoring)
+    monkeypatch.setattr(module, "cached_scores", no_scoring)
+    n = 30
+    shas = [hashlib.sha256(f"l{i}".encode()).hexdigest() for i in range(n)]
+    scores = pa.array([[0.9, 0.1]] * n, pa.list_(pa.float32()))
+    vectors = clustered(n, seed=3)
+    labelled = write_table(tmp_path / "labels.parquet", vectors, shas, label=["a"] * n, label_scores=scores)
+    unlabelled = write_table(tmp_path / "plain.parquet", clustered(n, seed=3), shas)
+    (tmp_path / "not-coco.json").write_text(json.dumps({"images": []}))
+    boxes = write_table(
+        tmp_path / "boxes.parquet",
+        clustered(n, seed=3),
+        shas,
+        label=["a"] * n,
+        label_scores=scores,
+        box_xyxy=pa.array([[0.0, 0.0, 5.0, 5.0]] * n, pa.list_(pa.float32(), 4)),
+    )
+    coco = {"images": [{"id": 1, "file_name": "elsewhere.png"}], "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "elsewhere.json").write_text(json.dumps({**coco, "annotations": []}))
+    cases = [
+        ({"labels": str(tmp_path / "missing.parquet")}, "labels"),
+        ({"labels": str(unlabelled)}, "labels"),  # no label or label_scores columns
+        ({"labels": str(labelled), "classes": ["a", "b", "c"]}, "classes"),  # 3 classes, 2 scores
+        ({"labels": str(labelled), "reviewed": str(tmp_path / "not-coco.json")}, "labels"),  # no box_xyxy
+        ({"labels": str(boxes), "reviewed": str(tmp_path / "not-coco.json")}, "reviewed"),
+        ({"labels": str(boxes), "reviewed": str(tmp_path / "elsewhere.json")}, "reviewed"),  # none of its images
+    ]
+    for parameters, field in cases:
+        with pytest.raises(InvalidInputError) as caught:
+            curate_images(str(labelled), str(tmp_path / "out"), budget=5, **parameters)
+        assert caught.value.field == field, (parameters, caught.value)
