@@ -7,8 +7,9 @@ occluders, stopping; detections with jitter, misses, low scores and false positi
 embeddings with a class and an object part). Each is sampled at 0.5, 1, 2, 5 and 30 fps as a run
 would, and the same detections go to:
 
-- **ours**: `_video.track.Tracker` as `VideoTracks` runs it in a flow (ids read at the end of each
-  batch of `BATCH_FRAMES` frames), with the crops' embeddings;
+- **ours**: `_video.track.Tracker` as `VideoTracks` runs it in a flow (each detection's id read once
+  its track is settled, so as if the sequence were one batch, whatever the batch size), with the
+  crops' embeddings;
 - **ours, IoU only**: the same without embeddings;
 - **reference**: the ``trackers`` package's `ByteTrackTracker` (2.6.1, its default settings,
   ``frame_rate`` the sampling rate, ``timestamp=`` each frame's time), in its side virtualenv
@@ -44,8 +45,6 @@ from prefect_roboflow.flows._video.track import LOST_SECONDS, Track, Tracker
 __all__ = ["RATES", "reference_python", "run_reference", "score", "track_ours"]
 
 RATES = (0.5, 1.0, 2.0, 5.0, 30.0)
-#: Frames per batch when ids are read (detect_crop_classify's default batch_size).
-BATCH_FRAMES = 32
 VENV_SCRIPT = Path(__file__).with_name("trackers_venv")
 Frames = list[tuple[int, float, dict[int, np.ndarray], Any]]
 NOTES = """Reading it: the reference's default lost buffer (1 s) is shorter than the gap between frames at
@@ -62,14 +61,11 @@ column; an object seen in a single sampled frame cannot be confirmed)."""
 def track_ours(frames: Frames, appearance: bool = True) -> list[list[int | None]]:
     """Our tracker's ids for each detection of each sampled frame, read as a flow reads them."""
     tracker = Tracker(appearance=appearance)
-    out: list[list[int | None]] = []
     held: list[list[Track | None]] = []
-    for number, (_, time_s, _, found) in enumerate(frames):
+    for _, time_s, _, found in frames:
         held.append(tracker.update(found.xyxy, found.confidence, time_s, list(found.embeddings)))
-        if (number + 1) % BATCH_FRAMES == 0 or number == len(frames) - 1:
-            out.extend([None if t is None else t.id for t in tracks] for tracks in held)
-            held = []
-    return out
+    # a track's id is final once it is confirmed or has ended: the ids at the sequence's end
+    return [[None if t is None else t.id for t in tracks] for tracks in held]
 
 
 def reference_python() -> str:

@@ -294,10 +294,14 @@ async def auto_label(
             ParquetSink(table("review"), REVIEW_SCHEMA) as review,
         ):
             async for batch in run.process(submit):
-                # the gallery's thumbnails are drawn and encoded on a worker thread
+                # the gallery's thumbnails are drawn and encoded on a worker thread; a video frame
+                # whose new tracks are not settled yet comes with a later batch (or `finish`)
                 rows, review_rows = await asyncio.to_thread(labeller.rows, tracks.track(batch), embedder)
                 await run.write(sink, rows)
                 await asyncio.to_thread(review.write, review_rows)
+            rows, review_rows = await asyncio.to_thread(labeller.rows, tracks.finish(), embedder)
+            await run.write(sink, rows)
+            await asyncio.to_thread(review.write, review_rows)
         labels, review_path = str(sink.path), str(review.path)
         for note in await asyncio.to_thread(check[0].result) if check else []:
             run.warn(note)

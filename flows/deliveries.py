@@ -203,15 +203,20 @@ def run_delivery(
         key, _ = _flow(flow)
         annotated = AnnotatedImageSink(join(join(join(out, key), "deliveries"), "annotated"))
         tracks = VideoTracks()
+
+        def write(sink: ParquetSink, labelled: Batch) -> None:
+            rows = detection_rows(labelled, embedder, schema)
+            sink.write(rows)
+            annotated.draw(labelled)
+            tally.add(labelled, len(rows))
+
         with ParquetSink(table, schema) as sink:
             for i, records in enumerate(iter_record_batches(images, size, video), 1):
                 found = steps.detect(detector, Batch(records, f"{i}/{max(i, batches)}"), reference, confidence, cache)
                 embedded = steps.embed(embedder, steps.crop(found, padding), cache)
-                labelled = tracks.track(steps.classify(embedded, label_set, min_score))
-                rows = detection_rows(labelled, embedder, schema)
-                sink.write(rows)
-                annotated.draw(labelled)
-                tally.add(labelled, len(rows))
+                # a video frame whose new tracks are not settled yet comes with a later batch (or `finish`)
+                write(sink, tracks.track(steps.classify(embedded, label_set, min_score)))
+            write(sink, tracks.finish())
     return DeliveryResult(
         delivery_id=delivery_id,
         flow=flow,

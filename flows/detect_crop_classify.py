@@ -156,14 +156,20 @@ async def detect_crop_classify(
     schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
     tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder) if run.videos else None
     table = shard.table(out, "detections") if shard else join(out, "detections.parquet")
+
+    async def write(sink: ParquetSink, batch: steps.Batch) -> None:
+        await run.write(sink, detection_rows(batch, embedder, schema))
+        await annotated.write(batch)
+        if videos is not None:  # H.264 encoding: on a worker thread, off the flow's event loop
+            await asyncio.to_thread(videos.write, batch)
+
     try:
         async with ParquetSink(table, schema) as sink:
             async for batch in run.process(submit):
-                batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
-                await run.write(sink, detection_rows(batch, embedder, schema))
-                await annotated.write(batch)
-                if videos is not None:  # H.264 encoding: on a worker thread, off the flow's event loop
-                    await asyncio.to_thread(videos.write, batch)
+                # video frames: tracker ids across each video's frames; a frame whose new tracks are
+                # not settled yet is held back and comes with a later batch (or `finish`)
+                await write(sink, tracks.track(batch))
+            await write(sink, tracks.finish())
     except BaseException:
         if videos is not None:  # an error mid-run publishes no video and leaves no encoder open
             videos.abort()

@@ -33,8 +33,9 @@ Measured against the reference ByteTrack of the ``trackers`` package on ground-t
 0.5–30 fps: `benchmarks/tracking.py`, tables in ``benchmarks/RESULTS.md``.
 
 `VideoTracks` runs one tracker per video over a flow's batches (in order), sets each crop's
-``tracker_id`` at the end of its batch (a track confirmed within the batch names its first sighting
-too), and counts confirmed objects per label.
+``tracker_id`` once its track is settled (confirmed, or ended unconfirmed; frames whose tentative
+tracks are not yet settled are held back and released with a later batch, so a confirmed track's
+every row carries its id whatever the batch size), and counts confirmed objects per label.
 
 ```python
 tracker = Tracker()
@@ -51,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..records import Batch, ImageRecord
+from ..records import Batch, ImageRecord, StepReport
 
 __all__ = [
     "HIGH_CONFIDENCE",
@@ -221,7 +222,7 @@ class Tracker:
             embeddings: One embedding (or None) per detection.
 
         A track's ``id`` is None until it is confirmed; read it once the frames that may confirm it
-        are in (`VideoTracks` reads them at the end of each batch).
+        are in (`VideoTracks` reads it once the track is confirmed or no longer in `tracks`).
         """
         boxes = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
         scores = np.ones(len(boxes)) if confidence is None else np.asarray(confidence, dtype=np.float64)
@@ -348,8 +349,42 @@ def video_of(record: ImageRecord) -> str | None:
     return record.ref.rsplit("#frame=", 1)[0] if record.frame_index is not None else None
 
 
+@dataclass
+class _Held:
+    """A frame tracked but not yet released: its crops wait for their tracks to settle."""
+
+    parent: ImageRecord
+    crops: list[ImageRecord]
+    tracks: list[Track | None] | None = None  # None: nothing tracked (a photo, a failed frame, no detections)
+    tracker: Tracker | None = None
+
+    def settled(self) -> bool:
+        """Whether every track of the frame has its final id: confirmed, or ended unconfirmed."""
+        if self.tracks is None or self.tracker is None:
+            return True
+        tentative = [t for t in self.tracks if t is not None and t.id is None]
+        if not tentative:
+            return True
+        alive = {id(t) for t in self.tracker.tracks}
+        return not any(id(t) in alive for t in tentative)
+
+
 class VideoTracks:
     """One `Tracker` per video over a flow's crop batches, in order; counts confirmed objects per label.
+
+    A frame's crops are released (with their ``tracker_id``) once each of its tracks is settled:
+    confirmed, or ended unconfirmed. A track born on a batch's last frame is confirmed (or not) by a
+    later frame, so `track` holds such frames back (at most about `TENTATIVE_MISSES` frames of a
+    video) and releases them with a later batch; a video's last frames are released when the next
+    reference's frames come, and `finish` releases the rest at the end of the run. Every row of a
+    confirmed track thus carries its id, and the ids are those of the whole video tracked in one
+    batch, whatever the batch size (batches grow on a cached rerun: `_run.growth`).
+
+    ```python
+    for batch in batches:
+        write(tracks.track(batch))   # the frames released, in order
+    write(tracks.finish())           # the frames still held
+    ```
 
     Attributes:
         labels: For each ``(video, tracker_id)``, how often each label was given to its crops.
@@ -358,36 +393,62 @@ class VideoTracks:
     def __init__(self) -> None:
         self._trackers: dict[str, Tracker] = {}
         self.labels: defaultdict[tuple[str, int], Counter[str]] = defaultdict(Counter)
+        self._held: deque[_Held] = deque()
+        self._video: str | None = None  # the video of the last frame taken
 
     def track(self, batch: Batch) -> Batch:
-        """The crop batch with each video frame's crops given their ``tracker_id`` (and the
-        parents' ``detections.tracker_id`` set, for annotators, -1 where there is none); photos
-        pass unchanged. Ids are read once the whole batch is tracked, so a track confirmed by a
-        later frame of the batch names its first sighting too."""
-        pending: list[tuple[ImageRecord, list[ImageRecord], list[Track | None] | None]] = []
+        """The crop batch's frames that are settled, with any held back from earlier batches, in
+        order: each video frame's crops given their ``tracker_id`` (and the parent's
+        ``detections.tracker_id`` set, for annotators, -1 where there is none); photos pass
+        unchanged. The batch's step reports go with it (the frames it holds back are counted
+        there); the frames released later come in a batch without reports."""
+        released: list[_Held] = []
         for parent, crops in batch.by_parent():
             video = video_of(parent)
-            if video is None or not parent.ok or parent.frame_time_s is None:
-                pending.append((parent, crops, None))
-                continue
-            found = parent.detections
-            tracker = self._trackers.setdefault(video, Tracker())
-            if found is None or not len(found):
-                tracker.update(np.zeros((0, 4)), time_s=parent.frame_time_s)
-                pending.append((parent, crops, None))
-                continue
-            embeddings: list[np.ndarray | None] = [None] * len(found)
-            for crop in crops:
-                if crop.crop is not None and crop.ok and crop.embedding is not None:
-                    embeddings[crop.crop.detection_index] = crop.embedding
-            tracked = tracker.update(found.xyxy, found.confidence, parent.frame_time_s, embeddings)
-            pending.append((parent, crops, tracked))
+            if video != self._video:  # the previous video's frames are all in: its tracks are settled
+                released.extend(self._release(everything=True))
+                self._video = video
+            self._held.append(self._update(video, parent, crops))
+        released.extend(self._release(everything=False))
+        return self._batch(released, batch.label, batch.reports)
+
+    def finish(self) -> Batch:
+        """The frames still held (the last video's last ones), released: call it once every batch is tracked."""
+        self._video = None
+        return self._batch(self._release(everything=True), "end", [])
+
+    def _update(self, video: str | None, parent: ImageRecord, crops: list[ImageRecord]) -> _Held:
+        if video is None or not parent.ok or parent.frame_time_s is None:
+            return _Held(parent, crops)
+        found = parent.detections
+        tracker = self._trackers.setdefault(video, Tracker())
+        if found is None or not len(found):
+            tracker.update(np.zeros((0, 4)), time_s=parent.frame_time_s)
+            return _Held(parent, crops)
+        embeddings: list[np.ndarray | None] = [None] * len(found)
+        for crop in crops:
+            if crop.crop is not None and crop.ok and crop.embedding is not None:
+                embeddings[crop.crop.detection_index] = crop.embedding
+        tracked = tracker.update(found.xyxy, found.confidence, parent.frame_time_s, embeddings)
+        return _Held(parent, crops, tracked, tracker)
+
+    def _release(self, everything: bool) -> list[_Held]:
+        """The held frames from the first on while they are settled (all of them: ``everything``), in order."""
+        released = []
+        while self._held and (everything or self._held[0].settled()):
+            released.append(self._held.popleft())
+        return released
+
+    def _batch(self, frames: list[_Held], label: str, reports: list[StepReport]) -> Batch:
+        parents: list[ImageRecord] = []
         records: list[ImageRecord] = []
-        for parent, crops, held in pending:
-            if held is None or parent.detections is None:
+        for frame in frames:
+            parent, crops = frame.parent, frame.crops
+            parents.append(parent)
+            if frame.tracks is None or parent.detections is None:
                 records.extend(crops)
                 continue
-            ids = [None if t is None else t.id for t in held]
+            ids = [None if t is None else t.id for t in frame.tracks]
             parent.detections.tracker_id = np.array([-1 if i is None else i for i in ids], dtype=int)
             video = video_of(parent)
             assert video is not None
@@ -398,7 +459,7 @@ class VideoTracks:
                 if tracker_id is not None and crop.ok and crop.label is not None:
                     self.labels[(video, tracker_id)][crop.label.name] += 1
                 records.append(crop)
-        return Batch(records, batch.label, batch.reports, batch.parents)
+        return Batch(records, label, reports, parents)
 
     def object_counts(self) -> dict[str, int]:
         """Distinct confirmed objects per label (each under the label its crops got most often)."""
