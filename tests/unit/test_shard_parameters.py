@@ -48,7 +48,7 @@ def test_a_shard_run_gets_its_manifest_as_images_and_neither_fan_out_nor_index(
 ) -> None:
     parameters = _shard_run_parameters(monkeypatch, 12_000)
     assert parameters["images"] == "s3://results/2024/_shards/part-00002.json" == parameters["shard"]["manifest"]
-    assert parameters["shard"] == {"index": 2, "manifest": parameters["images"], "attempt": 1}
+    assert parameters["shard"] == {"index": 2, "manifest": parameters["images"], "attempt": 1, "videos": False}
     assert (parameters["fan_out"], parameters["index_path"]) == (None, None)
     assert {k: parameters[k] for k in ("out_dir", "model", "batch_size")} == {
         "out_dir": OUT,
