@@ -4,9 +4,10 @@ index and checked, or said to be images (which `monitor_drift` embeds through th
 A *table* is a parquet file (``….parquet``: a flow's embeddings table or a pinned baseline) or a
 folder of parquet parts (a fanned-out run's ``embeddings/``) with ``model``, ``version`` and
 ``embedding`` columns (only ``status == "ok"`` rows count when there is a ``status``); an *index*
-is a `VectorIndex` folder; anything else is an image source. Every check raises
-`InvalidInputError` naming the parameter: no rows, fewer than `MIN_ROWS`, non-finite values,
-several models or lengths, and (`check_same`) another model, version or dimension than the other side.
+is a `VectorIndex` folder; anything else is an image source. A window of a few rows is read as it
+is (`monitor_drift` gives it "insufficient data", not an error). Every check raises
+`InvalidInputError` naming the parameter: no rows, non-finite values, several models or lengths,
+and (`check_same`) another model, version or dimension than the other side.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from .._steps.vectors import normalise
 from .._storage.access import is_remote, list_files, read_bytes
 from ..vector_index import VectorIndex, family_name
 
-__all__ = ["MIN_ROWS", "Window", "check_same", "checked_vectors", "is_table", "read_window"]
+__all__ = ["Window", "check_same", "checked_vectors", "is_table", "read_window"]
 
-#: Rows a window needs at least (the domain classifier scores out of 5 folds).
-MIN_ROWS = 5
 TABLE_COLUMNS = ("model", "version", "embedding")
 
 
@@ -91,11 +90,9 @@ def _read_part(part: str, field: str) -> pa.Table:
 
 
 def checked_vectors(vectors: np.ndarray, field: str, source: str) -> np.ndarray:
-    """``vectors`` as L2-normalised float32 rows, refused when too few, not finite or zero."""
+    """``vectors`` as L2-normalised float32 rows, refused when there are none, or any is not finite or zero."""
     if vectors.ndim != 2 or len(vectors) == 0:
         raise InvalidInputError(field, f"{source} holds no embeddings (an empty window)")
-    if len(vectors) < MIN_ROWS:
-        raise InvalidInputError(field, f"{source} holds {len(vectors)} row(s); a window needs at least {MIN_ROWS}")
     return normalise(vectors, field)  # refuses NaN, inf and zero rows
 
 

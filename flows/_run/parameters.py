@@ -42,6 +42,7 @@ __all__ = [
     "FindDuplicatesParameters",
     "FlowParameterError",
     "FlowParameters",
+    "MonitorDriftParameters",
     "SearchImagesParameters",
     "check_index",
     "contract_of",
@@ -296,6 +297,44 @@ class SearchImagesParameters(FlowParameters):
     top_k: Count
 
 
+class MonitorDriftParameters(FlowParameters):
+    """`monitor_drift`."""
+
+    flow = "monitor_drift"
+    current: ImageRefs
+    out_dir: Text
+    reference: ImageRefs | None
+    methods: Annotated[
+        list[Literal["domain_classifier", "mean_cosine", "share_drifted", "mmd"]],
+        Field(min_length=1),
+        AfterValidator(_unique),
+    ]
+    alpha: Annotated[float, BeforeValidator(_not_bool), Field(gt=0.0, le=0.5, allow_inf_nan=False)]
+    thresholds: dict[str, Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]] | None
+    permutations: Annotated[int, BeforeValidator(_not_bool), Field(ge=19, le=100_000)]
+    save_baseline: bool
+    baseline_dir: Text | None
+    model: Family
+    version: Text | None
+    batch_size: Count
+    cache_storage: Text | None
+    seed: Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
+    max_failure_rate: Fraction
+
+    @model_validator(mode="after")
+    def _rule_reachable(self) -> MonitorDriftParameters:
+        unknown = sorted(set(self.thresholds or {}) - set(self.methods))
+        if unknown:
+            raise InvalidInputError("thresholds", f"for methods this run does not use: {unknown}")
+        if (self.permutations + 1) * self.alpha < 1:
+            raise InvalidInputError(
+                "permutations",
+                f"{self.permutations} permutations cannot give a p-value of at most alpha={self.alpha}: "
+                f"give at least {math.ceil(1 / self.alpha) - 1}",
+            )
+        return self
+
+
 #: Each shipped flow's contract, by the flow function's name.
 CONTRACTS: dict[str, type[FlowParameters]] = {
     c.flow: c
@@ -306,6 +345,7 @@ CONTRACTS: dict[str, type[FlowParameters]] = {
         AutoLabelParameters,
         FindDuplicatesParameters,
         SearchImagesParameters,
+        MonitorDriftParameters,
     )
 }
 
