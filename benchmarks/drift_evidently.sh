@@ -4,7 +4,7 @@
 # scipy, statsmodels, plotly<6, litestar, nltk, uvicorn and more: it is never a dependency of the
 # project, only a program the benchmark calls. The last line of stdout is the venv's python.
 #
-#   benchmarks/drift_evidently.sh        # ~1-2 min the first time, instant after
+#   benchmarks/drift_evidently.sh        # ~2 min and 1.1 GB the first time, instant after
 #
 # Environment:
 #   PREFECT_ROBOFLOW_CACHE  cache root (default ~/.cache/prefect-roboflow)
@@ -22,7 +22,9 @@ if [ ! -f "$MARKER" ]; then
     rm -rf "$VENV"
     echo "drift_evidently: installing evidently==${EVIDENTLY_VERSION} into $VENV" >&2
     "${EVIDENTLY_PYTHON:-python3}" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "evidently==${EVIDENTLY_VERSION}" >&2
+    # pandas 3 removed pandas.core.dtypes.common.infer_dtype_from_object, which evidently 0.7.23 imports.
+    "$VENV/bin/pip" install --disable-pip-version-check "evidently==${EVIDENTLY_VERSION}" "pandas<3" \
+        >"$ROOT/install.log" 2>&1 || { tail -20 "$ROOT/install.log" >&2; exit 1; }
     "$VENV/bin/python" -c "import evidently; assert evidently.__version__ == '${EVIDENTLY_VERSION}', evidently.__version__" >&2
     touch "$MARKER"
 fi

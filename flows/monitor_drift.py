@@ -3,11 +3,12 @@
 The current window is a table, a vector index, or images (a folder, glob, bucket prefix or list,
 embedded through the cache, as `embed_images` does); the reference is a table, an index, images,
 or — by default — the latest baseline pinned for the same model and version by an earlier run with
-``save_baseline=True``. Each method (`_drift.methods`: a domain classifier's out-of-fold ROC AUC by
-default, mean-embedding cosine distance, share of drifted components, MMD) gives a statistic and
-its p-value from a permutation null of that statistic: a window is drifted when p ≤ ``alpha``
-(and the statistic passes its optional floor), so on an unchanged camera a daily run alarms on at
-most ``alpha`` of the days. A window under `MIN_ROWS` rows gets "insufficient data", never a
+``save_baseline=True``. Each method (`_drift.methods`: a domain classifier's out-of-fold ROC AUC and
+the mean embeddings' cosine distance by default, the share of drifted components, MMD) gives a
+statistic and its p-value from a permutation null of that statistic; with k methods each is tested
+at ``alpha / k``, and a window is drifted when a method's p-value is at most that (and its
+statistic passes its optional floor): on an unchanged camera a daily run alarms on at most
+``alpha`` of the days. A window under `MIN_ROWS` rows gets "insufficient data", never a
 verdict. A row per method goes into ``drift.parquet``, the verdicts into a markdown artifact with a
 plot of the past windows over time (``drift.png``), and a drifted window emits
 ``prefect_roboflow.drift.detected`` for automations (notify, or label the window with `auto_label`).
@@ -29,7 +30,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from . import steps
 from ._drift.baseline import latest_baseline, save_baseline
 from ._drift.history import PLOT_FILE, append_history, plot_history, read_history
-from ._drift.methods import ALPHA, DEFAULT_METHOD, MIN_ROWS, PERMUTATIONS, drift_test
+from ._drift.methods import ALPHA, DEFAULT_METHODS, MIN_ROWS, PERMUTATIONS, drift_test
 from ._drift.windows import Window, check_same, checked_vectors, read_window
 from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import show_location
@@ -117,7 +118,7 @@ async def monitor_drift(
     current: ImageSource,
     out_dir: str,
     reference: str | list[str] | None = None,
-    methods: list[str] = [DEFAULT_METHOD],  # noqa: B006 - a flow parameter's shown default; never mutated
+    methods: list[str] = list(DEFAULT_METHODS),  # noqa: B006 - a flow parameter's shown default; never mutated
     alpha: float = ALPHA,
     thresholds: dict[str, float] | None = None,
     permutations: int = PERMUTATIONS,
@@ -139,11 +140,12 @@ async def monitor_drift(
         out_dir: Folder or bucket location for ``drift.parquet`` (the history) and ``drift.png``.
         reference: What the window is compared with: a table, an index or images; by default the
             latest baseline pinned for the current window's model and version under ``baseline_dir``.
-        methods: Some of ``"domain_classifier"`` (the default: a ridge classifier's out-of-fold
-            ROC AUC), ``"mean_cosine"``, ``"share_drifted"`` (share of components whose KS test
-            gives p < 0.05), ``"mmd"``; see `prefect_roboflow.flows._drift.methods`.
-        alpha: A method finds drift when its permutation p-value is at most this: on windows
-            from the reference's own distribution it alarms on at most this share of them.
+        methods: Some of ``"domain_classifier"`` (a ridge classifier's out-of-fold ROC AUC),
+            ``"mean_cosine"`` (the two by default), ``"share_drifted"`` (share of components whose
+            KS test gives p < 0.05), ``"mmd"``; see `prefect_roboflow.flows._drift.methods`.
+        alpha: The run's false-alarm rate at most: on windows from the reference's own
+            distribution it reports drift on at most this share of them. Each of the k methods
+            finds drift when its permutation p-value is at most ``alpha / k``.
         thresholds: Optional effect-size floors, for "only large drift": a method finds drift
             only when its statistic is also above its floor, e.g. ``{"domain_classifier": 0.6}``
             (Evidently's fixed thresholds were AUC 0.55, cosine distance 0.2, share 0.2, MMD 0.015).
@@ -225,16 +227,17 @@ def _verdicts(
             for m, f in floors.items()
         ]
     verdicts = []
+    each = alpha / len(floors)  # Bonferroni: the run's false alarms stay at most alpha
     for method, floor in floors.items():
         test = drift_test(method, reference.vectors, current.vectors, permutations=permutations, seed=seed)
-        drifted = test.p_value <= alpha and (floor is None or test.score > floor)
+        drifted = test.p_value <= each and (floor is None or test.score > floor)
         verdicts.append(
             DriftScore(
                 method=method,
                 status="drifted" if drifted else "no drift",
                 score=test.score,
                 p_value=test.p_value,
-                alpha=alpha,
+                alpha=each,
                 threshold=floor,
                 drifted=drifted,
             )
@@ -326,8 +329,8 @@ async def _publish(result: MonitorDriftResult, current: ImageSource) -> None:
         columns = ["method", "status", "score", "p_value", "alpha", "threshold"]
         sections.append(markdown_table([s.model_dump() for s in result.scores], columns))
         sections.append(
-            "A method finds drift when its permutation p-value is at most alpha (and its score passes "
-            "the threshold, when one is set)."
+            "A method finds drift when its permutation p-value is at most its alpha (the run's alpha "
+            "shared among its methods) and its score passes the threshold, when one is set."
         )
         sections.append(f"Reference: `{result.reference}`; history: {show_location(str(result.drift_path))}")
         sections.append(f"Windows over time: {show_location(str(result.plot_path))}")

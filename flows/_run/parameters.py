@@ -326,11 +326,12 @@ class MonitorDriftParameters(FlowParameters):
         unknown = sorted(set(self.thresholds or {}) - set(self.methods))
         if unknown:
             raise InvalidInputError("thresholds", f"for methods this run does not use: {unknown}")
-        if (self.permutations + 1) * self.alpha < 1:
+        each = self.alpha / len(self.methods)  # each method's share of alpha
+        if (self.permutations + 1) * each < 1:
             raise InvalidInputError(
                 "permutations",
-                f"{self.permutations} permutations cannot give a p-value of at most alpha={self.alpha}: "
-                f"give at least {math.ceil(1 / self.alpha) - 1}",
+                f"{self.permutations} permutations cannot give a p-value of at most {each:g} "
+                f"(alpha {self.alpha} over {len(self.methods)} method(s)): give at least {math.ceil(1 / each) - 1}",
             )
         return self
 
