@@ -4,7 +4,7 @@ windows for both sides.
 
     benchmarks/drift_evidently.sh                     # Evidently's side venv, once (~2 min)
     .venv/bin/python -m benchmarks.drift_images       # the image pools through the server, once (~6 min)
-    .venv/bin/python -m benchmarks.drift_power        # ~40 min on 2 shared cores; tables on stdout
+    .venv/bin/python -m benchmarks.drift_power --trials 10 --null-trials 40   # ~30 min at load 11
 
 Data. *Planted* (benchmarks/drift_data.py): anisotropic, clustered 512-d unit vectors; each trial's
 reference is 2,000 rows drawn from a pool of 20,000 of the space, its current window is fresh: no
@@ -101,12 +101,16 @@ class Evidently:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         self.folder = tempfile.TemporaryDirectory(prefix="drift-power-")
 
-    def run(self, pool: np.ndarray, index: np.ndarray, current: np.ndarray) -> list[dict[str, bool]]:
+    def submit(self, pool: np.ndarray, index: np.ndarray, current: np.ndarray) -> None:
+        """Send a cell; Evidently works on it while ours does (`collect` reads its answer)."""
         path = Path(self.folder.name) / "cell.npz"
         np.savez(path, reference=pool, reference_index=index, current=current)
-        assert self.process.stdin and self.process.stdout
+        assert self.process.stdin
         self.process.stdin.write(f"{path}\n")
         self.process.stdin.flush()
+
+    def collect(self) -> list[dict[str, bool]]:
+        assert self.process.stdout
         return json.loads(self.process.stdout.readline())
 
     def close(self) -> None:
@@ -145,8 +149,10 @@ def power(args: argparse.Namespace) -> None:
                     cell = (
                         planted_cell(name, size, trials) if data == "planted" else image_cell(pools, name, size, trials)
                     )
-                    theirs = evidently.run(*cell)
-                    hits = {"ours": sum(ours(*cell)), **{s: sum(r[s] for r in theirs) for s in sides[1:]}}
+                    evidently.submit(*cell)
+                    mine = sum(ours(*cell))
+                    theirs = evidently.collect()
+                    hits = {"ours": mine, **{s: sum(r[s] for r in theirs) for s in sides[1:]}}
                     row = " | ".join(shown(hits[s], trials, name == "none") for s in sides)
                     seconds = time.perf_counter() - started
                     print(f"| {name} | {size} | {row} |  <!-- {trials} trials, {seconds:.0f} s -->", flush=True)
