@@ -40,6 +40,7 @@ from .exceptions import (
     ModelNotFoundError,
     RateLimitedError,
     ServerUnavailableError,
+    ServerUnreachableError,
 )
 
 logger = logging.getLogger("prefect_roboflow")
@@ -47,6 +48,13 @@ logger = logging.getLogger("prefect_roboflow")
 T = TypeVar("T")
 
 USER_AGENT = "prefect-roboflow"
+#: Seconds an engine whose servers have never answered keeps retrying connections that cannot be
+#: made (a server still starting); then every such failure is `ServerUnreachableError` at once.
+#: Once any server has answered, a refused connection is retried within ``retry_budget`` as before
+#: (a server restarting mid-run).
+FIRST_CONTACT_GRACE = 3.0
+#: A connection failure this long after the previous one starts a new grace (a later run).
+_NEW_STREAK_AFTER = 60.0
 
 
 @dataclass(frozen=True)
@@ -317,6 +325,10 @@ class InferenceHTTP:
         #: Embedding size per (family, version) of versions whose size is not known in advance:
         #: the first answer's, so a server that later answers another size is caught.
         self.learned_dimensions: dict[tuple[str, str], int] = {}
+        #: Whether any server of this engine has answered (any HTTP status), and when connections
+        #: that cannot be made started failing before that (see `FIRST_CONTACT_GRACE`).
+        self.answered = False
+        self._unreached: tuple[float, float] | None = None  # (first, last) failure of the streak
         # Built on the engine's loop: the pools belong to it.
         self.balancer: Balancer = self._submit(self._make_balancer()).result()
 
@@ -417,12 +429,20 @@ class InferenceHTTP:
                 failure = InferenceConnectionError(f"{type(exc).__name__}: {exc}", endpoint=endpoint)
                 failure.__cause__ = exc
             else:
+                self.answered, self._unreached = True, None
                 self.balancer.report(backend, Outcome.ANSWERED)
                 self._record(_response_info(endpoint, response, answer, started, attempt, backend))
                 return answer
+            if isinstance(failure, InferenceStatusError):
+                self.answered, self._unreached = True, None
             self.balancer.report(backend, _health(failure))
             failed_on = backend
+            grace = self._first_contact_grace(failure)
+            if grace is not None and grace <= 0:
+                raise self._unreachable(failure, endpoint) from None
             delay = self._retry_delay(failure, attempt, started)
+            if delay is not None and grace is not None:
+                delay = min(delay, grace)
             if delay is None:
                 logger.warning(
                     "%s failed after %d attempt(s) (last on %s): %s", endpoint, attempt, backend.label, failure
@@ -440,6 +460,26 @@ class InferenceHTTP:
                 backend.limiter.limit,
             )
             await asyncio.sleep(delay)
+
+    def _first_contact_grace(self, failure: InferenceError) -> float | None:
+        """Seconds left to retry a connection that could not be made while no server of this engine
+        has answered yet; None when the failure is anything else or a server has answered."""
+        cause = failure.__cause__
+        if self.answered or not isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return None
+        now = time.monotonic()
+        first = now if self._unreached is None or now - self._unreached[1] > _NEW_STREAK_AFTER else self._unreached[0]
+        self._unreached = (first, now)
+        return FIRST_CONTACT_GRACE - (now - first)
+
+    def _unreachable(self, failure: InferenceError, endpoint: str) -> ServerUnreachableError:
+        servers = " or ".join(b.label for b in self.backends)
+        cause = failure.__cause__
+        return ServerUnreachableError(
+            f"cannot connect to the inference server at {servers} ({type(cause).__name__}: {cause}) for "
+            f"{FIRST_CONTACT_GRACE:.0f} s, and it has not answered before: is it running, and is the URL right?",
+            endpoint=endpoint,
+        )
 
     async def _request(
         self, backend: Backend, method: str, endpoint: str, content: bytes | None, headers: dict[str, str] | None
@@ -475,6 +515,8 @@ class InferenceHTTP:
         async def one(payload: dict[str, Any]) -> dict[str, Any] | InferenceError:
             try:
                 return await self.post(endpoint, payload)
+            except ServerUnreachableError:
+                raise  # no request can succeed: the call fails, not each payload
             except InferenceError as error:
                 return error
 

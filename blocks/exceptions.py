@@ -9,6 +9,7 @@ InferenceError
 ├── InferenceTransportError                 no usable HTTP answer          [retryable]
 │   ├── InferenceTimeoutError
 │   └── InferenceConnectionError
+│       └── ServerUnreachableError          no server has answered yet     [not retried]
 ├── InferenceResponseError                  a 2xx answer we cannot parse   [retryable]
 └── InferenceStatusError                    the server answered 4xx or 5xx
     ├── ModelNotFoundError                  unknown model or version (404, or the 500 saying so)
@@ -35,6 +36,7 @@ __all__ = [
     "ModelNotFoundError",
     "RateLimitedError",
     "ServerUnavailableError",
+    "ServerUnreachableError",
 ]
 
 
@@ -81,6 +83,14 @@ class InferenceTimeoutError(InferenceTransportError):
 
 class InferenceConnectionError(InferenceTransportError):
     """The connection could not be made, or was reset before an answer arrived."""
+
+
+class ServerUnreachableError(InferenceConnectionError):
+    """No server could be reached, and none of the engine's servers has answered yet: a URL that is
+    wrong or a server that is not running. Raised after a short grace (a server still starting),
+    never retried further and never a failed row: no request of the run can succeed."""
+
+    retryable = False
 
 
 class InferenceResponseError(InferenceError):

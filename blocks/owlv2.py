@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._compat import async_dispatch
 from ._model import ModelBlock, Outcome, require_items
@@ -25,14 +25,19 @@ ENDPOINT = "/owlv2/infer"
 
 
 class Box(BaseModel):
-    """An example box on a reference image: centre ``x, y`` and size ``w, h`` in pixels.
+    """An example box on a reference image: **centre** ``x, y`` and size ``w, h`` in pixels, as the
+    server's ``TrainBox`` takes it. Every box the library returns is corners (``xyxy``, as
+    `supervision.Detections` holds them): give corners with ``xyxy=`` or `Box.from_xyxy`, and read
+    a box's corners with `Box.xyxy`.
 
     The server takes whole pixels; fractional values are rounded when sent.
 
     Examples:
         ```python
-        Box(x=160, y=120, w=80, h=80, cls="screw")
+        Box(x=160, y=120, w=80, h=80, cls="screw")  # centre (160, 120), 80 × 80
+        Box(xyxy=(120, 80, 200, 160), cls="screw")  # the same box, by its corners
         Box.from_xyxy((120, 80, 200, 160), "screw")  # the same box
+        Box(x=160, y=120, w=80, h=80, cls="screw").xyxy  # (120.0, 80.0, 200.0, 160.0)
         ```
     """
 
@@ -45,6 +50,29 @@ class Box(BaseModel):
     cls: str = Field(min_length=1, description="Class name the box shows an example of.")
     negative: bool = Field(default=False, description="True for a counter-example of the class.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_corners(cls, data: Any) -> Any:
+        """``{"xyxy": (x1, y1, x2, y2), "cls": ...}`` (a dict, or YAML and JSON examples) as the centre box."""
+        if not isinstance(data, dict) or "xyxy" not in data:
+            return data
+        if {"x", "y", "w", "h"} & data.keys():
+            raise ValueError("give the box by its corners (xyxy) or by its centre and size (x, y, w, h), not both")
+        corners = data["xyxy"]
+        if isinstance(corners, (str, bytes)) or not isinstance(corners, Sequence) or len(corners) != 4:
+            raise ValueError(f"xyxy must be four numbers (x1, y1, x2, y2), got {corners!r:.80}")
+        x1, y1, x2, y2 = corners
+        rest = {k: v for k, v in data.items() if k != "xyxy"}
+        try:
+            return {**rest, "x": (x1 + x2) / 2, "y": (y1 + y2) / 2, "w": x2 - x1, "h": y2 - y1}
+        except TypeError:
+            raise ValueError(f"xyxy must be four numbers (x1, y1, x2, y2), got {corners!r:.80}") from None
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        """The box's corners ``(x1, y1, x2, y2)``, as every box the library returns."""
+        return (self.x - self.w / 2, self.y - self.h / 2, self.x + self.w / 2, self.y + self.h / 2)
+
     @field_validator("x", "y", "w", "h")
     @classmethod
     def _finite(cls, value: float) -> float:
@@ -55,8 +83,7 @@ class Box(BaseModel):
     @classmethod
     def from_xyxy(cls, xyxy: Sequence[float], name: str, *, negative: bool = False) -> Box:
         """A box from corners ``(x1, y1, x2, y2)``, as `supervision.Detections.xyxy` holds them."""
-        x1, y1, x2, y2 = (float(v) for v in xyxy)
-        return cls(x=(x1 + x2) / 2, y=(y1 + y2) / 2, w=x2 - x1, h=y2 - y1, cls=name, negative=negative)
+        return cls.model_validate({"xyxy": tuple(float(v) for v in xyxy), "cls": name, "negative": negative})
 
     def to_request(self) -> dict[str, Any]:
         """The server's ``TrainBox``: whole pixels."""

@@ -4,12 +4,16 @@ OWLv2 finds objects like the examples (`detect`), each is cropped (`crop`) and e
 and gets the class whose prompts it is most similar to (`classify` against each class's prompt
 ensemble: several prompts per class are averaged in embedding space). A detection's score is the
 zero-shot probability of its class (softmax of 100 × cosine similarity over the classes, as CLIP
-computes it); under ``min_score`` it is not labelled but listed for review with its best guesses.
+computes it). It is not labelled but listed for review with its best guesses when that probability
+is under ``min_probability`` (the classes disagree) or its cosine similarity to the class is under
+``min_score`` (it is like none of them; ``min_score`` means the same in every flow). With one class
+every probability is 1.0: only ``min_score`` can send a box to review, and a run without it says so.
 The kept boxes, clipped to their images, are exported as COCO and/or YOLO through supervision.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -21,14 +25,14 @@ from pydantic import Field
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from . import steps
-from ._outputs.dataset import DEFAULT_FORMATS, EXPORT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
+from ._outputs.dataset import DEFAULT_FORMATS, GallerySink, LabelledImage, ReviewItem, write_datasets
 from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
 from ._run import fanout
 from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import AutoLabelParameters, check_video, resolve_out_dir
+from ._run.parameters import check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource, load
@@ -102,8 +106,11 @@ def _probabilities(crop: ImageRecord) -> np.ndarray:
 class _Labeller:
     """Sorts each crop batch into kept boxes (for the datasets and the gallery) and review items."""
 
-    def __init__(self, classes: Sequence[str], min_score: float, gallery: GallerySink) -> None:
-        self.classes, self.min_score, self.gallery = list(classes), min_score, gallery
+    def __init__(
+        self, classes: Sequence[str], min_score: float | None, min_probability: float, gallery: GallerySink
+    ) -> None:
+        self.classes, self.gallery = list(classes), gallery
+        self.min_score, self.min_probability = min_score, min_probability
         self.schema = DETECTIONS_SCHEMA  # with the frame and tracker columns on video
         self.images: list[LabelledImage] = []
         self.review: list[ReviewItem] = []
@@ -129,7 +136,9 @@ class _Labeller:
                 best = int(probabilities.argmax())
                 row.update(box_xyxy=box.tolist(), label_score=float(probabilities[best]))
                 row.update(label_scores=probabilities.tolist())
-                if probabilities[best] >= self.min_score:
+                assert crop.label is not None
+                similar = self.min_score is None or crop.label.scores[best] >= self.min_score
+                if similar and probabilities[best] >= self.min_probability:
                     row.update(status="labelled", label=self.classes[best])
                     labelled.xyxy.append(box.tolist())
                     labelled.class_ids.append(best)
@@ -161,12 +170,11 @@ class _Labeller:
         }
 
 
-def _check(min_score: float, formats: Sequence[str]) -> None:
-    if not 0.0 <= min_score <= 1.0:
-        raise InvalidInputError("min_score", f"must lie in [0, 1], got {min_score}")
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown or not formats:
-        raise InvalidInputError("formats", f"expected some of {list(EXPORT_FORMATS)}, got {list(formats)}")
+#: What a one-class run without ``min_score`` says in its log and summary.
+ONE_CLASS_NOTE = (
+    "one class: every box's class probability is 1.0, so min_probability sends none to review; "
+    "set min_score (a cosine similarity, as in the other flows) to review the boxes least like the class"
+)
 
 
 @roboflow_flow(name="auto-label", flow_run_name="auto-label[{model}]", validate_parameters=True)
@@ -176,7 +184,8 @@ async def auto_label(
     classes: Classes,
     out_dir: str,
     formats: Sequence[str] = DEFAULT_FORMATS,
-    min_score: float = 0.5,
+    min_score: float | None = None,
+    min_probability: float = 0.5,
     server: str | list[str] | None = None,
     model: EmbeddingFamily = "clip",
     version: str | None = None,
@@ -202,7 +211,11 @@ async def auto_label(
             ``coco/``, ``yolo/``, ``gallery/`` (see `_dataset` for what a reader sees during a rewrite).
         formats: Some of ``"coco"``, ``"yolo"``, ``"label_studio"`` (``label_studio/tasks.json``: tasks
             with predictions) and ``"cvat"`` (``cvat/coco-1.0.zip``: CVAT's COCO 1.0 import); see `_outputs.handoff`.
-        min_score: Detections whose class probability is below this go to review, unlabelled.
+        min_score: Detections whose cosine similarity to their best class is below this go to
+            review, unlabelled (as `classify_images` and `detect_crop_classify` call theirs
+            "unknown"). The one rule that works with a single class.
+        min_probability: Detections whose class probability (softmax over the classes) is below
+            this go to review, unlabelled: the classes compete for the box.
         server: A saved `InferenceServer` block name, a URL, or a list of URLs (several servers).
         model: ``"clip"`` or ``"perception_encoder"`` for the crops and prompts.
         version: Version of that model; detector_version: OWLv2's; their defaults when omitted.
@@ -224,28 +237,33 @@ async def auto_label(
             writes one COCO/YOLO dataset and one gallery page from all the shards' parts.
         shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
-    AutoLabelParameters.check(locals())
     video = check_video(video_fps, video_sample)
-    _check(min_score, formats)
     prompts = class_prompts(classes)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
     gallery = GallerySink(join(out, "gallery"), list(prompts))
+    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
+    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
+    notes = [ONE_CLASS_NOTE] if len(prompts) == 1 and min_score is None and shard is None else []
     tracks = VideoTracks()  # video frames: tracker ids across each video's frames
     run: RunTotals
     if fan_out is not None:
         run = fanned = await fanout.fan_out(
             FLOW_KEY, images, out, fan_out, {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
         )
+        for note in [*notes, *(await asyncio.to_thread(unfound.result) if unfound else [])]:
+            run.warn(note)
         labelled, review_items = _merge_parts(fanned, gallery)
         labels, review_path = fanned.folder("labels"), fanned.folder("review")
     else:
         description = f"Auto-labelling with {detector.label} and {embedder.label}"
         run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
+        for note in notes:
+            run.warn(note)
         all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
         class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
-        labeller = _Labeller(list(prompts), min_score, gallery)
+        labeller = _Labeller(list(prompts), min_score, min_probability, gallery)
         labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
 
         def submit(batch: Batch) -> PrefectFuture[Batch]:
@@ -266,9 +284,12 @@ async def auto_label(
                 run.write(sink, rows)
                 review.write(review_rows)
         labels, review_path = str(sink.path), str(review.path)
+        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+            run.warn(note)
         if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part
             shard.save(out, run, _part(labeller))
-            return await run.finish(*_outcome(run, {}, labels, review_path, gallery.folder), max_failure_rate)
+            outcome = _outcome(run, {}, labels, review_path, gallery.folder)
+            return await run.finish(*outcome, max_failure_rate)
         labelled, review_items = labeller.images, labeller.review
     version = f"{detector.label}+{embedder.label}"
     datasets = write_datasets(labelled, list(prompts), formats, out, model_version=version, image_prefix=image_prefix)
@@ -328,7 +349,8 @@ def _outcome(
     )
     sections = [
         f"## Classes\n\n{counts_table}",
-        f"## Review\n\n{result.review} detection(s) under min_score, with their best guesses: `{review}`",
+        f"## Review\n\n{result.review} detection(s) under min_score or min_probability, with their best guesses: "
+        f"`{review}`",
         f"## Outputs\n\n- review gallery: {show_location(gallery)}\n"
         + "".join(f"- {fmt.upper()}: `{path}`\n" for fmt, path in datasets.items())
         + f"- table: `{labels}`",

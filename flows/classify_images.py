@@ -13,7 +13,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import ClassifyImagesParameters, check_index, check_video, resolve_out_dir
+from ._run.parameters import check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -78,7 +78,6 @@ async def classify_images(
             and the label counts are the shards' summed.
         shard: Set by a fanned-out run on its sub-runs: the part of the job this run does.
     """
-    ClassifyImagesParameters.check(locals())
     video = check_video(video_fps, video_sample)
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)

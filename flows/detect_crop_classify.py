@@ -8,6 +8,7 @@ once per run, and cached; annotated copies of the images are drawn as the batche
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect.futures import PrefectFuture
@@ -21,7 +22,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import DetectCropClassifyParameters, check_video, resolve_out_dir
+from ._run.parameters import check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -108,16 +109,19 @@ async def detect_crop_classify(
         (``tracker_id``), ``object_counts`` counts distinct objects per label, and ``annotated/``
         also holds one annotated MP4 per video.
     """
-    DetectCropClassifyParameters.check(locals())
     video = check_video(video_fps, video_sample)
     srv = resolve_server(server)
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
+    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
+    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
     run: RunTotals
     if fan_out is not None:
         run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": DETECTIONS_SCHEMA})
+        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+            run.warn(note)
         return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
     description = f"Detecting with {detector.label}, labelling with {embedder.label}"
@@ -140,6 +144,8 @@ async def detect_crop_classify(
             if videos is not None:
                 videos.write(batch)
     written = videos.close() if videos is not None else []
+    for note in await asyncio.to_thread(unfound.result) if unfound else []:
+        run.warn(note)
     if shard is not None:
         shard.save(out, run)
     return await run.finish(*_outcome(run, str(sink.path), annotated.folder, tracks, written), max_failure_rate)

@@ -9,7 +9,7 @@ from ._run import fanout
 from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
-from ._run.parameters import EmbedImagesParameters, check_index, check_video, resolve_out_dir
+from ._run.parameters import check_index, check_video, resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -73,7 +73,6 @@ async def embed_images(
         Counts and the table's path. Rows: ``image_ref, image_sha256, model, version,
         embedding, status ("ok" | "failed"), error``.
     """
-    EmbedImagesParameters.check(locals())
     video = check_video(video_fps, video_sample)
     embedder = embedding_model(model, version, resolve_server(server))
     cache = resolve_cache(cache_storage)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
-from ._run.parameters import FindDuplicatesParameters, resolve_out_dir
+from ._run.parameters import resolve_out_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,8 +79,7 @@ async def find_duplicates(source: str, out_dir: str, threshold: float = 0.95, k:
         Counts and the table's path. Rows, one per member of a group: ``group, group_kind,
         representative, member, kind, similarity, image_sha256, detection_index``.
     """
-    FindDuplicatesParameters.check(locals())
-    _check_parameters(source, threshold, k)
+    _check_source(source)
     out = resolve_out_dir(out_dir)
     with tempfile.TemporaryDirectory(dir=None if is_remote(out) else out, prefix=".find-duplicates-") as scratch:
         index = _open_source(source, Path(scratch))
@@ -101,11 +100,7 @@ async def find_duplicates(source: str, out_dir: str, threshold: float = 0.95, k:
     return result
 
 
-def _check_parameters(source: str, threshold: float, k: int) -> None:
-    if not 0.0 < threshold <= 1.0:
-        raise InvalidInputError("threshold", f"must be in (0, 1], got {threshold}")
-    if not 1 <= k <= 100:
-        raise InvalidInputError("k", f"must be in 1..100, got {k}")
+def _check_source(source: str) -> None:
     if "://" not in source and not os.path.exists(source):
         raise InvalidInputError("source", f"{source} does not exist")
 

@@ -7,6 +7,7 @@ ends as a row. A `Batch` is one task's worth of records plus what each step repo
 
 ```python
 batch = Batch.of(["a.jpg", "b.jpg"])          # references; bytes are read by the first step
+Batch.of(["clip.mp4"], video_fps=0.5)         # a video: its sampled frames (clip.mp4#frame=N), as the flows take them
 batch = embed(clip, batch)                    # a Prefect task: one run, cached per image
 [r.embedding.shape for r in batch.ok]        # [(512,), (512,)]
 [r.failure.reason for r in batch.failed]     # []
@@ -16,7 +17,7 @@ batch = embed(clip, batch)                    # a Prefect task: one run, cached 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,17 @@ if TYPE_CHECKING:
     import supervision as sv
 
 __all__ = ["Batch", "Crop", "Failure", "ImageRecord", "Label", "LabelSet", "StepReport"]
+
+#: How `Batch.of` turns references into records (a video into its sampled frames): the one
+#: expansion the flows use, `_steps.sources.expand_refs`, which registers itself here when it is
+#: imported (it imports this module, so this one cannot import it back).
+_expand: Callable[[Iterable[str], float | None, str], Iterator[ImageRecord]] | None = None
+
+
+def register_expansion(expand: Callable[[Iterable[str], float | None, str], Iterator[ImageRecord]]) -> None:
+    """Set how `Batch.of` expands references (see `_expand`)."""
+    global _expand
+    _expand = expand
 
 
 @dataclass(frozen=True)
@@ -239,9 +251,20 @@ class Batch(Sequence[ImageRecord]):
         self.records, self.label, self.reports, self.parents = state
 
     @classmethod
-    def of(cls, refs: Iterable[str], label: str = "1/1") -> Batch:
-        """A batch of image references, not yet read."""
-        return cls([ImageRecord(ref) for ref in refs], label)
+    def of(
+        cls, refs: Iterable[str], label: str = "1/1", *, video_fps: float | None = 1.0, video_sample: str = "fps"
+    ) -> Batch:
+        """A batch of image references, not yet read; a video (``.mp4 .mov .avi .mkv .webm .m4v``)
+        becomes its sampled frames (``clip.mp4#frame=N``, read as they decode), exactly as the flows
+        take it: ``video_fps`` frames per second of video time (None: every frame), ``video_sample``
+        ``"fps"``, ``"keyframes"`` or ``"scene"``.
+
+        Raises:
+            InvalidInputError: naming ``video_fps`` or ``video_sample``, before anything is read.
+        """
+        if _expand is None:  # set when the flows package is imported, before any caller can get here
+            raise RuntimeError("prefect_roboflow.flows was not imported")
+        return cls(list(_expand(refs, video_fps, video_sample)), label)
 
     def then(self, records: list[ImageRecord], report: StepReport, parents: list[ImageRecord] | None = None) -> Batch:
         """The batch after a step: its new records, one more report, and the parents kept unless given."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -13,11 +12,11 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from ._index.store import is_index
 from ._run.batch import emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
-from ._run.parameters import SearchImagesParameters
 from ._steps.models import embedding_model, resolve_server
 from ._steps.sources import read_bytes
 from ._steps.vectors import normalise
 from ._storage.listing import looks_like_image
+from ._storage.parquet import read_table
 from .vector_index import VectorIndex, family_name
 
 __all__ = ["SearchHit", "SearchImagesResult", "search_images"]
@@ -77,9 +76,6 @@ async def search_images(
         top_k: How many hits to return.
         server: A saved `InferenceServer` block name, a URL or a list of URLs (default: ``INFERENCE_SERVER_URL``).
     """
-    SearchImagesParameters.check(locals())
-    if top_k < 1:
-        raise InvalidInputError("top_k", f"must be at least 1, got {top_k}")
     search = _search_index if is_index(embeddings_path) else _search_table
     hits, searched, model = await search(query, embeddings_path, top_k, server)
     result = SearchImagesResult(query=query, model=model, searched_rows=searched, hits=hits)
@@ -96,7 +92,7 @@ async def _search_table(
     query: str, path: str, top_k: int, server: str | list[str] | None
 ) -> tuple[list[SearchHit], int, str]:
     """Every ok row of a parquet table scored against the query: the top hits, rows searched, model."""
-    table = pq.read_table(path).to_pandas()
+    table = read_table(path, field="embeddings_path").to_pandas()
     table = table[table["status"] == "ok"].reset_index(drop=True)
     if table.empty:
         raise InvalidInputError("embeddings_path", f"{path} has no successful rows to search")

@@ -55,6 +55,7 @@ __all__ = [
     "Label",
     "LabelSet",
     "StepReport",
+    "check_example_boxes",
     "classify",
     "crop",
     "detect",
@@ -89,17 +90,25 @@ def _after(batch: Batch, records: list[ImageRecord], report: StepReport, **kwarg
 
 
 def _log(report: StepReport, label: str) -> None:
-    get_run_logger().info(
-        "%s batch %s: %d item(s), %d from cache, %d sent, %d failed in %.2fs; %s",
-        report.step,
-        label,
-        report.items,
-        report.cached,
-        report.sent,
-        report.failed,
-        report.seconds,
-        describe_responses(report.infos),
-    )
+    get_run_logger().info("%s", describe_step(report, label))
+
+
+def describe_step(report: StepReport, label: str) -> str:
+    """One log line on what a step did to a batch: its counts, and the server's figures only when
+    it sent requests (a cached detect or a local crop has none to tell).
+
+    Examples:
+        ```python
+        describe_step(report, "3/12")
+        # 'embed batch 3/12: 128 item(s), 120 from cache, 8 sent in 0.41s; 8 request(s), server model time ...'
+        # 'crop batch 3/12: 40 item(s), 1 failed in 0.02s'
+        ```
+    """
+    counts = [f"{report.items} item(s)"]
+    counts += [f"{n} {what}" for n, what in ((report.cached, "from cache"), (report.sent, "sent")) if n]
+    counts += [f"{report.failed} failed"] if report.failed else []
+    line = f"{report.step} batch {label}: {', '.join(counts)} in {report.seconds:.2f}s"
+    return f"{line}; {describe_responses(report.infos)}" if report.infos else line
 
 
 #: Every step: retried once when it failed in a retryable way (the engine already retried each
@@ -131,6 +140,27 @@ def detect(
     """
     records, report = ops.detect_records(detector, batch.records, examples, confidence, resolve_cache(cache))
     return _after(batch, records, report)
+
+
+@task(name="check_example_boxes", task_run_name=_run_name("check_example_boxes"), **STEP_OPTIONS)
+def check_example_boxes(
+    detector: OwlV2,
+    examples: Sequence[ReferenceExample],
+    confidence: float | None = None,
+    cache: CacheStorage = None,
+) -> list[str]:
+    """Look for each positive example box in its own reference image, with all the examples: a
+    warning (text, for the run's log and summary) for each box OWLv2 does not give back there (no
+    detection of its class with IoU ≥ 0.5), as it will hardly find that object anywhere else. One
+    request per distinct reference image, cached like `detect`'s (a rerun sends nothing).
+
+    Args:
+        detector: The `OwlV2` block.
+        examples: Reference images with example boxes (see `reference_examples`).
+        confidence: Score threshold, as the run's `detect` uses it.
+        cache: Where per-image results are kept (see the module docs).
+    """
+    return ops.unfound_examples(detector, examples, confidence, resolve_cache(cache))
 
 
 @task(name="crop", task_run_name=_run_name("crop"), **STEP_OPTIONS)

@@ -50,8 +50,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from prefect_roboflow.blocks import EmbeddingModel, model_class, model_families
+from prefect_roboflow.blocks import EmbeddingModel
 from prefect_roboflow.blocks._compat import async_dispatch
+from prefect_roboflow.blocks._model import model_class, model_families
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 # The layout's and tuning constants are defined where they are used; the `X as X` imports keep them

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from prefect_roboflow.blocks import ModelBlock
+from prefect_roboflow.blocks._model import ModelBlock
 
 from ..records import Batch, ImageRecord
 from .files import embedding_type

@@ -39,6 +39,7 @@ from prefect.artifacts import (
 from prefect.context import SyncClientContext
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
@@ -228,7 +229,14 @@ class RunTotals:
         self.statuses: Counter[str] = Counter()
         self.labels: Counter[str] = Counter()
         self.sample: list[dict[str, Any]] = []
+        #: What the run warns its user of: logged as it happens, listed first in the summary.
+        self.warnings: list[str] = []
         self._figures: dict[str, Any] = {"requests": 0, "retries": 0, "server_seconds": 0.0, "from_cache": 0}
+
+    def warn(self, message: str) -> None:
+        """Warn the run's user: a warning in the run's log now, and at the top of its summary."""
+        get_run_logger().warning(message)
+        self.warnings.append(message)
 
     def figures(self) -> dict[str, Any]:
         """The run's `RequestFigures`, as keyword arguments for a result model."""
@@ -302,7 +310,8 @@ class RunTotals:
         assets = materialize_outputs(self.flow_key, locations, self.source, figures, self.models())
         keys, _ = await asyncio.gather(assets, asyncio.gather(*tables))
         extra = [assets_section(keys)] if keys else []
-        await publish_summary(self.flow_key, title, [*sections, *self.sections(), *extra])
+        warned = ["## Warnings\n\n" + "".join(f"- {w}\n" for w in self.warnings)] if self.warnings else []
+        await publish_summary(self.flow_key, title, [*warned, *sections, *self.sections(), *extra])
         emit_completed(self.flow_key, result.model_dump())
         check_failure_rate(self.images_failed, self.images, max_failure_rate)
         return result

@@ -3,10 +3,11 @@
 Each shipped flow declares its parameters' contract here once, as a pydantic model (types,
 ranges, non-empty values, rules across parameters); `FlowParameters.check` raises
 `InvalidInputError` naming the parameter (a dotted path such as ``examples[0].boxes[1].w``). The
-contract is checked where the parameters become objects: by the flow class before Prefect casts
-them (so ``batch_size=True`` is refused rather than read as 1), and again by the first line of
-the flow body (so a call that skips Prefect's validation is checked too). The contract only
-checks: the flow goes on with the values it was given.
+contract is checked once per call, where the parameters become objects: by the flow class
+(`_run.flow`) before Prefect casts them (so ``batch_size=True`` is refused rather than read as 1),
+for a call, a sub-flow, a deployment's run or a shard alike. The contract only checks: the flow
+goes on with the values it was given. (``flow.fn(...)`` calls the bare function, without Prefect
+and so without its parameter checks.)
 
 Beside it, where a flow writes and the index it adds to, resolved and checked before any request.
 """
@@ -23,7 +24,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from prefect.exceptions import ParameterTypeError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from prefect_roboflow.blocks import Box, EmbeddingModel, ModelBlock
+from prefect_roboflow.blocks import Box, EmbeddingModel
+from prefect_roboflow.blocks._model import ModelBlock
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 from prefect_roboflow.blocks.owlv2 import check_examples
 
@@ -91,9 +93,11 @@ def _unique(values: list[str]) -> list[str]:
 
 #: A count: a whole number of at least 1 (``batch_size``, ``top_k``).
 Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
-#: A share or probability, in [0, 1] (``max_failure_rate``, ``confidence``, auto_label's ``min_score``).
+#: A share or probability, in [0, 1] (``max_failure_rate``, ``confidence``, auto_label's ``min_probability``).
 Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-#: A cosine similarity, in [-1, 1] (classify's and detect's ``min_score``).
+#: A rate above 0 (``video_fps``: frames per second of video time).
+Rate = Annotated[float, BeforeValidator(_not_bool), Field(gt=0.0, allow_inf_nan=False)]
+#: A cosine similarity, in [-1, 1] (every flow's ``min_score``).
 Similarity = Annotated[float, BeforeValidator(_not_bool), Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
 #: Text that is not empty or blank (a prompt, a query, a path, a version).
 Text = Annotated[str, AfterValidator(_text)]
@@ -215,14 +219,9 @@ class _BatchFlowParameters(FlowParameters):
     fan_out: FanOut | None = None
     shard: Shard | None = None
 
-    # video sources: how frames are sampled (checked by `check_video`)
-    video_fps: Any = 1.0
-    video_sample: Any = "fps"
-
-    @model_validator(mode="after")
-    def _video_sampling(self) -> _BatchFlowParameters:
-        check_video(self.video_fps, self.video_sample)
-        return self
+    # video sources: how frames are sampled (see `check_video`)
+    video_fps: Rate | None = 1.0
+    video_sample: Literal["fps", "keyframes", "scene"] = "fps"
 
     @model_validator(mode="after")
     def _fan_out_or_shard(self) -> _BatchFlowParameters:
@@ -275,7 +274,8 @@ class AutoLabelParameters(_DetectingParameters):
     flow = "auto_label"
     classes: Classes
     formats: Formats
-    min_score: Fraction
+    min_score: Similarity | None
+    min_probability: Fraction
 
 
 class FindDuplicatesParameters(FlowParameters):

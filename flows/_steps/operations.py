@@ -18,10 +18,10 @@ from prefect_roboflow.blocks import (
     EmbeddingModel,
     InferenceError,
     InvalidInputError,
-    ModelBlock,
     OwlV2,
     ReferenceExample,
 )
+from prefect_roboflow.blocks._model import ModelBlock
 from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
@@ -180,6 +180,51 @@ def detect_records(
     )
 
 
+#: IoU at or above which a detection in an example's own reference image gives its box back.
+EXAMPLE_MATCH_IOU = 0.5
+
+
+def unfound_examples(
+    detector: OwlV2, examples: Sequence[ReferenceExample], confidence: float | None, cache: ContentCache
+) -> list[str]:
+    """A warning for each positive example box that OWLv2, shown all the examples, does not find in
+    its own reference image (no detection of its class with IoU ≥ `EXAMPLE_MATCH_IOU`): a box it
+    cannot find there it will hardly find anywhere. One request per distinct reference image, cached
+    as the detect step's are (a rerun sends nothing). Examples whose image is not bytes (as
+    `steps.reference_examples` gives them) are not checked."""
+    import supervision as sv
+
+    checked = check_examples(examples)
+    threshold = check_confidence(detector.confidence if confidence is None else confidence)
+    images = {hashlib.sha256(e.image).hexdigest(): e.image for e in checked if isinstance(e.image, (bytes, bytearray))}
+    records = [ImageRecord(f"reference image {sha[:10]}", sha, bytes(data)) for sha, data in images.items()]
+    found, _ = detect_records(detector, records, checked, threshold, cache) if records else ([], None)
+    by_sha = {record.sha256: record for record in found}
+    notes = []
+    for i, example in enumerate(checked):
+        if not isinstance(example.image, (bytes, bytearray)):
+            continue
+        record = by_sha[hashlib.sha256(example.image).hexdigest()]
+        if not record.ok or record.detections is None:
+            reason = record.failure.reason if record.failure else "no answer"
+            notes.append(f"examples[{i}]: its boxes could not be checked on their own image ({reason})")
+            continue
+        detections = record.detections
+        names = detections.data.get("class_name", np.array([], dtype=str))
+        for j, box in enumerate(example.boxes):
+            if box.negative:
+                continue
+            same = detections.xyxy[names == box.cls]
+            iou = sv.box_iou_batch(np.array([box.xyxy]), same).max() if len(same) else 0.0
+            if iou < EXAMPLE_MATCH_IOU:
+                notes.append(
+                    f"examples[{i}].boxes[{j}] ({box.cls!r}) is not found in its own reference image at confidence "
+                    f"{threshold:g} (best IoU {iou:.2f}): OWLv2 will hardly find it elsewhere; draw the box tight "
+                    "around one object, add examples of the class, or lower confidence"
+                )
+    return notes
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image bytes as an RGB array, EXIF orientation applied as the server does."""
     from PIL import Image, ImageOps
@@ -270,7 +315,8 @@ def embed_label_texts(model: EmbeddingModel, labels: Sequence[str], cache: Conte
         lambda misses: list(model.embed_texts([labels[i] for i in misses])),
         lambda v: fits_model(model, v),
     )
-    label_set = LabelSet(model.label, tuple(labels), np.vstack(vectors).astype(np.float32))
+    arrays = [v for v in vectors if not isinstance(v, InferenceError)]  # embed_texts raises rather than answer one
+    label_set = LabelSet(model.label, tuple(labels), np.vstack(arrays).astype(np.float32))
     report = StepReport("embed_labels", model.label, len(labels), len(labels) - sent, sent, 0, 0.0, infos)
     report.seconds = time.monotonic() - started
     return label_set, report

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -22,8 +22,8 @@ from .._storage.access import local_size
 from .._storage.access import read_bytes as storage_read_bytes
 from .._storage.listing import count_refs, is_video, iter_refs
 from .._video.frames import estimate_frames, frame_records
-from .._video.sample import VideoSampling
-from ..records import Failure, ImageRecord
+from .._video.sample import VideoSampling, check_sampling
+from ..records import Failure, ImageRecord, register_expansion
 
 if TYPE_CHECKING:
     import httpx
@@ -167,12 +167,28 @@ def count_images(images: ImageSource) -> int:
 def iter_records(images: ImageSource, video: VideoSampling | None = None) -> Iterator[ImageRecord]:
     """The source's records in order: a photo's not yet read, a video's sampled frames read as
     they decode (see `_video.frames`: a frame's ref names the video and frame), lazily."""
-    sampling = video or VideoSampling()
-    for ref in iter_image_refs(images):
+    return _records_of(iter_image_refs(images), video or VideoSampling())
+
+
+def _records_of(refs: Iterable[str], sampling: VideoSampling) -> Iterator[ImageRecord]:
+    for ref in refs:
         if is_video(ref):
             yield from frame_records(ref, sampling)
         else:
             yield ImageRecord(ref)
+
+
+def expand_refs(refs: Iterable[str], video_fps: float | None, video_sample: str) -> Iterator[ImageRecord]:
+    """References as records, a video's as its sampled frames (what `Batch.of` gives), the sampling
+    checked first.
+
+    Raises:
+        InvalidInputError: naming ``video_fps`` or ``video_sample``.
+    """
+    return _records_of(refs, check_sampling(video_fps, video_sample))
+
+
+register_expansion(expand_refs)
 
 
 def iter_record_batches(

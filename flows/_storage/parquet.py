@@ -1,4 +1,4 @@
-"""A parquet table streamed to a local temp file or spool and published whole."""
+"""A parquet table streamed to a local temp file or spool and published whole; a table read whole."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .atomic import LocalReplace
 from .locate import locate
@@ -111,3 +113,23 @@ class AtomicParquetWriter:
             self.commit()
         else:
             self.abort()
+
+
+def read_table(ref: str | os.PathLike[str], *, columns: list[str] | None = None, field: str) -> pa.Table:
+    """The parquet table at ``ref`` (a local path or any storage reference), read whole.
+
+    Raises:
+        InvalidInputError: naming ``field``: missing, unreadable, or not a parquet table.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .access import local_copy
+
+    with local_copy(ref, field=field) as local:  # a bucket's table streamed to a temp file
+        try:
+            return pq.read_table(local, columns=columns)
+        except FileNotFoundError:
+            raise InvalidInputError(field, f"not found: {os.fspath(ref)}") from None
+        except (OSError, pa.ArrowInvalid) as error:
+            raise InvalidInputError(field, f"{os.fspath(ref)} is not a readable parquet table: {error}") from None

@@ -59,8 +59,11 @@ def check_sampling(video_fps: float | None, video_sample: str) -> VideoSampling:
         InvalidInputError: naming ``video_fps`` (not a positive finite number) or ``video_sample``
             (not one of `SAMPLE_MODES`).
     """
-    if video_fps is not None and (isinstance(video_fps, bool) or not math.isfinite(video_fps) or video_fps <= 0):
-        raise InvalidInputError("video_fps", f"must be a positive number of frames per second or None, got {video_fps}")
+    number = isinstance(video_fps, (int, float)) and not isinstance(video_fps, bool)
+    if video_fps is not None and (not number or not math.isfinite(video_fps) or video_fps <= 0):
+        raise InvalidInputError(
+            "video_fps", f"must be a positive number of frames per second or None, got {video_fps!r:.80}"
+        )
     if video_sample not in SAMPLE_MODES:
         raise InvalidInputError("video_sample", f"must be one of {', '.join(SAMPLE_MODES)}; got {video_sample!r}")
     return VideoSampling(None if video_fps is None else float(video_fps), video_sample)  # type: ignore[arg-type]

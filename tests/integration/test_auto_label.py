@@ -14,8 +14,9 @@ import supervision as sv
 from PIL import Image
 from support.fault_proxy import FaultProxy
 from support.images import make_scene
+from support.runs import logs_of, summary_of
 
-from prefect_roboflow.blocks import InvalidInputError
+from prefect_roboflow.blocks import Clip, InferenceServer, InvalidInputError
 from prefect_roboflow.flows import auto_label
 from prefect_roboflow.flows.auto_label import class_prompts, ensemble
 from prefect_roboflow.flows.demo import example_spec
@@ -51,13 +52,13 @@ def test_auto_label_writes_a_dataset_that_loads_back(proxy: FaultProxy, scenes: 
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     kwargs: dict[str, Any] = {"server": proxy.url, "cache_storage": cache, "batch_size": 8}
     examples, _ = example_spec()
-    probe = auto_label(str(scenes), examples, CLASSES, str(tmp_path / "probe"), min_score=0.0, **kwargs)
+    probe = auto_label(str(scenes), examples, CLASSES, str(tmp_path / "probe"), min_probability=0.0, **kwargs)
     scores = sorted(r["label_score"] for r in pq.read_table(probe.labels_path).to_pylist() if r["status"] == "labelled")
     assert probe.labelled == len(scores) > 4 and probe.review == 0
     threshold = float(np.median(scores))  # half the detections kept, half left for review
 
     proxy.clear()
-    result = auto_label(str(scenes), examples, CLASSES, str(out), min_score=threshold, **kwargs)
+    result = auto_label(str(scenes), examples, CLASSES, str(out), min_probability=threshold, **kwargs)
     assert proxy.count() == 0  # everything came from the content cache the probe run filled
     rows = pq.read_table(result.labels_path).to_pylist()
     kept = [r for r in rows if r["status"] == "labelled"]
@@ -113,7 +114,9 @@ def test_auto_label_writes_a_dataset_that_loads_back(proxy: FaultProxy, scenes: 
         ({"formats": ["coco", "voc"]}, "formats"),
         ({"formats": []}, "formats"),
         ({"min_score": 1.5}, "min_score"),
-        ({"min_score": -0.1}, "min_score"),
+        ({"min_score": -1.1}, "min_score"),
+        ({"min_probability": 1.5}, "min_probability"),
+        ({"min_probability": -0.1}, "min_probability"),
         ({"classes": {}}, "classes"),
         ({"classes": []}, "classes"),
         ({"classes": {"box": []}}, "classes['box']"),
@@ -135,6 +138,41 @@ def test_bad_input_is_refused_before_any_request(
         auto_label(str(scenes), examples, out_dir=str(tmp_path / "out"), **arguments)
     assert raised.value.field == field
     assert proxy.count() == 0
+
+
+def test_with_one_class_min_score_sends_the_boxes_least_like_it_to_review(
+    proxy: FaultProxy, scenes: Path, tmp_path: Path, inference_url: str
+) -> None:
+    """One class: every softmax probability is 1.0, so only ``min_score`` (a cosine, as in the other
+    flows) can leave a box for review; a run without it says so. The cosines are computed here, from
+    the table's crop embeddings and the class prompts embedded by the block, not by the flow."""
+    examples, _ = example_spec()
+    one = {"box": CLASSES["box"]}
+    kwargs: dict[str, Any] = {"server": proxy.url, "cache_storage": str(tmp_path / "cache"), "batch_size": 8}
+    state = auto_label(str(scenes), examples, one, str(tmp_path / "plain"), return_state=True, **kwargs)
+    plain = state.result()
+    assert plain.review == 0 and plain.labelled > 4
+    assert "min_score" in summary_of(state, "auto-label-summary").split("## Classes")[0]
+    assert any("one class" in line and "min_score" in line for line in logs_of(state))
+
+    rows = [r for r in pq.read_table(plain.labels_path).to_pylist() if r["status"] == "labelled"]
+    clip = Clip(server=InferenceServer(api_url=inference_url))
+    prompts = clip.embed_texts(one["box"])
+    prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
+    centre = prompts.mean(axis=0) / np.linalg.norm(prompts.mean(axis=0))  # the class's prompt ensemble
+    crops = np.array([r["embedding"] for r in rows], dtype=np.float64)
+    cosines = crops / np.linalg.norm(crops, axis=1, keepdims=True) @ centre
+    threshold = float(np.median(cosines))
+    by_box = {(r["image_ref"], r["detection_index"]): c for r, c in zip(rows, cosines, strict=True)}
+
+    result = auto_label(str(scenes), examples, one, str(tmp_path / "out"), min_score=threshold, **kwargs)
+    after = [r for r in pq.read_table(result.labels_path).to_pylist() if r["status"] in {"labelled", "review"}]
+    margin = 1e-4  # float32 embeddings: a box this close to the median may fall either side
+    for row in after:
+        cosine = by_box[(row["image_ref"], row["detection_index"])]
+        if abs(cosine - threshold) > margin:
+            assert row["status"] == ("labelled" if cosine > threshold else "review"), (cosine, threshold)
+    assert 0 < result.review < len(after) and result.labelled + result.review == len(after)
 
 
 def test_a_prompt_ensemble_is_the_mean_of_its_unit_prompt_vectors() -> None:

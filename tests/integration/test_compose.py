@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from prefect import flow
 from support.cache import cached_entries
 from support.fault_proxy import FaultProxy
 from support.images import make_scene
+from support.videos import make_video
 
-from prefect_roboflow.blocks import Clip, InferenceServer, OwlV2, PerceptionEncoder
+from prefect_roboflow.blocks import Clip, InferenceServer, InvalidInputError, OwlV2, PerceptionEncoder
+from prefect_roboflow.flows import embed_images
 from prefect_roboflow.flows.demo import example_spec
 from prefect_roboflow.flows.steps import (
     Batch,
@@ -106,6 +109,40 @@ def test_steps_carry_failures_and_name_their_runs(proxy: FaultProxy, scenes: lis
         assert len(crops) == (len(parent.detections) if parent.ok else 0)
         assert all(c.crop.parent_sha256 == parent.sha256 and c.label.name in ("a box", "an apple") for c in crops)
         np.testing.assert_allclose([c.crop.xyxy for c in crops], parent.detections.xyxy.reshape(-1, 4) if crops else [])
+
+
+def test_a_batch_of_a_video_is_its_sampled_frames_as_the_flows_take_them(
+    proxy: FaultProxy, scenes: list[str], tmp_path: Path
+) -> None:
+    """`Batch.of(["clip.mp4"])` was one failed record ("not a recognised image format"). A 3 s video at
+    10 fps sampled at 2 fps is frames 0, 5, ..., 25 at 0.0, 0.5, ..., 2.5 s (planted by the video's
+    own rate), the same refs the embed_images flow writes for it; the public steps then embed them."""
+    video = make_video(tmp_path / "clip.mp4", seconds=3.0, fps=10)
+    batch = Batch.of([str(video), scenes[0]], video_fps=2.0)
+    frames = [r for r in batch if r.frame_index is not None]
+    assert [r.ref for r in frames] == [f"{video}#frame={i}" for i in range(0, 30, 5)]
+    assert [r.frame_time_s for r in frames] == pytest.approx([i / 10 for i in range(0, 30, 5)])
+    assert all(r.loaded and r.ok for r in frames) and batch.records[-1].ref == scenes[0]
+    assert len(Batch.of([str(video)], video_fps=None)) == 30
+    assert len(Batch.of([str(video)], video_sample="keyframes")) >= 1
+
+    clip, cache = Clip(server=InferenceServer(api_url=proxy.url)), str(tmp_path / "cache")
+
+    @flow
+    def embed_frames() -> Batch:
+        return embed(clip, batch, cache=cache)
+
+    embedded = embed_frames()
+    assert len(embedded.ok) == len(batch) and all(r.embedding.shape == (512,) for r in embedded)
+    table = embed_images([str(video)], str(tmp_path / "out"), server=proxy.url, video_fps=2.0, cache_storage=cache)
+    assert table.failed == 0
+    assert sorted(pq.read_table(table.embeddings_path, columns=["image_ref"]).column(0).to_pylist()) == sorted(
+        r.ref for r in frames
+    )
+    for mistake, field in (({"video_fps": 0}, "video_fps"), ({"video_sample": "every"}, "video_sample")):
+        with pytest.raises(InvalidInputError) as raised:
+            Batch.of([str(video)], **mistake)
+        assert raised.value.field == field
 
 
 def test_classify_refuses_labels_of_another_dimension(inference_url: str, scenes: list[str], tmp_path: Path) -> None:

@@ -4,8 +4,12 @@ must end with every image exactly once, and fail clearly when the server never c
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,16 +17,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
 from support.cache import cached_entries
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image
 
-from prefect_roboflow.blocks import InferenceServer
-from prefect_roboflow.flows import embed_images
+from prefect_roboflow.blocks import InferenceServer, ServerUnreachableError
+from prefect_roboflow.flows import detect_crop_classify, embed_images
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -100,6 +107,56 @@ def test_flow_fails_clearly_when_the_server_never_comes_back(tmp_path: Path) -> 
     assert "6 of 6 images failed" in str(state.message)
     rows = _rows(str(tmp_path / "out" / "embeddings.parquet"))  # written before the run failed
     assert len(rows) == 6 and all(r["status"] == "failed" and "ServerUnavailableError" in r["error"] for r in rows)
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_a_flow_whose_every_server_refuses_connections_fails_at_once_with_one_clear_line(
+    servers: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No server has ever answered: a refused connection is retried only for a short grace (a server
+    still starting), then the run fails with one line naming the servers, no task is retried, and
+    no image becomes a failed row (the images are not at fault). It took 46 s and 239 log lines."""
+    urls = [f"http://127.0.0.1:{_closed_port()}" for _ in range(servers)]
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(make_image(i))
+    examples = [{"image": str(folder / "0.png"), "boxes": [{"x": 160, "y": 120, "w": 80, "h": 80, "cls": "a"}]}]
+    calls = [
+        lambda out: embed_images(str(folder), out, server=urls, cache_storage=str(tmp_path / "c"), return_state=True),
+        lambda out: detect_crop_classify(
+            str(folder), examples, ["a", "b"], out, server=urls, cache_storage=str(tmp_path / "c"), return_state=True
+        ),
+    ]
+    for call in calls:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="prefect_roboflow"):
+            state = call(str(tmp_path / "out"))
+        assert state.is_failed()
+        error = state.result(raise_on_failure=False)
+        assert isinstance(error, ServerUnreachableError)
+        assert all(url in str(error) for url in urls) and "is it running" in str(error)
+        assert "\n" not in str(error)
+        attempts = [int(m.group(1)) for r in caplog.records if (m := re.search(r"attempt (\d+) on", r.getMessage()))]
+        # the grace's backoff (0.25, 0.5, 1, 2 s at least) leaves room for at most 4 retries of a request
+        assert max(attempts, default=0) <= 4
+        runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
+        assert runs and all(r.run_count <= 1 for r in runs), [(r.name, r.run_count) for r in runs]
+        assert not (tmp_path / "out" / "embeddings.parquet").exists() or all(
+            r["status"] != "failed" for r in _rows(str(tmp_path / "out" / "embeddings.parquet"))
+        )
+
+
+async def _task_runs(flow_run_id: Any) -> list[Any]:
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 @pytest.fixture()

@@ -84,6 +84,11 @@ bad_fan_outs = st.one_of(
     st.integers(max_value=-1).map(lambda n: {"shard_size": 10, "retries": n}),
     st.integers(min_value=11).map(lambda n: {"shard_size": 10, "retries": n}),
 )
+#: Not a frame rate (a number above 0, or None): a word, a bool, zero or less, not finite.
+bad_rates = st.one_of(
+    st.sampled_from(["fast", "30fps", ""]), bools, st.floats(max_value=0.0, allow_infinity=False), not_finite
+)
+bad_sample_modes = st.text(max_size=12).filter(lambda s: s not in {"fps", "keyframes", "scene"})
 bad_families = st.text(max_size=12).filter(lambda s: s not in {"clip", "perception_encoder"})
 bad_optional_text = blank
 
@@ -99,6 +104,8 @@ def mistakes(reference: str, off_image: bool = True) -> dict[str, dict[str, st.S
         "batch_size": bad_counts,
         "max_failure_rate": bad_fractions,
         "fan_out": bad_fan_outs,  # for the batch flows that fan out (see `of_flow`)
+        "video_fps": bad_rates,
+        "video_sample": bad_sample_modes,
     }
     detecting = {
         **batch,
@@ -115,7 +122,13 @@ def mistakes(reference: str, off_image: bool = True) -> dict[str, dict[str, st.S
             "padding": st.one_of(st.integers(max_value=-1), bools),
             "min_score": bad_similarities,
         },
-        "auto_label": {**detecting, "classes": bad_classes, "formats": bad_formats, "min_score": bad_fractions},
+        "auto_label": {
+            **detecting,
+            "classes": bad_classes,
+            "formats": bad_formats,
+            "min_score": bad_similarities,
+            "min_probability": bad_fractions,
+        },
         "find_duplicates": {
             "source": blank,
             "out_dir": blank,

@@ -19,9 +19,8 @@ from prefect_roboflow.blocks import (
     InvalidInputError,
     OwlV2,
     PerceptionEncoder,
-    model_class,
-    model_families,
 )
+from prefect_roboflow.blocks._model import model_class, model_families
 from prefect_roboflow.blocks._resize import RESIZE_REVISION
 from prefect_roboflow.flows._outputs.files import ParquetSink
 from prefect_roboflow.flows._run.parameters import ensure_out_dir

@@ -3,7 +3,6 @@ and its defaults, names the parameter of any value outside it, and names only re
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import pickle
 from pathlib import Path
@@ -24,7 +23,7 @@ from prefect_roboflow.flows import (
     find_duplicates,
     search_images,
 )
-from prefect_roboflow.flows._run.parameters import CONTRACTS, FlowParameterError, contract_of
+from prefect_roboflow.flows._run.parameters import CONTRACTS, FlowParameterError, FlowParameters, contract_of
 
 FLOWS = {
     f.fn.__name__: f
@@ -108,9 +107,22 @@ def test_a_function_without_a_contract_has_none() -> None:
     assert contract_of(embed_images_lookalike) is None
 
 
-def test_a_call_that_skips_prefects_validation_is_checked_by_the_flow_body(tmp_path: Path) -> None:
-    # the flow function itself, as a caller of `.fn` or a flow with validate_parameters=False runs it
-    with pytest.raises(InvalidInputError) as caught:
-        asyncio.run(embed_images.fn(str(tmp_path), str(tmp_path / "out"), batch_size=0))
-    assert caught.value.field == "batch_size"
-    assert not (tmp_path / "out").exists()
+def test_a_call_checks_its_contract_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract is checked where Prefect takes the parameters, not again in the flow body (a
+    list of 100,000 image references was walked twice)."""
+    checked: list[str] = []
+    original = FlowParameters.check.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[FlowParameters], values: Any) -> None:
+        checked.append(cls.flow)
+        original(cls, values)
+
+    monkeypatch.setattr(FlowParameters, "check", classmethod(counting))
+    with pytest.raises(InvalidInputError) as caught:  # past the contract, the body finds no table there
+        search_images("a cat", str(tmp_path / "no-such-table.parquet"))
+    assert caught.value.field == "embeddings_path"
+    assert checked == ["search_images"]
+    checked.clear()
+    with pytest.raises(InvalidInputError, match="video_fps"):  # a mistake: refused by that one check
+        embed_images(str(tmp_path), str(tmp_path / "out"), video_fps="fast")
+    assert checked == ["embed_images"] and not (tmp_path / "out").exists()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prefect_roboflow.blocks import Clip, InvalidInputError, PerceptionEncoder, model_class
+from prefect_roboflow.blocks import Clip, InvalidInputError, PerceptionEncoder
+from prefect_roboflow.blocks._model import model_class
 from prefect_roboflow.blocks.images import image_size
 from prefect_roboflow.blocks.owlv2 import to_detections
 from prefect_roboflow.blocks.tasks import run_name

@@ -49,6 +49,31 @@ def test_every_exported_name_is_importable_and_documented(module_name: str) -> N
             assert inspect.getdoc(value), f"{module_name}.{name} has no docstring"
 
 
+#: What users of the blocks call, pinned: a name joins or leaves on purpose (internals such as
+#: `ModelBlock` and `model_class` are private; `encode_array`, which the README tells users to call, is in).
+BLOCKS_API = {
+    "CLIP_DIMENSIONS", "PE_DIMENSIONS", "Box", "Clip", "ClipVersion", "EmbeddingModel", "InferenceServer",
+    "OwlV2", "PerceptionEncoder", "PerceptionEncoderVersion", "ReferenceExample", "ResponseInfo",
+    "encode_array", "record_responses", "InferenceError", "InferenceClientError", "InferenceConnectionError",
+    "InferenceResponseError", "InferenceServerError", "InferenceStatusError", "InferenceTimeoutError",
+    "InferenceTransportError", "InvalidImageError", "InvalidInputError", "ModelNotFoundError",
+    "RateLimitedError", "ServerUnavailableError", "ServerUnreachableError",
+}  # fmt: skip
+
+
+def test_the_blocks_export_what_users_call_and_no_internals() -> None:
+    blocks = importlib.import_module("prefect_roboflow.blocks")
+    assert set(blocks.__all__) == BLOCKS_API
+    assert len(blocks.__all__) == len(BLOCKS_API)
+    for name in blocks.__all__:
+        value = getattr(blocks, name)
+        if inspect.isclass(value) or callable(value):
+            assert inspect.getdoc(value), f"prefect_roboflow.blocks.{name} has no docstring"
+    from prefect_roboflow.blocks import encode_array  # as the README writes it
+
+    assert encode_array.__module__ == "prefect_roboflow.blocks.images"
+
+
 def test_the_public_steps_take_public_types() -> None:
     from prefect_roboflow.blocks import EmbeddingModel
     from prefect_roboflow.flows import steps

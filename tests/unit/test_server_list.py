@@ -34,7 +34,6 @@ def test_several_urls_keep_their_order_without_trailing_slashes() -> None:
         (["http://gpu-a:9001", "HTTP://GPU-A:9001/"], "listed twice"),
         (["http://gpu-a", "http://gpu-a:80"], "listed twice"),  # the default port filled in
         (["http://gpu-a:9001", "ftp://gpu-b:21"], "http"),
-        (["http://gpu-a:9001", "gpu-b:9001"], "http"),
         (["http://gpu-a:9001", "http://gpu-b:9001/?api_key=SECRET"], "query string"),
         (["http://user:SECRET@gpu-a:99999"], "port"),
     ],
@@ -46,6 +45,30 @@ def test_a_malformed_list_is_refused_without_echoing_secrets(urls: list[str], me
     with pytest.raises(InvalidInputError, match=message) as typed:
         resolve_server(urls)
     assert typed.value.field == "server" and "SECRET" not in str(typed.value)
+
+
+def test_a_flow_takes_host_and_port_without_a_scheme_as_http() -> None:
+    """``server="localhost:9001"`` was looked up as a saved block's name; the block itself still
+    wants a scheme (its URL is what it stores)."""
+    assert resolve_server("localhost:9001").api_url == "http://localhost:9001"
+    assert resolve_server(["http://gpu-a:9001", "gpu-b:9001/"]).api_urls == ("http://gpu-a:9001", "http://gpu-b:9001")
+    assert resolve_server("10.0.0.5:9001").api_url == "http://10.0.0.5:9001"
+    assert resolve_server("[::1]:9001").api_url == "http://[::1]:9001"
+    with pytest.raises(ValidationError, match="http"):
+        InferenceServer(api_url=["http://gpu-a:9001", "gpu-b:9001"])
+
+
+@pytest.mark.parametrize("server", ["my server", "gpu-a:port", "http//gpu-a:9001", "gpu-a:9001?x=1"])
+def test_text_that_is_neither_a_url_nor_a_block_name_names_server(server: str) -> None:
+    with pytest.raises(InvalidInputError) as raised:
+        resolve_server(server)
+    assert raised.value.field == "server"
+
+
+def test_a_name_no_saved_block_has_names_server() -> None:
+    with pytest.raises(InvalidInputError, match="no saved InferenceServer block") as raised:
+        resolve_server("no-such-server")
+    assert raised.value.field == "server"
 
 
 def test_a_list_with_something_else_than_urls_is_a_typed_error() -> None:

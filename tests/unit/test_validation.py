@@ -52,6 +52,22 @@ def test_box_from_xyxy_round_trips() -> None:
     assert box.to_request() == {"x": 160, "y": 120, "w": 80, "h": 80, "cls": "can", "negative": False}
 
 
+def test_a_box_is_given_and_read_by_its_corners_too() -> None:
+    """Outputs are corners (xyxy) while `Box` is a centre: corners in and out, checked by hand."""
+    by_corners = Box(xyxy=(120, 80, 200, 160), cls="can")  # type: ignore[call-arg]
+    assert by_corners == Box(x=160, y=120, w=80, h=80, cls="can")
+    assert by_corners.xyxy == (120, 80, 200, 160)
+    assert Box.model_validate({"xyxy": [0, 10, 30, 50], "cls": "a", "negative": True}).to_request() == {
+        "x": 15, "y": 30, "w": 30, "h": 40, "cls": "a", "negative": True,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="not both"):
+        Box.model_validate({"xyxy": [0, 0, 10, 10], "x": 5, "cls": "a"})
+    with pytest.raises(ValueError, match="four numbers"):
+        Box.model_validate({"xyxy": [0, 0, 10], "cls": "a"})
+    with pytest.raises(ValueError, match="greater than 0"):  # corners in the wrong order: no size
+        Box.model_validate({"xyxy": [10, 0, 0, 10], "cls": "a"})
+
+
 @pytest.mark.parametrize(
     "fields",
     [
