@@ -36,7 +36,7 @@ from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import show_location
 from ._run.batch import EVENT_PREFIX, BatchRun, check_failure_rate, emit_completed, markdown_table, publish_summary
 from ._run.flow import roboflow_flow
-from ._run.parameters import MonitorDriftParameters, resolve_out_dir
+from ._run.parameters import resolve_out_dir
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource, count_images
@@ -170,7 +170,6 @@ async def monitor_drift(
             or infinite values, no baseline to compare with, or a reference of another model,
             version or dimension than the current window (checked before any image is embedded).
     """
-    MonitorDriftParameters.check(locals())
     floors = _floors(methods, thresholds)
     out = resolve_out_dir(out_dir)
     baselines = baseline_dir or join(out, "baselines")
