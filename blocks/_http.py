@@ -438,9 +438,9 @@ class InferenceHTTP:
             self.balancer.report(backend, _health(failure))
             failed_on = backend
             grace = self._first_contact_grace(failure)
-            if grace is not None and grace <= 0:
-                raise self._unreachable(failure, endpoint) from None
             delay = self._retry_delay(failure, attempt, started)
+            if grace is not None and (grace <= 0 or delay is None):  # the grace, or the retries, are over
+                raise self._unreachable(failure, endpoint) from None
             if delay is not None and grace is not None:
                 delay = min(delay, grace)
             if delay is None:
@@ -476,8 +476,8 @@ class InferenceHTTP:
         servers = " or ".join(b.label for b in self.backends)
         cause = failure.__cause__
         return ServerUnreachableError(
-            f"cannot connect to the inference server at {servers} ({type(cause).__name__}: {cause}) for "
-            f"{FIRST_CONTACT_GRACE:.0f} s, and it has not answered before: is it running, and is the URL right?",
+            f"cannot connect to the inference server at {servers} ({type(cause).__name__}: {cause}), and it has "
+            "not answered before: is it running, and is the URL right?",
             endpoint=endpoint,
         )
 

@@ -29,7 +29,7 @@ from support.fault_proxy import FaultProxy
 from support.images import make_image
 from support.servers import ServerProcess, start_server, start_servers
 
-from prefect_roboflow.blocks import Clip, InferenceServer, InvalidInputError, record_responses
+from prefect_roboflow.blocks import Clip, InferenceServer, InvalidInputError, ServerUnreachableError, record_responses
 from prefect_roboflow.blocks._http import close_engines, requests_per_server
 from prefect_roboflow.flows import embed_images
 
@@ -137,7 +137,7 @@ MALFORMED: dict[str, Callable[[str], list[str]]] = {
     "empty": lambda url: [],
     "duplicate": lambda url: [url, url.replace("http://", "HTTP://") + "/"],
     "not http": lambda url: [url, "ftp://127.0.0.1:21"],
-    "no scheme": lambda url: [url, "127.0.0.1:9003"],
+    "no scheme, no port": lambda url: [url, "127.0.0.1"],  # host:port alone is taken as http://
     "query string": lambda url: [url, f"{url}/?api_key=abc"],
 }
 
@@ -155,17 +155,18 @@ def test_a_malformed_server_list_is_refused_before_any_request(case: str, many: 
         assert counting.count() == 0
 
 
-def test_with_every_server_down_each_image_is_a_failed_row_with_its_reason(tmp_path: Path, many: Path) -> None:
+def test_with_every_server_down_from_the_start_the_run_fails_naming_them(tmp_path: Path, many: Path) -> None:
+    """No server has ever answered: the run fails after a short grace with one line naming them all
+    (a saved block of two servers here), rather than each image failing after the whole retry budget."""
     dead = [f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"]
     InferenceServer(api_url=dead, retry_backoff_seconds=0.05, retry_budget_seconds=2.0).save("all-down", overwrite=True)
     subset = [str(p) for p in sorted(many.iterdir())[:6]]
     state = embed_images(
         subset, str(tmp_path / "out"), server="all-down", cache_storage=str(tmp_path / "c"), return_state=True
     )
-    assert state.is_failed() and "6 of 6 images failed" in str(state.message)
-    rows = _rows(str(tmp_path / "out" / "embeddings.parquet"))  # written before the run failed
-    assert [r["image_ref"] for r in rows] == subset
-    assert all(r["status"] == "failed" and "InferenceConnectionError" in r["error"] for r in rows), rows[0]["error"]
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ServerUnreachableError) and all(url in str(error) for url in dead)
 
 
 def test_a_server_down_at_start_is_probed_back_in(urls: list[str], many: Path) -> None:
