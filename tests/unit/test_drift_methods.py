@@ -92,18 +92,28 @@ def test_share_drifted_uses_exact_ks_p_values() -> None:
     assert observed == 0.0
 
 
-def test_share_drifted_null_counts_what_scipy_counts() -> None:
-    """The null's share uses the critical statistic found by bisection; on the true labelling it
-    is the share scipy's p-values give."""
-    reference, current = _windows(150, 40, shift=0.04)
+@pytest.mark.parametrize(
+    ("n", "m", "shift", "decimals"),
+    [(150, 40, 0.04, None), (100, 20, 0.0, None), (30, 30, 0.06, None), (1000, 200, 0.01, None), (120, 30, 0.05, 2)],
+)
+def test_share_drifted_counts_what_scipy_counts(n: int, m: int, shift: float, decimals: int | None) -> None:
+    """The share on the true labelling (from the batch's statistics and the critical one) is the
+    share of components to which scipy's ``ks_2samp`` gives p < 0.05 — small and large windows,
+    drift and none, and rounded values (ties); the critical statistic is the smallest with p < 0.05."""
+    reference, current = _windows(n, m, shift=shift)
+    if decimals is not None:
+        reference, current = np.round(reference, decimals), np.round(current, decimals)
     observed, _ = methods._share_drifted(reference, current, 0, np.random.default_rng(0))
     test = stats.ks_2samp(reference, current, axis=0, method="auto")
+    assert observed == np.mean(test.pvalue < 0.05)
     candidates = sorted(
         ((float(test.statistic[j]), reference[:, j], current[:, j]) for j in range(reference.shape[1])),
         key=lambda c: c[0],
     )
     critical = methods._critical(candidates)
-    assert observed == np.mean(test.pvalue < 0.05) == np.mean(test.statistic >= critical - 1e-12) > 0
+    assert np.all((test.pvalue < 0.05) == (test.statistic >= critical - 1e-12))
+    if shift >= 0.04:
+        assert observed > 0
 
 
 def test_mmd_matches_the_pairwise_formula() -> None:
