@@ -61,20 +61,23 @@ def _table(path: Path, direction: np.ndarray, rows: int, seed: int, **columns: A
     return str(path)
 
 
-def _events(name: str) -> list[Any]:
-    """Events of this name as the Prefect API stored them (they arrive asynchronously)."""
+def _events(name: str, awaited: str) -> list[Any]:
+    """Events of this name as the Prefect API stored them, once the one about the ``awaited``
+    current window is among them (they arrive asynchronously, and earlier tests' events of the
+    same name are there already: any event is not yet the one this test emitted)."""
     EventsWorker.drain_all()
 
     async def read() -> list[Any]:
         async with get_client() as client:
             return (await client.read_events(filter=EventFilter(event=EventNameFilter(name=[name])), limit=50)).events
 
-    for _ in range(40):
+    found: list[Any] = []
+    for _ in range(60):
         found = asyncio.run(read())
-        if found:
+        if any(e.payload.get("current") == awaited for e in found):
             return found
         time.sleep(0.5)
-    return []
+    return found
 
 
 def test_tables_and_index_history_plot_and_drift_event(tmp_path: Path) -> None:
@@ -109,12 +112,13 @@ def test_tables_and_index_history_plot_and_drift_event(tmp_path: Path) -> None:
     assert [r["threshold"] for r in history] == [None] * 5 + [0.9, None, None]
     assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    events = [e for e in _events(DRIFT_EVENT) if e.payload.get("current") == moved]
+    stored = _events(DRIFT_EVENT, awaited=moved)  # the steady window ran first: its event would be here too
+    events = [e for e in stored if e.payload.get("current") == moved]
     assert len(events) == 1
     assert events[0].payload["status"] == "drifted"
     assert {s["method"] for s in events[0].payload["scores"]} == set(METHODS)
     assert events[0].resource.id == "prefect_roboflow.drift.clip.ViT-B-16"
-    assert not [e for e in _events(DRIFT_EVENT) if e.payload.get("current") == steady]
+    assert not [e for e in stored if e.payload.get("current") == steady]
 
 
 def test_pinned_baseline_is_used_and_another_model_refused(tmp_path: Path) -> None:
@@ -187,7 +191,7 @@ def test_small_windows_get_insufficient_data_and_no_event(tmp_path: Path) -> Non
     assert monitor_drift(reference, str(out), reference=one_row).status == "insufficient data"
     enough = _table(tmp_path / "enough.parquet", shifted, MIN_ROWS, seed=14)
     assert monitor_drift(enough, str(out), reference=reference).status == "drifted"
-    events = [e for e in _events(DRIFT_EVENT) if e.payload.get("current") in (tiny, enough)]
+    events = [e for e in _events(DRIFT_EVENT, awaited=enough) if e.payload.get("current") in (tiny, enough)]
     assert [e.payload["current"] for e in events] == [enough]  # the small window emitted none
 
 
