@@ -172,12 +172,15 @@ def power(args: argparse.Namespace) -> None:
     out = Path(args.out or CACHE / f"power-{time.strftime('%Y%m%dT%H%M%S')}.json")
     try:
         for data, scenarios in (("planted", PLANTED), ("images", IMAGES)):
+            scenarios = {k: v for k, v in scenarios.items() if k == "none" or not args.drifts or k in args.drifts}
+            if len(scenarios) == 1 and args.drifts:
+                continue
             print(f"\n### {data}\n\n| drift | rows | ours (default pair) | Evidently `model()` | "
                   "Evidently `model(bootstrap=True)` | Evidently AUC at its calibrated 5% threshold |")  # fmt: skip
             print("|---|---|---|---|---|---|")
             thresholds: dict[int, float] = {}
             for name in scenarios:
-                for size in SIZES:
+                for size in args.sizes:
                     trials = (args.null_trials if data == "planted" else args.image_null_trials) if name == "none" \
                         else args.trials  # fmt: skip
                     started, cpu = time.perf_counter(), time.process_time()
@@ -240,6 +243,8 @@ def main() -> int:
     parser.add_argument("--null-trials", type=int, default=150, help="trials per planted no-drift cell")
     parser.add_argument("--image-null-trials", type=int, default=100, help="trials per image no-drift cell")
     parser.add_argument("--out", help="where the per-trial records go (JSON)")
+    parser.add_argument("--drifts", nargs="*", help="only these drifts (and no drift, for the calibration)")
+    parser.add_argument("--sizes", nargs="*", type=int, default=list(SIZES), help="window sizes")
     parser.add_argument("--minimum", action="store_true", help="measure the small windows instead")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -3,15 +3,17 @@
 The current window is a table, a vector index, or images (a folder, glob, bucket prefix or list,
 embedded through the cache, as `embed_images` does); the reference is a table, an index, images,
 or — by default — the latest baseline pinned for the same model and version by an earlier run with
-``save_baseline=True``. Each method (`_drift.methods`: a domain classifier's out-of-fold ROC AUC and
-the mean embeddings' cosine distance by default, the share of drifted components, MMD) gives a
-statistic and its p-value from a permutation null of that statistic; with k methods each is tested
-at ``alpha / k``, and a window is drifted when a method's p-value is at most that (and its
-statistic passes its optional floor): on an unchanged camera a daily run alarms on at most
-``alpha`` of the days. A window under `MIN_ROWS` rows gets "insufficient data", never a
-verdict. A row per method goes into ``drift.parquet``, the verdicts into a markdown artifact with a
-plot of the past windows over time (``drift.png``), and a drifted window emits
-``prefect_roboflow.drift.detected`` for automations (notify, or label the window with `auto_label`).
+``save_baseline=True``. Each method (`_drift.methods`: a domain classifier and the mean
+embeddings' cosine distance by default, the share of drifted components, MMD) gives a score and
+a p-value from a permutation null of its statistic (the score itself, except the classifier's: its
+score is the out-of-fold ROC AUC, its statistic the gap between current and reference rows' mean
+out-of-fold prediction); with k methods each is tested at ``alpha / k``, and a window is drifted
+when a method's p-value is at most that (and its score passes its optional floor): on an
+unchanged camera a daily run alarms on at most ``alpha`` of the days. A window under `MIN_ROWS`
+rows gets "insufficient data", never a verdict. A row per method goes into ``drift.parquet``, the
+verdicts into a markdown artifact with a plot of the past windows over time (``drift.png``), and a
+drifted window emits ``prefect_roboflow.drift.detected`` for automations (notify, or label the
+window with `auto_label`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ INSUFFICIENT: Literal["insufficient data"] = "insufficient data"
 
 
 class DriftScore(BaseModel):
-    """One method's verdict: its statistic, the statistic's permutation p-value, and the rule."""
+    """One method's verdict: its score (what a threshold compares; the domain classifier's ROC AUC),
+    the permutation p-value of its statistic (the score itself, except the classifier's: the gap
+    in mean out-of-fold prediction), and the rule."""
 
     method: str
     status: DriftStatus
@@ -140,14 +144,14 @@ async def monitor_drift(
         out_dir: Folder or bucket location for ``drift.parquet`` (the history) and ``drift.png``.
         reference: What the window is compared with: a table, an index or images; by default the
             latest baseline pinned for the current window's model and version under ``baseline_dir``.
-        methods: Some of ``"domain_classifier"`` (a ridge classifier's out-of-fold ROC AUC),
+        methods: Some of ``"domain_classifier"`` (a ridge classifier; score: its out-of-fold ROC AUC),
             ``"mean_cosine"`` (the two by default), ``"share_drifted"`` (share of components whose
             KS test gives p < 0.05), ``"mmd"``; see `prefect_roboflow.flows._drift.methods`.
         alpha: The run's false-alarm rate at most: on windows from the reference's own
             distribution it reports drift on at most this share of them. Each of the k methods
             finds drift when its permutation p-value is at most ``alpha / k``.
         thresholds: Optional effect-size floors, for "only large drift": a method finds drift
-            only when its statistic is also above its floor, e.g. ``{"domain_classifier": 0.6}``
+            only when its score is also above its floor, e.g. ``{"domain_classifier": 0.6}``
             (Evidently's fixed thresholds were AUC 0.55, cosine distance 0.2, share 0.2, MMD 0.015).
         permutations: Relabellings of the pooled rows per test (p-values on a grid of
             ``1 / (permutations + 1)``; at least ``1 / alpha - 1``).
@@ -329,7 +333,9 @@ async def _publish(result: MonitorDriftResult, current: ImageSource) -> None:
         sections.append(markdown_table([s.model_dump() for s in result.scores], columns))
         sections.append(
             "A method finds drift when its permutation p-value is at most its alpha (the run's alpha "
-            "shared among its methods) and its score passes the threshold, when one is set."
+            "shared among its methods) and its score passes the threshold, when one is set. The "
+            "domain classifier's score is its out-of-fold ROC AUC; its p-value is that of the gap "
+            "between current and reference rows' mean out-of-fold prediction."
         )
         sections.append(f"Reference: `{result.reference}`; history: {show_location(str(result.drift_path))}")
         sections.append(f"Windows over time: {show_location(str(result.plot_path))}")

@@ -47,12 +47,16 @@ def test_classifier_batch_matches_scikit_learn(n: int, m: int) -> None:
     expected = cross_val_predict(ridge, x, y[:, 0], cv=PredefinedSplit(folds))
     batch = methods._out_of_fold(x, y, folds)
     np.testing.assert_allclose(batch[:, 0], expected, rtol=1e-7, atol=1e-9)
-    assert methods._aucs(y, batch)[0] == pytest.approx(roc_auc_score(y[:, 0], expected), abs=1e-12)
+    gap = expected[n:].mean() - expected[:n].mean()  # the statistic: mean prediction, current less reference
+    assert methods._gaps(y, batch)[0] == pytest.approx(gap, rel=1e-6, abs=1e-9)
+    score, statistic, _ = methods._domain_classifier(reference, current, 0, np.random.default_rng(1))
+    assert score == roc_auc_score(y[:, 0], expected) and statistic == pytest.approx(gap, rel=1e-9, abs=1e-12)
 
 
 def test_mean_cosine_batch_matches_scipy() -> None:
     reference, current = _windows(200, 50, shift=0.05)
-    observed, _ = methods._mean_cosine(reference, current, 0, np.random.default_rng(0))
+    observed, statistic, _ = methods._mean_cosine(reference, current, 0, np.random.default_rng(0))
+    assert statistic == observed
     assert observed == cosine(reference.mean(axis=0, dtype=np.float64), current.mean(axis=0, dtype=np.float64))
     # the batch on the true labelling: current rows are the last m
     x = np.vstack([reference, current]).astype(np.float32)
@@ -88,7 +92,7 @@ def test_share_drifted_uses_exact_ks_p_values() -> None:
     b = np.r_[0.5, np.linspace(1.1, 2.0, 4)][:, None]
     exact = stats.ks_2samp(a, b, axis=0, method="auto")
     assert exact.statistic[0] == pytest.approx(0.8) and exact.pvalue[0] == pytest.approx(0.0794, abs=1e-4)
-    observed, _ = methods._share_drifted(a, b, 0, np.random.default_rng(0))
+    observed, _, _ = methods._share_drifted(a, b, 0, np.random.default_rng(0))
     assert observed == 0.0
 
 
@@ -103,7 +107,7 @@ def test_share_drifted_counts_what_scipy_counts(n: int, m: int, shift: float, de
     reference, current = _windows(n, m, shift=shift)
     if decimals is not None:
         reference, current = np.round(reference, decimals), np.round(current, decimals)
-    observed, _ = methods._share_drifted(reference, current, 0, np.random.default_rng(0))
+    observed, _, _ = methods._share_drifted(reference, current, 0, np.random.default_rng(0))
     test = stats.ks_2samp(reference, current, axis=0, method="auto")
     assert observed == np.mean(test.pvalue < 0.05)
     candidates = sorted(
@@ -118,7 +122,7 @@ def test_share_drifted_counts_what_scipy_counts(n: int, m: int, shift: float, de
 
 def test_mmd_matches_the_pairwise_formula() -> None:
     reference, current = _windows(40, 25, shift=0.1)
-    observed, _ = methods._mmd(reference, current, 0, np.random.default_rng(0))
+    observed, _, _ = methods._mmd(reference, current, 0, np.random.default_rng(0))
     x = np.vstack([reference, current]).astype(np.float64)
     squared = [((x[i] - x[j]) ** 2).sum() for i in range(len(x)) for j in range(i + 1, len(x))]
     bandwidth = float(np.median(squared))
