@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/run.sh [--n 500] [--sweep-n 200] [--memory-sizes 1000,10000] [--photos 32] [--only throughput,memory,big_photos,...]
 #   bash benchmarks/run.sh --only index [--sizes 100000,1000000]   # the vector index (no server needed)
+#   bash benchmarks/run.sh --only curation [--rows 1000000]         # curate_images (no server needed)
 #
 # 1. the project venv (.venv) through scripts/setup.sh;
 # 2. the local inference server through deployments/inference_server/up (started, or reused);
@@ -19,6 +20,9 @@ source scripts/setup.sh
 
 if [ "${1:-}" = "--only" ] && [ "${2:-}" = "index" ]; then
     exec python -m benchmarks.index_bench "${@:3}"
+fi
+if [ "${1:-}" = "--only" ] && [ "${2:-}" = "curation" ]; then
+    exec python -m benchmarks.curation bench "${@:3}"
 fi
 
 url="$(deployments/inference_server/up | tail -n 1)"

@@ -8,11 +8,16 @@ own limit. `AdaptiveLimiter` finds the number while requests run, so nobody has 
 The algorithm is TCP Vegas's (and Netflix concurrency-limits' ``VegasLimit``), measured in rounds,
 with AIMD for overload signals:
 
-- **Queue estimate (Little's law).** ``rtt_noload`` is the fastest answer ever seen for a kind of
-  request (its endpoint and payload size, within 2x; never forgotten, so that a long busy stretch does
-  not pass for the norm). With ``n`` requests in flight and a round's median latency ``rtt``,
-  the server and the link hold ``n * rtt_noload / rtt`` requests without queueing (the
-  bandwidth-delay product) and the other ``queue = n * (1 - rtt_noload / rtt)`` wait. Throughput is
+- **Queue estimate (Little's law).** ``rtt_noload`` is the lowest median latency of a round's answers
+  of one kind (its endpoint and payload size, within 2x; pooled over rounds until `BASE_SAMPLES` are
+  in; never forgotten, so that a long busy stretch does not pass for the norm). With ``n`` requests in
+  flight and a round's median latency ``rtt``, the server and the link hold ``n * rtt_noload / rtt``
+  requests without queueing (the bandwidth-delay product) and the other
+  ``queue = n * (1 - rtt_noload / rtt)`` wait. A median, not the fastest answer: latency carries
+  noise that does not depend on the load (a shared machine's scheduling, a proxy, the client's own
+  work between its requests), and the fastest answer is the one that met none of it. Measured
+  against it, every round looked queued by ``n`` times the noise's share of the latency: through a
+  +50 ms proxy on a loaded machine the limit held 8–10 where 16 kept the server busy. Throughput is
   ``n / rtt``: while latency holds, a larger ``n`` is more throughput; once the server is saturated
   latency grows in step with ``n`` and only the queue grows.
 - **Rounds.** Every ``limit`` answers (about one round trip; only answers to requests sent since the
@@ -60,12 +65,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveLimiter", "Signal", "Slot"]
+__all__ = ["BASE_SAMPLES", "AdaptiveLimiter", "Signal", "Slot"]
 
 #: Latencies below this (seconds) are not told apart: a fake clock's zero latency is not infinitely fast.
 _RESOLUTION = 1e-4
 #: Failed probes double the wait before the next one, up to 2**this times ``probe_gap``.
 _MAX_STRIKES = 5
+#: Answers of one kind pooled (over rounds if need be) before their median may become its ``rtt_noload``.
+BASE_SAMPLES = 3
 
 
 class Signal(enum.Enum):
@@ -127,14 +134,15 @@ class AdaptiveLimiter:
         self.peak = self._limit
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._noload: dict[Hashable, float] = {}
+        self._noload: dict[Hashable, float] = {}  # per kind: the lowest median latency of a pool
+        self._pool: dict[Hashable, list[float]] = {}  # per kind: latencies not yet in a median
         self._slow_start = True
         self._epoch = 0  # bumped by each decrease on overload
         self._ceiling: int | None = None  # the limit at the last overload, until a probe passes it
         self._strikes = 0  # probes that failed since the ceiling was last passed
         self._good_since_overload = 0
         self._good_at_ceiling = 0
-        self._round: list[tuple[float, int]] = []  # (latency / rtt_noload, requests in flight)
+        self._round: list[tuple[Hashable, float, int]] = []  # (kind, latency, requests in flight)
         self._saturated = False  # the limit was reached during this round
         self.overloads = 0
 
@@ -196,11 +204,9 @@ class AdaptiveLimiter:
 
     def _sample(self, slot: Slot) -> None:
         latency = max(_RESOLUTION, self._clock() - slot.started)
-        noload = min(latency, self._noload.get(slot.key, math.inf))
-        self._noload[slot.key] = noload
         if slot.epoch != self._epoch:
             return  # sent before the last decrease: it measured a load that is gone
-        self._round.append((latency / noload, self.in_flight))
+        self._round.append((slot.key, latency, self.in_flight))
         self._good_since_overload += 1
         if self._ceiling is not None and self._limit >= self._ceiling:
             self._good_at_ceiling += 1
@@ -210,9 +216,19 @@ class AdaptiveLimiter:
             self._end_round()
 
     def _end_round(self) -> None:
-        ratio = statistics.median(r for r, _ in self._round)
-        in_flight = statistics.fmean(n for _, n in self._round)
-        queue = in_flight * (1 - 1 / ratio)
+        # Judged against the no-load latencies known before this round, which then joins them.
+        judged = [(latency / self._noload[key], n) for key, latency, n in self._round if key in self._noload]
+        for key, latency, _ in self._round:
+            self._pool.setdefault(key, []).append(latency)
+        for key, pool in self._pool.items():
+            if len(pool) >= BASE_SAMPLES:
+                self._noload[key] = min(statistics.median(pool), self._noload.get(key, math.inf))
+                pool.clear()
+        ratio, in_flight, queue = 1.0, 0.0, 0.0  # no kind known yet: nothing says anything queues
+        if judged:
+            ratio = statistics.median(r for r, _ in judged)
+            in_flight = statistics.fmean(n for _, n in judged)
+            queue = in_flight * (1 - 1 / ratio)
         if queue < self.alpha:
             if self._saturated:
                 self._set(self._grown())

@@ -46,7 +46,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .exceptions import InvalidImageError, InvalidInputError
-from .images import JPEG_QUALITY, ImageInput, read_image_bytes, to_request_image, validate_encoded_image
+from .images import (
+    JPEG_QUALITY,
+    ImageInput,
+    exif_orientation,
+    read_image_bytes,
+    to_request_image,
+    upright,
+    upright_size,
+    validate_encoded_image,
+)
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -99,10 +108,6 @@ PE_INPUT: dict[str, int] = {"PE-Core-B16-224": 224, "PE-Core-L14-336": 336, "PE-
 #: ones. The larger is the safe guess: sending more than needed costs a little, less costs detail.
 OWLV2_INPUT = {"base": 960, "large": 1008}
 
-#: Formats whose EXIF orientation OpenCV's ``IMREAD_COLOR`` applies (checked against the
-#: server's OpenCV 4.12: JPEG, PNG and TIFF turn; WebP does not).
-_ORIENTED_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "MPO"})
-_EXIF_ORIENTATION = 0x0112
 
 Mode = Literal["crop", "squash", "fit"]
 
@@ -224,7 +229,7 @@ def header_size(data: bytes, field: str = "image") -> tuple[int, int] | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
-                turned = img.format in _ORIENTED_FORMATS and _orientation(img) in (5, 6, 7, 8)
+                size = upright_size(img)
     except Image.DecompressionBombError:
         raise InvalidImageError(field, f"image header claims more than {limit} pixels (decompression bomb)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -233,16 +238,7 @@ def header_size(data: bytes, field: str = "image") -> tuple[int, int] | None:
         raise InvalidImageError(
             field, f"image header claims {width}×{height} = {width * height} pixels, over the limit of {limit}"
         )
-    return (height, width) if turned else (width, height)
-
-
-def _orientation(img: PILImage.Image) -> int:
-    if img.format == "PNG" and "exif" not in img.info:
-        return 1  # no eXIf chunk before the pixels; PIL's getexif() would decode the image to look after them
-    try:
-        return int(img.getexif().get(_EXIF_ORIENTATION, 1))
-    except (OSError, ValueError, SyntaxError, TypeError):
-        return 1
+    return size
 
 
 @dataclass(frozen=True)
@@ -271,20 +267,14 @@ def resize_encoded(data: bytes, plan: ResizePlan, field: str = "image") -> Resiz
                 # Both sides of the decode stay at least the size needed (rotation does not matter).
                 img.draft("RGB", plan.scaled_size(*img.size))
             decoded_size = img.size
-            turned = img.format in _ORIENTED_FORMATS and _orientation(img) != 1  # read before decoding
+            orientation = exif_orientation(img)  # read before decoding (see `exif_orientation`)
             img.load()
-            out = _apply(_to_8bit(_upright(img) if turned else img), plan)
+            out = _apply(_to_8bit(upright(img, orientation)), plan)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(field, f"cannot decode the image to resize it: {exc}") from None
     buffer = io.BytesIO()
     out.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     return Resized(buffer.getvalue(), out.size, decoded_size)
-
-
-def _upright(img: PILImage.Image) -> PILImage.Image:
-    from PIL import ImageOps
-
-    return ImageOps.exif_transpose(img)
 
 
 def _to_8bit(img: PILImage.Image) -> PILImage.Image:

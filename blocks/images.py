@@ -33,11 +33,15 @@ else:
 
 __all__ = [
     "ImageInput",
+    "ORIENTED_FORMATS",
     "encode_array",
+    "exif_orientation",
     "image_format",
     "image_size",
     "read_image_bytes",
     "to_request_image",
+    "upright",
+    "upright_size",
     "validate_encoded_image",
     "validate_url",
 ]
@@ -125,19 +129,64 @@ def read_image_bytes(path: str | os.PathLike[str], field: str = "image") -> byte
         raise InvalidImageError(field, f"cannot read {os.fspath(path)}: {exc.strerror}") from None
 
 
+#: Formats whose EXIF orientation the server applies when it decodes (its OpenCV ``IMREAD_COLOR``,
+#: checked against the server's OpenCV 4.12: JPEG, PNG and TIFF turn; WebP does not).
+ORIENTED_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "MPO"})
+_EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(img: PILImage.Image) -> int:
+    """The EXIF orientation (1–8) the server applies to an opened image: 1 for a format it does not
+    turn (`ORIENTED_FORMATS`), for none, or for an unreadable one. Reads the header only."""
+    if img.format not in ORIENTED_FORMATS:
+        return 1
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1  # no eXIf chunk before the pixels; PIL's getexif() would decode the image to look after them
+    try:
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def upright(img: PILImage.Image, orientation: int | None = None) -> PILImage.Image:
+    """An opened image turned as the server turns it (``orientation``: `exif_orientation`, read
+    before the pixels are loaded when given): the one place photos are oriented, so boxes, crops,
+    annotated copies and exports all share the server's frame of reference."""
+    orientation = exif_orientation(img) if orientation is None else orientation
+    if orientation == 1:
+        return img
+    from PIL import Image
+
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }[orientation]
+    return img.transpose(method)
+
+
+def upright_size(img: PILImage.Image) -> tuple[int, int]:
+    """An opened image's ``(width, height)`` once `upright` (from the header: nothing decoded)."""
+    width, height = img.size
+    return (height, width) if exif_orientation(img) in (5, 6, 7, 8) else (width, height)
+
+
 def image_size(data: bytes) -> tuple[int, int] | None:
     """``(width, height)`` from the image header as the server sees the image — after its EXIF
-    orientation (a portrait photo stored landscape with orientation 6 is taller than wide) — or None
-    if the header is unreadable."""
+    orientation (`upright_size`: a portrait photo stored landscape with orientation 6 is taller than
+    wide) — or None if the header is unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, ValueError):
+            return upright_size(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _is_ndarray(value: object) -> TypeGuard[np.ndarray]:

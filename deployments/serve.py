@@ -13,6 +13,9 @@ Deployments (``<flow>/<name>``, name ``local`` unless ``--name``):
   (``--drift-cron``); pin one first with ``--param save_baseline=true`` (see README.md).
 - ``auto-label``: on each ``prefect_roboflow.drift.detected`` event, labels the drifted window for
   review (COCO, Label Studio tasks, CVAT zip) under ``OUT_DIR/auto-label/drift/<event id>/``.
+- ``curate-images``: after each completed ``embed-images`` run (its ``…embed_images.completed``
+  event), scores that run's table and selects the next rows to label, under
+  ``OUT_DIR/curate-images/events/<event id>/``.
 
 The inference server is ``--server`` / ``INFERENCE_SERVER_URL`` (a URL or a saved block name).
 Runs go to ``OUT_DIR/<flow>/``, and those started by an event to ``OUT_DIR/<flow>/events/<event id>/``.
@@ -66,13 +69,26 @@ def drift_trigger(out_dir: str) -> DeploymentEventTrigger:
     )
 
 
+def embedded_trigger(out_dir: str) -> DeploymentEventTrigger:
+    """Run the deployment over the table of each completed ``embed_images`` run."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name="curate_images after each embed_images run",
+        expect={"prefect_roboflow.embed_images.completed"},
+        match={"prefect.resource.id": "prefect_roboflow.flow-run.*", "prefect.resource.name": "embed-images"},  # type: ignore[arg-type]
+        parameters={"source": "{{ event.payload.embeddings_path }}", "out_dir": f"{out_dir}/events/{{{{ event.id }}}}"},
+    )
+
+
 def deployments(args: argparse.Namespace) -> list[Any]:
-    """The six deployments, from the parsed command line."""
+    """The seven deployments, from the parsed command line."""
     from prefect.types.entrypoint import EntrypointType
 
     from prefect_roboflow.flows import (
         auto_label,
         classify_images,
+        curate_images,
         detect_crop_classify,
         embed_images,
         monitor_drift,
@@ -134,6 +150,15 @@ def deployments(args: argparse.Namespace) -> list[Any]:
                 **common,
             },
             triggers=[drift_trigger(str(out / "auto-label"))],
+        ),
+        curate_images.to_deployment(
+            **options,
+            concurrency_limit=1,  # one curation at a time: each holds its rows' sketches in memory
+            parameters={
+                "source": str(out / "embed-images" / "embeddings.parquet"),
+                "out_dir": str(out / "curate-images"),
+            },
+            triggers=[embedded_trigger(str(out / "curate-images"))],
         ),
     ]
 

@@ -8,6 +8,8 @@
 - `auto_label`: detection + zero-shot classes → a COCO/YOLO dataset, a review table and gallery.
 - `find_duplicates`: exact and near-duplicate groups from an embeddings table or vector index.
 - `monitor_drift`: has a window of new images drifted from a reference or pinned baseline?
+- `curate_images`: uniqueness, representativeness, duplicates, leaks and label issues of every
+  row of a table or index, and the rows to label next (greedy k-centre under a budget).
 
 `VectorIndex` (``prefect_roboflow.flows.vector_index``) keeps embeddings searchable at millions of
 rows; the embedding flows add to one with ``index_path``.
@@ -22,6 +24,7 @@ your own flows from the same steps.
 from . import steps
 from .auto_label import AutoLabelResult, auto_label
 from .classify_images import ClassifyImagesResult, classify_images
+from .curate_images import CurateImagesResult, curate_images
 from .detect_crop_classify import DetectCropClassifyResult, detect_crop_classify
 from .embed_images import EmbedImagesResult, embed_images
 from .find_duplicates import FindDuplicatesResult, find_duplicates
@@ -35,6 +38,7 @@ __all__ = [
     "AutoLabelResult",
     "Batch",
     "ClassifyImagesResult",
+    "CurateImagesResult",
     "DetectCropClassifyResult",
     "EmbedImagesResult",
     "ExampleSpec",
@@ -48,6 +52,7 @@ __all__ = [
     "VectorIndex",
     "auto_label",
     "classify_images",
+    "curate_images",
     "detect_crop_classify",
     "embed_images",
     "find_duplicates",

@@ -29,10 +29,12 @@ from ._outputs.dataset import DEFAULT_FORMATS, GallerySink, LabelledImage, Revie
 from ._outputs.files import ParquetSink, show_location
 from ._outputs.tables import DETECTIONS_SCHEMA, REVIEW_SCHEMA, record_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import check_video, resolve_out_dir
+from ._run.totals import ImageCounts, RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource, load
@@ -243,30 +245,42 @@ async def auto_label(
     detector, embedder = detector_model(detector_version, srv), embedding_model(model, version, srv)
     reference, cache, out = steps.reference_examples(examples), resolve_cache(cache_storage), resolve_out_dir(out_dir)
     gallery = GallerySink(join(out, "gallery"), list(prompts))
-    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
-    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
+    # each example box looked for in its own image, once the source and deployment are known good (a
+    # typed error comes before any request): with the first batch, or after the fan-out; never in a shard
+    check: list[PrefectFuture[list[str]]] = []
+
+    def check_examples() -> None:
+        if shard is None and not check:
+            check.append(steps.check_example_boxes.submit(detector, reference, confidence, cache))
+
     notes = [ONE_CLASS_NOTE] if len(prompts) == 1 and min_score is None and shard is None else []
     tracks = VideoTracks()  # video frames: tracker ids across each video's frames
     run: RunTotals
+    object_counts: dict[str, int]
     if fan_out is not None:
-        run = fanned = await fanout.fan_out(
-            FLOW_KEY, images, out, fan_out, {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
-        )
-        for note in [*notes, *(await asyncio.to_thread(unfound.result) if unfound else [])]:
+        settings = {"video_fps": video.fps, "video_sample": video.mode}
+        tables = {"labels": DETECTIONS_SCHEMA, "review": REVIEW_SCHEMA}
+        video_tables = {**tables, "labels": video_schema(DETECTIONS_SCHEMA, tracked=True)}
+        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
+        check_examples()
+        for note in [*notes, *await asyncio.to_thread(check[0].result)]:
             run.warn(note)
         labelled, review_items = _merge_parts(fanned, gallery)
+        object_counts = fanned.summed("object_counts")
         labels, review_path = fanned.folder("labels"), fanned.folder("review")
     else:
         description = f"Auto-labelling with {detector.label} and {embedder.label}"
-        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
+        run = await BatchRun.listed(FLOW_KEY, images, batch_size, description, video=video, shard=shard)
         for note in notes:
             run.warn(note)
         all_prompts = list(dict.fromkeys(p for listed in prompts.values() for p in listed))
-        class_set = ensemble(steps.embed_labels(embedder, all_prompts, cache), prompts)
+        class_set = ensemble(await asyncio.to_thread(steps.embed_labels, embedder, all_prompts, cache), prompts)
         labeller = _Labeller(list(prompts), min_score, min_probability, gallery)
-        labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
+        videos_in_job = run.videos or (shard is not None and shard.videos)  # one schema for every part of a job
+        labeller.schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
 
         def submit(batch: Batch) -> PrefectFuture[Batch]:
+            check_examples()
             found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
             cropped: Any = steps.crop.submit(found)
             embedded: Any = steps.embed.submit(embedder, cropped, cache)
@@ -275,27 +289,32 @@ async def auto_label(
         def table(stem: str) -> str:
             return shard.table(out, stem) if shard else join(out, f"{stem}.parquet")
 
-        with (
+        async with (
             ParquetSink(table("labels"), labeller.schema) as sink,
             ParquetSink(table("review"), REVIEW_SCHEMA) as review,
         ):
             async for batch in run.process(submit):
-                rows, review_rows = labeller.rows(tracks.track(batch), embedder)
-                run.write(sink, rows)
-                review.write(review_rows)
+                # the gallery's thumbnails are drawn and encoded on a worker thread
+                rows, review_rows = await asyncio.to_thread(labeller.rows, tracks.track(batch), embedder)
+                await run.write(sink, rows)
+                await asyncio.to_thread(review.write, review_rows)
         labels, review_path = str(sink.path), str(review.path)
-        for note in await asyncio.to_thread(unfound.result) if unfound else []:
+        for note in await asyncio.to_thread(check[0].result) if check else []:
             run.warn(note)
+        object_counts = tracks.object_counts()
         if shard is not None:  # the parent writes the datasets and the gallery page once, from every shard's part
-            shard.save(out, run, _part(labeller))
+            await asyncio.to_thread(shard.save, out, run, {**_part(labeller), "object_counts": object_counts})
             outcome = _outcome(run, {}, labels, review_path, gallery.folder)
+            outcome[0].object_counts = object_counts
             return await run.finish(*outcome, max_failure_rate)
         labelled, review_items = labeller.images, labeller.review
     version = f"{detector.label}+{embedder.label}"
-    datasets = write_datasets(labelled, list(prompts), formats, out, model_version=version, image_prefix=image_prefix)
-    gallery_path = gallery.finish(review_items)
+    datasets = await asyncio.to_thread(
+        write_datasets, labelled, list(prompts), formats, out, model_version=version, image_prefix=image_prefix
+    )
+    gallery_path = await asyncio.to_thread(gallery.finish, review_items)
     outcome = _outcome(run, datasets, labels, review_path, gallery_path)
-    outcome[0].object_counts = tracks.object_counts()
+    outcome[0].object_counts = object_counts
     return await run.finish(*outcome, max_failure_rate)
 
 

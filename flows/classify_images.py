@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect.futures import PrefectFuture
@@ -10,10 +11,12 @@ from . import steps
 from ._outputs.files import ParquetSink
 from ._outputs.tables import CLASSIFICATIONS_SCHEMA, record_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import check_index, check_video, resolve_out_dir
+from ._run.totals import ImageCounts, RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -89,8 +92,8 @@ async def classify_images(
         table, parts = fanned.folder("classifications"), fanned.parts("classifications")
     else:
         description = f"Classifying images with {embedder.label}"
-        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
-        label_set = steps.embed_labels(embedder, labels, cache)
+        run = await BatchRun.listed(FLOW_KEY, images, batch_size, description, video=video, shard=shard)
+        label_set = await asyncio.to_thread(steps.embed_labels, embedder, labels, cache)
 
         def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:
             embedded: Any = steps.embed.submit(embedder, batch, cache)  # resolved by Prefect before classify runs
@@ -98,19 +101,24 @@ async def classify_images(
 
         path = shard.table(out, "classifications") if shard else join(out, "classifications.parquet")
         schema = video_schema(CLASSIFICATIONS_SCHEMA) if run.videos else CLASSIFICATIONS_SCHEMA
-        with ParquetSink(path, schema) as sink:
+        async with ParquetSink(path, schema) as sink:
             async for batch in run.process(submit):
-                run.write(sink, record_rows(batch.records, embedder, schema))
+                await run.write(sink, record_rows(batch.records, embedder, schema))
         table, parts = str(sink.path), [sink.path]
     result = ClassifyImagesResult(
         **run.counts(),
         label_counts=dict(run.labels.most_common()),
         classifications_path=table,
-        indexed=0 if index_path is None else sum(update_index_from_table(p, index_path).added for p in parts),
+        indexed=0 if index_path is None else await asyncio.to_thread(_add_to_index, parts, index_path),
     )
     if shard is not None:
-        shard.save(out, run)
+        await asyncio.to_thread(shard.save, out, run)
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
     summary = [markdown_table(counts, ["label", "count"]), f"Table: `{table}`"]
     title = f"Classified {result.succeeded} of {result.images} images with {embedder.label}"
     return await run.finish(result, title, summary, max_failure_rate)
+
+
+def _add_to_index(parts: list[str], index_path: str) -> int:
+    """The table's parts added to the vector index, one by one: the rows added (on a worker thread)."""
+    return sum(update_index_from_table(part, index_path).added for part in parts)

@@ -19,10 +19,13 @@ from ._outputs.annotated import AnnotatedImageSink
 from ._outputs.files import ParquetSink
 from ._outputs.tables import DETECTIONS_SCHEMA, detection_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, RequestFigures, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import check_video, resolve_out_dir
+from ._run.stats import RequestFigures
+from ._run.totals import RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, detector_model, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -115,44 +118,68 @@ async def detect_crop_classify(
     reference = steps.reference_examples(examples)
     cache = resolve_cache(cache_storage)
     out = resolve_out_dir(out_dir)
-    # each example box looked for in its own image, beside the run (a shard leaves it to its parent)
-    unfound = None if shard else steps.check_example_boxes.submit(detector, reference, confidence, cache)
+    # each example box looked for in its own image, once the source and deployment are known good (a
+    # typed error comes before any request): with the first batch, or after the fan-out; never in a shard
+    check: list[PrefectFuture[list[str]]] = []
+
+    def check_examples() -> None:
+        if shard is None and not check:
+            check.append(steps.check_example_boxes.submit(detector, reference, confidence, cache))
+
     run: RunTotals
     if fan_out is not None:
-        run = fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, {"detections": DETECTIONS_SCHEMA})
-        for note in await asyncio.to_thread(unfound.result) if unfound else []:
-            run.warn(note)
-        return await run.finish(*_outcome(run, fanned.folder("detections"), join(out, "annotated")), max_failure_rate)
+        settings = {"video_fps": video.fps, "video_sample": video.mode}
+        tables, video_tables = {"detections": DETECTIONS_SCHEMA}, {"detections": video_schema(DETECTIONS_SCHEMA, True)}
+        fanned = await fanout.fan_out(FLOW_KEY, images, out, fan_out, tables, settings, video_tables)
+        check_examples()
+        for note in await asyncio.to_thread(check[0].result):
+            fanned.warn(note)
+        fanned.videos = sum(int(extra.get("videos", 0)) for extra in fanned.extras)
+        videos_written = [str(v) for extra in fanned.extras for v in extra.get("annotated_videos", [])]
+        outcome = _outcome(
+            fanned, fanned.folder("detections"), join(out, "annotated"), fanned.summed("object_counts"), videos_written
+        )
+        return await fanned.finish(*outcome, max_failure_rate)
     annotated = AnnotatedImageSink(join(out, "annotated"))
     description = f"Detecting with {detector.label}, labelling with {embedder.label}"
-    run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
-    label_set = steps.embed_labels(embedder, labels, cache)
+    run = await BatchRun.listed(FLOW_KEY, images, batch_size, description, video=video, shard=shard)
+    label_set = await asyncio.to_thread(steps.embed_labels, embedder, labels, cache)
 
     def submit(batch: steps.Batch) -> PrefectFuture[steps.Batch]:  # each step gets its input as a future
+        check_examples()
         found: Any = steps.detect.submit(detector, batch, reference, confidence, cache)
         cropped: Any = steps.crop.submit(found, padding)
         embedded: Any = steps.embed.submit(embedder, cropped, cache)
         return steps.classify.submit(embedded, label_set, min_score)
 
-    schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if run.videos else DETECTIONS_SCHEMA
-    tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder, video.fps) if run.videos else None
-    with ParquetSink(shard.table(out, "detections") if shard else join(out, "detections.parquet"), schema) as sink:
-        async for batch in run.process(submit):
-            batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
-            run.write(sink, detection_rows(batch, embedder, schema))
-            annotated.write(batch)
-            if videos is not None:
-                videos.write(batch)
-    written = videos.close() if videos is not None else []
-    for note in await asyncio.to_thread(unfound.result) if unfound else []:
+    videos_in_job = run.videos or (shard is not None and shard.videos)  # one schema for every part of a job
+    schema = video_schema(DETECTIONS_SCHEMA, tracked=True) if videos_in_job else DETECTIONS_SCHEMA
+    tracks, videos = VideoTracks(), AnnotatedVideoSink(annotated.folder) if run.videos else None
+    table = shard.table(out, "detections") if shard else join(out, "detections.parquet")
+    try:
+        async with ParquetSink(table, schema) as sink:
+            async for batch in run.process(submit):
+                batch = tracks.track(batch)  # video frames: tracker ids across each video's frames
+                await run.write(sink, detection_rows(batch, embedder, schema))
+                await annotated.write(batch)
+                if videos is not None:  # H.264 encoding: on a worker thread, off the flow's event loop
+                    await asyncio.to_thread(videos.write, batch)
+    except BaseException:
+        if videos is not None:  # an error mid-run publishes no video and leaves no encoder open
+            videos.abort()
+        raise
+    written = await asyncio.to_thread(videos.close) if videos is not None else []
+    for note in await asyncio.to_thread(check[0].result) if check else []:
         run.warn(note)
-    if shard is not None:
-        shard.save(out, run)
-    return await run.finish(*_outcome(run, str(sink.path), annotated.folder, tracks, written), max_failure_rate)
+    counts = tracks.object_counts()
+    if shard is not None:  # the parent adds up the shards' objects (a video is in one shard)
+        extras = {"object_counts": counts, "annotated_videos": written, "videos": run.videos}
+        await asyncio.to_thread(shard.save, out, run, extras)
+    return await run.finish(*_outcome(run, str(sink.path), annotated.folder, counts, written), max_failure_rate)
 
 
 def _outcome(
-    run: RunTotals, table: str, annotated: str, tracks: VideoTracks | None = None, videos: list[str] | None = None
+    run: RunTotals, table: str, annotated: str, object_counts: dict[str, int], videos: list[str]
 ) -> tuple[DetectCropClassifyResult, str, list[str]]:
     """The run's result, summary title and summary sections."""
     result = DetectCropClassifyResult(
@@ -165,8 +192,8 @@ def _outcome(
         **run.figures(),
         detections_path=table,
         annotated_dir=annotated,
-        object_counts=tracks.object_counts() if tracks is not None else {},
-        annotated_videos=videos or [],
+        object_counts=object_counts,
+        annotated_videos=videos,
     )
     sample = [{**r, "label_score": "" if r["label_score"] is None else f"{r['label_score']:.3f}"} for r in run.sample]
     counts = [{"label": k, "count": v} for k, v in run.labels.most_common()]
@@ -178,7 +205,7 @@ def _outcome(
     if run.videos:
         objects = [{"label": k, "objects": v} for k, v in result.object_counts.items()]
         sections.insert(1, "## Objects in videos (tracked)\n\n" + markdown_table(objects, ["label", "objects"]))
-        sections[-1] += "".join(f"\n- annotated video: `{v}`" for v in videos or [])
+        sections[-1] += "".join(f"\n- annotated video: `{v}`" for v in videos)
     title = (
         f"{result.detections} objects found in {result.images} images ({result.images_without_detections} without any)"
     )

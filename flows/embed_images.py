@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from . import steps
 from ._outputs.files import ParquetSink
 from ._outputs.tables import EMBEDDINGS_SCHEMA, record_rows, video_schema
 from ._run import fanout
-from ._run.batch import BatchRun, ImageCounts, RunTotals, markdown_table
+from ._run.artifacts import markdown_table
+from ._run.batch import BatchRun
 from ._run.fanout import FanOut, Shard
 from ._run.flow import roboflow_flow
 from ._run.parameters import check_index, check_video, resolve_out_dir
+from ._run.totals import ImageCounts, RunTotals
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
 from ._steps.sources import ImageSource
@@ -84,17 +88,22 @@ async def embed_images(
         table, parts = fanned.folder("embeddings"), fanned.parts("embeddings")
     else:
         description = f"Embedding images with {embedder.label}"
-        run = BatchRun(FLOW_KEY, shard.refs() if shard else images, batch_size, description, video=video)
+        run = await BatchRun.listed(FLOW_KEY, images, batch_size, description, video=video, shard=shard)
         path = shard.table(out, "embeddings") if shard else join(out, "embeddings.parquet")
         schema = video_schema(EMBEDDINGS_SCHEMA) if run.videos else EMBEDDINGS_SCHEMA
-        with ParquetSink(path, schema) as sink:
+        async with ParquetSink(path, schema) as sink:
             async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
-                run.write(sink, record_rows(batch.records, embedder, schema))
+                await run.write(sink, record_rows(batch.records, embedder, schema))
         table, parts = str(sink.path), [sink.path]
-    indexed = 0 if index_path is None else sum(update_index_from_table(p, index_path).added for p in parts)
+    indexed = 0 if index_path is None else await asyncio.to_thread(_add_to_index, parts, index_path)
     result = EmbedImagesResult(**run.counts(), embeddings_path=table, indexed=indexed)
     if shard is not None:
-        shard.save(out, run)
+        await asyncio.to_thread(shard.save, out, run)
     summary = [markdown_table([result.model_dump()], list(EmbedImagesResult.model_fields)), f"Table: `{table}`"]
     title = f"Embedded {result.succeeded} of {result.images} images with {embedder.label}"
     return await run.finish(result, title, summary, max_failure_rate)
+
+
+def _add_to_index(parts: list[str], index_path: str) -> int:
+    """The table's parts added to the vector index, one by one: the rows added (on a worker thread)."""
+    return sum(update_index_from_table(part, index_path).added for part in parts)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     import pandas as pd
 from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import ParquetSink
-from ._run.batch import emit_completed, markdown_table, publish_summary
+from ._run.artifacts import markdown_table, publish_summary
+from ._run.events import emit_completed
 from ._run.flow import roboflow_flow
 from ._storage.access import is_remote, join
 from .vector_index import MANIFEST, VectorIndex, update_index_from_table

@@ -18,6 +18,7 @@ window with `auto_label`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -36,12 +37,15 @@ from ._drift.methods import ALPHA, DEFAULT_METHODS, MIN_ROWS, PERMUTATIONS, drif
 from ._drift.windows import Window, check_same, checked_vectors, read_window
 from ._outputs.assets import assets_section, materialize_outputs
 from ._outputs.files import show_location
-from ._run.batch import EVENT_PREFIX, BatchRun, check_failure_rate, emit_completed, markdown_table, publish_summary
+from ._run.artifacts import markdown_table, publish_summary
+from ._run.batch import BatchRun
+from ._run.events import EVENT_PREFIX, emit_completed
 from ._run.flow import roboflow_flow
 from ._run.parameters import resolve_out_dir
+from ._run.totals import check_failure_rate
 from ._steps.cache import resolve_cache
 from ._steps.models import EmbeddingFamily, embedding_model, resolve_server
-from ._steps.sources import ImageSource, count_images
+from ._steps.sources import ImageSource
 from ._storage.access import join
 from ._storage.publish import write_output
 
@@ -104,11 +108,13 @@ async def _embed_window(
     images: ImageSource, field: str, embedder: Any, cache: Any, batch_size: int, max_failure_rate: float
 ) -> Window:
     """The images of ``images`` embedded (through the cache) as a window."""
+    description = f"Embedding the {field} window with {embedder.label}"
     try:
-        count_images(images)
+        run = await BatchRun.listed(FLOW_KEY, images, batch_size, description)  # the window's one listing
     except InvalidInputError as error:
+        if not error.field.startswith("images"):
+            raise
         raise InvalidInputError(field, error.reason) from None
-    run = BatchRun(FLOW_KEY, images, batch_size, f"Embedding the {field} window with {embedder.label}")
     vectors: list[np.ndarray] = []
     async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
         vectors.extend(np.asarray(r.embedding, dtype=np.float32) for r in batch.records if r.ok)
@@ -179,7 +185,7 @@ async def monitor_drift(
     baselines = baseline_dir or join(out, "baselines")
     embedder = None
     cache = resolve_cache(cache_storage)
-    current_window = read_window(current, "current")
+    current_window = await asyncio.to_thread(read_window, current, "current")  # off the flow's event loop
     if current_window is None:
         embedder = embedding_model(model, version, resolve_server(server))
     identity = (
@@ -189,14 +195,16 @@ async def monitor_drift(
     )
     reference_spec: ImageSource | None = reference
     if reference_spec is None:
-        reference_spec = latest_baseline(baselines, identity[0], identity[1])
+        reference_spec = await asyncio.to_thread(latest_baseline, baselines, identity[0], identity[1])
         if reference_spec is None and not save_baseline:
             raise InvalidInputError(
                 "reference",
                 f"none given and no baseline pinned for {identity[0]} {identity[1]} under {baselines}; "
                 "run once with save_baseline=True",
             )
-    reference_window = None if reference_spec is None else read_window(reference_spec, "reference")
+    reference_window = (
+        None if reference_spec is None else await asyncio.to_thread(read_window, reference_spec, "reference")
+    )
     if reference_window is not None:
         check_same(
             (reference_window.family, reference_window.version, reference_window.dim), identity, _shown(reference_spec)
@@ -248,24 +256,23 @@ def _verdicts(
     return verdicts
 
 
-async def _score_and_write(
+def _test_and_write(
     current_window: Window,
     reference_window: Window | None,
-    current: ImageSource,
     out: str,
     baselines: str,
     floors: dict[str, float | None],
     rule: tuple[float, int, int],
     pin: bool,
-) -> MonitorDriftResult:
-    """Test, then write: the history and plot, the baseline, the artifact and the events."""
+    run_id: str,
+) -> tuple[list[DriftScore], str | None, str | None, str | None]:
+    """The verdicts, the history and plot they go into, and the pinned baseline (if ``pin``)."""
     scores = [] if reference_window is None else _verdicts(reference_window, current_window, floors, *rule)
     drift_path = plot_path = None
     if scores:
         assert reference_window is not None
         past = read_history(out)
         now = datetime.now(timezone.utc)
-        run_id = str(flow_run.get_id() or "")
         rows = [
             {
                 **s.model_dump(),
@@ -286,6 +293,32 @@ async def _score_and_write(
             plot_path, plot_history(history, f"Embedding drift of {current_window.family} {current_window.version}")
         )
     baseline_path = save_baseline(current_window, baselines) if pin else None
+    return scores, drift_path, plot_path, baseline_path
+
+
+async def _score_and_write(
+    current_window: Window,
+    reference_window: Window | None,
+    current: ImageSource,
+    out: str,
+    baselines: str,
+    floors: dict[str, float | None],
+    rule: tuple[float, int, int],
+    pin: bool,
+) -> MonitorDriftResult:
+    """Test, then write: the history and plot, the baseline (on a worker thread: seconds of CPU and
+    storage that the flow's event loop must not wait on), then the artifact and the events."""
+    scores, drift_path, plot_path, baseline_path = await asyncio.to_thread(
+        _test_and_write,
+        current_window,
+        reference_window,
+        out,
+        baselines,
+        floors,
+        rule,
+        pin,
+        str(flow_run.get_id() or ""),
+    )
     status: DriftStatus
     if not scores:
         status = "baseline pinned"

@@ -185,7 +185,11 @@ class ImageRecord:
 
 @dataclass
 class StepReport:
-    """What one step did to one batch: counts, time, and the server's answers."""
+    """What one step did to one batch: counts, time, and the server's answers.
+
+    ``dropped``: for ``detect``, the boxes that lay wholly outside their image (OWLv2's padding),
+    left out of the detections.
+    """
 
     step: str
     model: str = ""
@@ -195,6 +199,7 @@ class StepReport:
     failed: int = 0
     seconds: float = 0.0
     infos: list[ResponseInfo] = field(default_factory=list, repr=False)
+    dropped: int = 0
 
 
 class Batch(Sequence[ImageRecord]):

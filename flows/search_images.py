@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from ._index.store import is_index
-from ._run.batch import emit_completed, markdown_table, publish_summary
+from ._run.artifacts import markdown_table, publish_summary
+from ._run.events import emit_completed
 from ._run.flow import roboflow_flow
 from ._steps.models import embedding_model, resolve_server
 from ._steps.sources import read_bytes

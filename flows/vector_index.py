@@ -11,10 +11,12 @@ seg-<n>-<id>.parquet     its rows: image_ref, image_sha256, detection_index, fam
 ann-<id>.faiss           IVF-PQ over the first ``ann.rows`` rows (absent below ``exact_below`` rows)
 ```
 
-`VectorIndex.add` writes new files first and replaces the manifest last (an atomic rename,
-or one object PUT), so a crash at any point leaves the index searchable at its previous state;
-the next add deletes what the crashed one left. Rows already present (same sha256, reference
-and detection) are skipped, so a rerun over a superset adds only the new rows. New rows are
+`VectorIndex.add` writes new files first and replaces the manifest last, by a conditional write
+(one ``If-Match`` PUT on S3; a rename under a lock the kernel releases with a dead writer, in a
+local folder), so a crash at any point leaves the index searchable at its previous state, and
+an add whose manifest another writer replaced meanwhile is rebased onto theirs and committed again
+(see `_index.add`). Rows already present (same sha256, reference and detection) are skipped, so a
+rerun over a superset adds only the new rows. New rows are
 encoded into the existing IVF-PQ without retraining; it is retrained only when the index has
 grown fourfold since its last training.
 
@@ -22,7 +24,11 @@ Searching keeps the PQ codes (64 bytes a row) in memory and re-ranks each query'
 with their exact float32 vectors read from the memory-mapped segments: at 1,000,000 × 512 a
 searching process stays well under 1 GB (the raw vectors alone are 2 GB).
 
-One writer at a time; any number of readers (a reader sees the state it opened).
+Any number of writers at once — threads (each with its own `VectorIndex`), processes, flows on a
+work pool — in a local folder or on S3 (which does conditional writes; on other fsspec file systems,
+one writing process at a time): every row is added exactly once. Any number of readers: a reader
+sees the committed state it opened. What a killed writer left is deleted by a later add once a
+day old (`_index.add.GRACE_SECONDS`), never sooner: it might be a running writer's.
 
 Examples:
     ```python
@@ -57,7 +63,7 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 # The layout's and tuning constants are defined where they are used; the `X as X` imports keep them
 # public here.
-from ._index.add import _commit_add
+from ._index.add import _check_model, _commit_add
 from ._index.rows import RowBatch, _OpenIndex
 from ._index.search import _check_top_k, _checked_embedding, _knn, _query
 from ._index.store import (
@@ -168,7 +174,10 @@ class VectorIndex(_OpenIndex):
             raise InvalidInputError("path", f"{path} is not empty and holds no vector index; refusing to write there")
         store.mkdir()
         manifest = _Manifest(exact_below=exact_below or DEFAULT_EXACT_BELOW)
-        store.put_bytes(MANIFEST, manifest.to_json())
+        if not store.commit(manifest, None):  # another writer created it first: theirs
+            found = store.read_manifest()
+            assert found is not None
+            manifest = found[0]
         return cls(store, manifest)
 
     def __repr__(self) -> str:
@@ -256,7 +265,9 @@ class VectorIndex(_OpenIndex):
     def add(self, rows: RowBatch | Iterable[RowBatch], *, family: str, version: str) -> AddResult:
         """Add rows in one commit: all become searchable together, or (on any failure) none do.
 
-        Rows whose (sha256, reference, detection index) the index already holds are skipped.
+        Rows whose (sha256, reference, detection index) the index already holds are skipped, also
+        those another writer added while this add ran. The index then holds the committed state,
+        other writers' rows included.
 
         Args:
             rows: One `RowBatch`, or an iterable of them (streamed: one segment at a time in memory).
@@ -268,7 +279,7 @@ class VectorIndex(_OpenIndex):
                 batch whose columns differ in length; a vector that is not finite or is zero.
         """
         family = family_name(family, "family")
-        self._check_model(family, version)
+        _check_model(self._manifest, family, version)
         batches = [rows] if isinstance(rows, RowBatch) else rows
         added, skipped, retrained, manifest = _commit_add(self, batches, family, version)
         if manifest is not self._manifest:
@@ -276,13 +287,6 @@ class VectorIndex(_OpenIndex):
             self._manifest, self._meta, self._ann = manifest, {}, None
             self._load()
         return AddResult(added=added, skipped=skipped, rows=self.rows, ann_rows=self.ann_rows, retrained=retrained)
-
-    def _check_model(self, family: str, version: str) -> None:
-        m = self._manifest
-        if m.family is not None and family != m.family:
-            raise InvalidInputError("family", f"the index holds {m.family!r} rows; refusing {family!r} rows")
-        if m.version is not None and version != m.version:
-            raise InvalidInputError("version", f"the index holds {m.family} {m.version!r} rows; refusing {version!r}")
 
 
 # --- from a flow's table -------------------------------------------------------------------------

@@ -1,14 +1,28 @@
 """Adding rows to a vector index: new segments, the IVF-PQ (extended or retrained), the commit.
 
-`_commit_add` is the body of `VectorIndex.add`: it deletes what a crashed add left, skips rows the
+`_commit_add` is the body of `VectorIndex.add`. It reads the committed manifest, skips rows the
 index already holds, writes the new rows as immutable segments of up to `SEGMENT_ROWS` rows,
 extends the IVF-PQ with them (or trains a new one once the index has grown `RETRAIN_GROWTH`-fold,
-or first reaches ``exact_below`` rows), and replaces the manifest last: the commit point.
+or first reaches ``exact_below`` rows), and commits a manifest naming them: a conditional write
+that succeeds only if no other writer committed since the manifest was read (an ``If-Match`` PUT
+on S3; a check and rename under an ``flock`` the kernel drops with a dead writer, locally: see
+`_storage.stores.Store.write_if`). So any number of writers — threads, processes, flows on a work
+pool — add at once, holding no lock while they work, and none can leave one held.
+
+A writer that loses the race reads the new manifest, drops the rows the other writers added
+meanwhile (rewriting its own uncommitted segments without them), appends its segments after
+theirs and commits again, keeping their IVF-PQ (its own rows are scanned exactly until the next
+add extends it): every row is in the index exactly once. Readers open one committed manifest and
+every file it names: segments are never removed, and a replaced IVF-PQ file stays named in the
+manifest's ``retired`` for `GRACE_SECONDS`. Files no manifest names (a killed writer's segments,
+retired IVF-PQ files past their grace) are deleted after a commit, once `GRACE_SECONDS` old — never
+a running writer's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -21,74 +35,195 @@ import pyarrow.parquet as pq
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._steps.vectors import normalise
+from .._storage.stores import LOCK_SUFFIX
 from .rows import SCAN_BLOCK, RowBatch, _OpenIndex
 from .store import MANIFEST, META_SCHEMA, _Manifest, _new_name, _Segment, _Store
 
-__all__ = ["RETRAIN_GROWTH", "SEGMENT_ROWS", "_commit_add"]
+__all__ = ["GRACE_SECONDS", "RETRAIN_GROWTH", "SEGMENT_ROWS", "_check_model", "_commit_add", "_remove_leftovers"]
 
 #: Rows per segment file written by one add.
 SEGMENT_ROWS = 100_000
 #: Retrain the IVF-PQ once the index holds this many times the rows it was trained on.
 RETRAIN_GROWTH = 4
+#: A file no committed manifest names is deleted once it is this old (seconds): what a killed add
+#: left, never what a running add writes (unless that add runs longer); a replaced IVF-PQ file is
+#: kept this long after the commit that replaced it, for readers that opened the manifest before.
+GRACE_SECONDS = 24 * 3600
+#: A writer gives up after losing this many commits in a row to other writers.
+MAX_COMMIT_ATTEMPTS = 100
+
+_Key = tuple[str | None, str, int | None]
+
+
+def _check_model(manifest: _Manifest, family: str, version: str) -> None:
+    """Refuse rows of another model family or version than the index's."""
+    if manifest.family is not None and family != manifest.family:
+        raise InvalidInputError("family", f"the index holds {manifest.family!r} rows; refusing {family!r} rows")
+    if manifest.version is not None and version != manifest.version:
+        raise InvalidInputError(
+            "version", f"the index holds {manifest.family} {manifest.version!r} rows; refusing {version!r}"
+        )
 
 
 def _commit_add(
     index: _OpenIndex, batches: Iterable[RowBatch], family: str, version: str
 ) -> tuple[int, int, bool, _Manifest]:
-    """Write the new rows' segments and IVF-PQ, then the manifest (the commit).
+    """Write the new rows' segments and IVF-PQ, then commit the manifest (again, rebased, while
+    other writers commit first).
 
     Returns:
-        ``(added, skipped, retrained, manifest)``: the index's manifest unchanged when nothing was added.
+        ``(added, skipped, retrained, manifest)``: the committed manifest (the one read when nothing was added).
     """
-    store, old = index._store, index._manifest
-    _remove_orphans(store, old)
-    new = replace(old, segments=list(old.segments), family=family, version=version, generation=old.generation + 1)
-    writer = _SegmentWriter(store, new, family, version)
-    keys = _existing_keys(index)
-    skipped = 0
-    for batch in batches:
-        refs, shas, dets, vectors = _checked_batch(batch, new.dim)
-        new.dim = vectors.shape[1]
-        keep = []
-        for i, key in enumerate(zip(shas, refs, dets, strict=True)):
-            if key in keys:
-                skipped += 1
-            else:
-                keys.add(key)
-                keep.append(i)
-        writer.append([refs[i] for i in keep], [shas[i] for i in keep], [dets[i] for i in keep], vectors[keep])
-    added = writer.finish()
-    if added == 0:
-        return 0, skipped, False, old
-    new.ann, retrained = _updated_ann(store, new, index._ann)
-    store.put_bytes(MANIFEST, new.to_json())  # the commit point
-    if old.ann and (new.ann is None or old.ann["file"] != new.ann["file"]):
-        store.delete(old.ann["file"])
-    return added, skipped, retrained, new
+    store = index._store
+    base, tag = _committed(store)
+    _check_model(base, family, version)
+    opened = index if base.to_json() == index._manifest.to_json() else _OpenIndex(store, base)
+    try:
+        new = _successor(base, list(base.segments), base.dim, family, version)
+        writer = _SegmentWriter(store, new, family, version)
+        keys = _existing_keys(opened)
+        skipped = 0
+        for batch in batches:
+            refs, shas, dets, vectors = _checked_batch(batch, new.dim)
+            new.dim = vectors.shape[1]
+            keep = []
+            for i, key in enumerate(zip(shas, refs, dets, strict=True)):
+                if key in keys:
+                    skipped += 1
+                else:
+                    keys.add(key)
+                    keep.append(i)
+            writer.append([refs[i] for i in keep], [shas[i] for i in keep], [dets[i] for i in keep], vectors[keep])
+        added = writer.finish()
+        if added == 0:
+            return 0, skipped, False, base
+        new.ann, retrained = _updated_ann(store, new, opened._ann)
+    finally:
+        if opened is not index:
+            opened.close()
+    for _ in range(MAX_COMMIT_ATTEMPTS):
+        new.retired = _retired(base, new, time.time())
+        if store.commit(new, tag):
+            _remove_leftovers(store, new)
+            return added, skipped, retrained, new
+        # Another writer committed first: rebase on its manifest.
+        if new.ann is not None and new.ann != base.ann:
+            store.delete(new.ann["file"])  # this writer's, never committed
+        latest, tag = _committed(store)
+        _check_model(latest, family, version)
+        if latest.dim is not None and latest.dim != new.dim:
+            raise InvalidInputError("vectors", f"dimension {new.dim}; the index holds dimension {latest.dim}")
+        had = {s.name for s in base.segments}
+        others = [s for s in latest.segments if s.name not in had]
+        mine, dropped = _without_rows_of(store, new, new.segments[len(base.segments) :], others)
+        added, skipped = added - dropped, skipped + dropped
+        if not mine:
+            return 0, skipped, False, latest
+        base, retrained = latest, False
+        new = _successor(latest, [*latest.segments, *mine], new.dim, family, version)
+    raise RuntimeError(f"{store.location}: lost {MAX_COMMIT_ATTEMPTS} commits in a row to other writers")
 
 
-def _remove_orphans(store: _Store, manifest: _Manifest) -> None:
-    """Delete what a crashed add left: files the manifest does not name (this folder is the index's)."""
-    keep = {MANIFEST} | {f"{s.name}{ext}" for s in manifest.segments for ext in (".npy", ".parquet")}
+def _successor(base: _Manifest, segments: list[_Segment], dim: int | None, family: str, version: str) -> _Manifest:
+    """The manifest after ``base`` naming ``segments`` (its IVF-PQ the same until `_updated_ann`)."""
+    return replace(base, segments=segments, dim=dim, family=family, version=version, generation=base.generation + 1)
+
+
+def _committed(store: _Store) -> tuple[_Manifest, str]:
+    found = store.read_manifest()
+    if found is None:
+        raise InvalidInputError("path", f"{store.location} holds no vector index (no {MANIFEST})")
+    return found
+
+
+def _retired(base: _Manifest, new: _Manifest, now: float) -> dict[str, float]:
+    """The IVF-PQ files readers of recent manifests may still open: the one ``new`` replaces, and
+    those replaced less than `GRACE_SECONDS` ago."""
+    retired = {name: at for name, at in base.retired.items() if now - at < GRACE_SECONDS}
+    if base.ann is not None and (new.ann is None or new.ann["file"] != base.ann["file"]):
+        retired[base.ann["file"]] = now
+    return retired
+
+
+def _remove_leftovers(store: _Store, manifest: _Manifest, now: float | None = None) -> list[str]:
+    """Delete the index folder's files that ``manifest`` (the committed one) does not name and
+    that are `GRACE_SECONDS` old: a killed add's segments and temp files, IVF-PQ files retired
+    longer ago than that. Returns their names."""
+    now = time.time() if now is None else now
+    named = {MANIFEST, *manifest.retired} | {f"{s.name}{x}" for s in manifest.segments for x in (".npy", ".parquet")}
     if manifest.ann:
-        keep.add(manifest.ann["file"])
-    for name in store.names():
-        if name not in keep:
+        named.add(manifest.ann["file"])
+    removed = []
+    for name, written in store.modified().items():
+        if name not in named and not name.endswith(LOCK_SUFFIX) and now - written >= GRACE_SECONDS:
             store.delete(name)
+            removed.append(name)
+    return removed
 
 
-def _existing_keys(index: _OpenIndex) -> set[tuple[str | None, str, int | None]]:
-    keys: set[tuple[str | None, str, int | None]] = set()
+def _segment_keys(store: _Store, segments: Iterable[_Segment]) -> set[_Key]:
+    """The (sha256, reference, detection index) of every row of these segments."""
+    keys: set[_Key] = set()
+    for segment in segments:
+        keys.update(_keys_of(_read_meta(store, segment)))
+    return keys
+
+
+def _read_meta(store: _Store, segment: _Segment) -> pa.Table:
+    return pq.read_table(store.local_file(f"{segment.name}.parquet"))
+
+
+def _keys_of(meta: pa.Table) -> Iterator[_Key]:
+    return zip(
+        meta.column("image_sha256").to_pylist(),
+        meta.column("image_ref").to_pylist(),
+        meta.column("detection_index").to_pylist(),
+        strict=True,
+    )
+
+
+def _without_rows_of(
+    store: _Store, manifest: _Manifest, mine: list[_Segment], others: list[_Segment]
+) -> tuple[list[_Segment], int]:
+    """This writer's uncommitted segments without the rows ``others`` (committed meanwhile) hold:
+    a segment with such rows is written again without them and the old one deleted.
+
+    Returns:
+        ``(segments, rows dropped)``.
+    """
+    taken = _segment_keys(store, others)
+    kept, dropped = [], 0
+    for segment in mine:
+        meta = _read_meta(store, segment)
+        keep = [i for i, key in enumerate(_keys_of(meta)) if key not in taken]
+        if len(keep) < segment.rows:
+            dropped += segment.rows - len(keep)
+            vectors = np.load(store.local_file(f"{segment.name}.npy"))[keep]
+            if keep:
+                kept.append(_write_segment(store, _new_name("seg", manifest.generation), meta.take(keep), vectors))
+            for ext in (".npy", ".parquet"):
+                store.delete(f"{segment.name}{ext}")
+        else:
+            kept.append(segment)
+    return kept, dropped
+
+
+def _write_segment(store: _Store, name: str, meta: pa.Table, vectors: np.ndarray) -> _Segment:
+    """One immutable segment: its vectors (``.npy``), then its rows (``.parquet``)."""
+    with store.scratch(f"{name}.npy") as tmp:
+        with open(tmp, "wb") as handle:  # np.save(path) would append ".npy" to the name
+            np.save(handle, vectors)
+        store.put_file(f"{name}.npy", tmp)
+    with store.scratch(f"{name}.parquet") as tmp:
+        pq.write_table(meta, tmp, compression="zstd")
+        store.put_file(f"{name}.parquet", tmp)
+    return _Segment(name, len(vectors))
+
+
+def _existing_keys(index: _OpenIndex) -> set[_Key]:
+    keys: set[_Key] = set()
     for s in range(len(index._manifest.segments)):
-        meta = index._segment_meta(s)
-        keys.update(
-            zip(
-                meta.column("image_sha256").to_pylist(),
-                meta.column("image_ref").to_pylist(),
-                meta.column("detection_index").to_pylist(),
-                strict=True,
-            )
-        )
+        keys.update(_keys_of(index._segment_meta(s)))
     return keys
 
 
@@ -138,16 +273,9 @@ class _SegmentWriter:
         dets = [d for p in self.parts for d in p[2]]
         vectors = np.concatenate([p[3] for p in self.parts])
         name = _new_name("seg", self.manifest.generation)
-        with self.store.scratch(f"{name}.npy") as tmp:
-            with open(tmp, "wb") as handle:  # np.save(path) would append ".npy" to the name
-                np.save(handle, vectors)
-            self.store.put_file(f"{name}.npy", tmp)
         n = len(refs)
         meta = pa.table([refs, shas, dets, [self.family] * n, [self.version] * n], schema=META_SCHEMA)
-        with self.store.scratch(f"{name}.parquet") as tmp:
-            pq.write_table(meta, tmp, compression="zstd")
-            self.store.put_file(f"{name}.parquet", tmp)
-        self.manifest.segments.append(_Segment(name, n))
+        self.manifest.segments.append(_write_segment(self.store, name, meta, vectors))
         self.added += n
         self.parts, self.buffered = [], 0
 

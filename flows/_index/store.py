@@ -77,6 +77,9 @@ class _Manifest:
     segments: list[_Segment] = field(default_factory=list)
     ann: dict[str, Any] | None = None  # {"file", "rows", "trained_rows", "nlist", "m"}
     generation: int = 0
+    #: IVF-PQ files a commit replaced, with when (seconds since the epoch): kept a while for
+    #: readers that opened an earlier manifest (`_index.add.GRACE_SECONDS`).
+    retired: dict[str, float] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -93,6 +96,7 @@ class _Manifest:
             "segments": [{"name": s.name, "rows": s.rows} for s in self.segments],
             "ann": self.ann,
             "generation": self.generation,
+            "retired": self.retired,
         }
         return json.dumps(body, indent=1).encode()
 
@@ -114,6 +118,7 @@ class _Manifest:
                 segments=segments,
                 ann=ann,
                 generation=int(body["generation"]),
+                retired={str(k): float(v) for k, v in dict(body.get("retired") or {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise InvalidInputError("path", f"{where} is a corrupt vector index manifest: {error}") from None
@@ -166,6 +171,30 @@ class _Store:
             if reason is None:
                 raise
             raise InvalidInputError(self.field, f"{self.location}: {reason}") from None
+
+    def read_manifest(self) -> tuple[_Manifest, str] | None:
+        """The committed manifest and a tag naming its version (for `commit`); None when there is none."""
+
+        def read() -> tuple[bytes, str] | None:
+            try:
+                return self.store.read_tagged(self.base + MANIFEST)
+            except FileNotFoundError:
+                return None
+
+        found = self._call(read)
+        if found is None:
+            return None
+        return _Manifest.parse(found[0], f"{self.location}/{MANIFEST}"), found[1]
+
+    def commit(self, manifest: _Manifest, tag: str | None) -> bool:
+        """Replace the manifest by ``manifest`` only if it is still the version ``tag`` names
+        (None: only if there is none yet): the commit point of an add. False, changing nothing,
+        when another writer committed first (`_storage.stores.Store.write_if`)."""
+        return self._call(lambda: self.store.write_if(self.base + MANIFEST, manifest.to_json(), tag))
+
+    def modified(self) -> dict[str, float]:
+        """The index folder's files, with when each was last written (seconds since the epoch)."""
+        return self._call(lambda: self.store.modified(self.base))
 
     def exists(self, name: str) -> bool:
         return self._call(lambda: self.store.kind(self.base + name)) == "file"

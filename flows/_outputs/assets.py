@@ -9,11 +9,15 @@ which rewrites its outputs, still records them. Automations on a self-hosted ser
 these events; the lineage graph is a Prefect Cloud view.
 
 Keys are the storage URIs (`asset_key`): ``file://`` + the absolute path for a local location,
-the URL as given otherwise (``s3://…``, ``block://…``), with the characters Prefect refuses in a key
-(whitespace, ``# ? & % " ' < > [ ] { } |``) replaced by ``_`` and anything over 512 characters cut
-to a prefix plus a hash. Metadata: the flow, the run's images, rows and failed rows, the models
-(``model``/``version`` of the embedding step), and for a local parquet table its own row count and
-schema.
+the URL as given otherwise (``s3://…``, ``block://…``). Where the location holds characters
+Prefect refuses in a key (whitespace, ``# ? & % " ' < > [ ] { } |``) or ``~``, they are replaced by
+``_`` and ``~`` + the first 12 hex digits of the sha256 of the location (as above, before the
+replacement) is appended, so ``/data/run 1/x`` and ``/data/run_1/x`` are two assets; a key over
+512 characters is cut to a prefix plus ``~`` and a hash of the whole. A key holds ``~`` only when
+one of these happened, so keys of different locations differ.
+
+Metadata: the flow, the run's images, rows and failed rows, the models (``model``/``version`` of
+the embedding step), and for a local parquet table its own row count and schema.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from typing import Any
 
 from .._storage.access import is_remote
 
-__all__ = ["MAX_KEY_LENGTH", "asset_key", "assets_section", "materialize_outputs", "output_locations"]
+__all__ = ["HASH_DIGITS", "MAX_KEY_LENGTH", "asset_key", "assets_section", "materialize_outputs", "output_locations"]
 
 MAX_KEY_LENGTH = 512
-_REFUSED = re.compile(r"[\s\0#?&%\"'<>\[\]{}|]")
+#: What Prefect refuses in a key, and ``~``: the mark of a key with a hash appended.
+_REFUSED = re.compile(r"[\s\0#?&%\"'<>\[\]{}|~]")
+#: Hex digits of the location's sha256 appended where characters were replaced.
+HASH_DIGITS = 12
 #: Upstream assets named for a list of image references at most (their folders).
 MAX_UPSTREAM = 20
 
@@ -39,18 +46,23 @@ def asset_key(location: str) -> str:
     """The asset key of a storage location (see the module docs).
 
     Examples:
-        >>> asset_key("/data/run 1/embeddings.parquet")
-        'file:///data/run_1/embeddings.parquet'
         >>> asset_key("s3://bucket/run/labels.parquet")
         's3://bucket/run/labels.parquet'
+        >>> asset_key("/data/run_1/embeddings.parquet")
+        'file:///data/run_1/embeddings.parquet'
+        >>> asset_key("/data/run 1/embeddings.parquet")
+        'file:///data/run_1/embeddings.parquet~1b677b983a17'
     """
     if "://" not in location:
         location = "file://" + os.path.abspath(os.path.expanduser(location))
     scheme, rest = location.split("://", 1)
-    key = f"{scheme.lower()}://{_REFUSED.sub('_', rest)}".rstrip("/")
+    location = f"{scheme.lower()}://{rest}".rstrip("/")
+    key = _REFUSED.sub("_", location)
+    if key != location:
+        key += "~" + hashlib.sha256(location.encode()).hexdigest()[:HASH_DIGITS]
     if len(key) > MAX_KEY_LENGTH:
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        key = f"{key[: MAX_KEY_LENGTH - 17]}-{digest}"
+        key = f"{key[: MAX_KEY_LENGTH - 17]}~{digest}"
     return key
 
 

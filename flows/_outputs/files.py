@@ -16,8 +16,11 @@ file by file with its index last (`_storage.publish.publish_folder`). Those writ
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import pyarrow as pa
 
@@ -39,24 +42,61 @@ def embedding_type(dim: int | None = None) -> pa.DataType:
     return pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
 
 
-class ParquetSink(AtomicParquetWriter):
-    """Stream rows into a parquet table (a local path or an object-store URL) that appears whole on
-    `commit`; temp files that dead writers left beside a local table are removed first.
+class ParquetSink:
+    """Stream rows into a parquet table (a local path or an object-store URL) that appears whole
+    when the block ends without an exception (`_storage.AtomicParquetWriter`); temp files that dead
+    writers left beside a local table are removed first.
+
+    In a flow, ``async with``: the table is opened (a bucket's client made), finished and published
+    (fsynced and renamed, or uploaded) on worker threads, so the flow's event loop never waits on
+    storage; write rows with `write` on a worker thread too (`_run.batch.BatchRun.write` does).
 
     Examples:
         ```python
-        with ParquetSink(out / "embeddings.parquet", schema) as sink:
-            sink.write([{"image_ref": "a.jpg", ...}])
+        async with ParquetSink(out / "embeddings.parquet", schema) as sink:
+            await asyncio.to_thread(sink.write, [{"image_ref": "a.jpg", ...}])
         # embeddings.parquet now exists, complete; on an exception it is untouched
+        with ParquetSink(out / "t.parquet", schema) as sink:  # from sync code
+            sink.write(rows)
         ```
     """
 
     def __init__(self, path: str | os.PathLike[str], schema: pa.Schema) -> None:
-        if not is_remote(path):
-            remove_orphans(Path(path))
-        super().__init__(path, schema)
+        self.path = os.fspath(path)  #: Where the table appears.
+        self.schema = schema
+        self._writer: AtomicParquetWriter | None = None
+
+    def __enter__(self) -> ParquetSink:
+        if not is_remote(self.path):
+            remove_orphans(Path(self.path))
+        self._writer = AtomicParquetWriter(self.path, self.schema)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._writer is not None, "the table was not opened"
+        self._writer.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> ParquetSink:
+        return await asyncio.to_thread(self.__enter__)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
 
     @property
-    def path(self) -> str:
-        """Where the table appears."""
-        return self.url
+    def rows(self) -> int:
+        """Rows written so far."""
+        return self._writer.rows if self._writer is not None else 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows (dicts keyed by column name)."""
+        assert self._writer is not None, "the table was not opened: use it as a context manager"
+        self._writer.write(rows)
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append an Arrow table's rows (`AtomicParquetWriter.write_table`: millions of rows, no dicts)."""
+        assert self._writer is not None, "the table was not opened: use it as a context manager"
+        self._writer.write_table(table)

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from prefect_roboflow.blocks.images import upright_size
+
 from ..records import ImageRecord
 
 if TYPE_CHECKING:
@@ -59,10 +61,12 @@ FROM_NAME, TO_NAME = "label", "image"
 
 
 def _size(path: str) -> tuple[int, int]:
+    """The image's size as shown: turned as the server turned it for the boxes (`upright_size`), as
+    Label Studio's regions and ``original_width``/``original_height`` are of the displayed image."""
     from PIL import Image
 
     with Image.open(path) as image:
-        return image.size
+        return upright_size(image)
 
 
 def label_studio_tasks(

@@ -3,7 +3,9 @@
 The parent run lists its source once, lazily, and writes every ``shard_size`` references to a
 manifest (``<out_dir>/_shards/part-00003.json``, one whole object). Each shard is a
 `run_deployment` of the flow's own deployment (or the one `FanOut.deployment` names) with
-``shard=`` set, so whichever worker of the pool is free picks it up; it reads its manifest, runs
+``shard=`` set and its manifest as ``images`` (Prefect stores a run's parameters: a shard's do not
+hold the job's references, so they do not grow with the job), so whichever worker of the pool is
+free picks it up; it reads its manifest, runs
 the flow's usual batches and writes one part of each of its *dataset folders*
 (``<out_dir>/embeddings/part-00003.parquet``) and its totals (``_shards/part-00003.result.json``:
 the `RunTotals` and what else the flow keeps for its parent, e.g. `auto_label`'s labelled boxes).
@@ -37,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -54,9 +57,11 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from .._outputs.files import ParquetSink
 from .._steps.sources import ImageSource, iter_image_refs
 from .._storage.access import delete, join, list_files, read_bytes, write_bytes
-from .batch import RunTotals, markdown_table
+from .._storage.listing import is_video
+from .artifacts import markdown_table
+from .totals import RunTotals
 
-__all__ = ["FanOut", "FannedOut", "Shard", "fan_out"]
+__all__ = ["FanOut", "FannedOut", "Shard", "fan_out", "has_video"]
 
 SHARDS_FOLDER = "_shards"
 POLL_SECONDS = 2.0
@@ -90,6 +95,7 @@ class Shard(BaseModel):
     index: int = Field(ge=0)
     manifest: str
     attempt: int = Field(default=1, ge=1)
+    videos: bool = False  # the job has a video: every shard writes the video columns, its part has one or not
 
     @property
     def name(self) -> str:
@@ -122,7 +128,7 @@ class _Job:
     """What every shard of one fan-out needs."""
 
     deployment: str
-    parameters: dict[str, Any]
+    parameters: dict[str, Any]  # every shard's (`_job_parameters`)
     out: str
     tables: dict[str, pa.Schema]  # stem → schema; a lost shard's failed rows go to the first
     retries: int
@@ -171,6 +177,20 @@ class FannedOut(RunTotals):
                 raise InvalidInputError("out_dir", f"shard {outcome.shard.name}'s result: {exc}") from None
             self.extras.append(saved["extra"])
 
+    def summed(self, key: str) -> dict[str, int]:
+        """The shards' ``key`` counts (``extra[key]``: name → count) added up, most first.
+
+        Raises:
+            InvalidInputError: naming ``out_dir``, when a shard's counts are not name → count.
+        """
+        total: Counter[str] = Counter()
+        for index, extra in enumerate(self.extras):
+            try:
+                total.update({str(k): int(v) for k, v in dict(extra.get(key) or {}).items()})
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError("out_dir", f"shard part-{index:05d}'s {key}: {exc}") from None
+        return dict(total.most_common())
+
     def folder(self, stem: str) -> str:
         """The dataset folder ``<out_dir>/<stem>/``."""
         return join(self._out, stem) + "/"
@@ -194,20 +214,39 @@ class FannedOut(RunTotals):
         return [("shards", f"Shards of this {self.flow_key} run.", [o.row() for o in self._outcomes])]
 
 
+def has_video(images: ImageSource) -> bool:
+    """Whether a job's source names a video (listed until one is met): its tables then have the
+    video columns, in every shard's part."""
+    return any(is_video(ref) for ref in iter_image_refs(images))
+
+
 async def fan_out(
-    flow_key: str, images: ImageSource, out: str, plan: FanOut, tables: dict[str, pa.Schema]
+    flow_key: str,
+    images: ImageSource,
+    out: str,
+    plan: FanOut,
+    tables: dict[str, pa.Schema],
+    settings: dict[str, Any] | None = None,
+    video_tables: dict[str, pa.Schema] | None = None,
 ) -> FannedOut:
     """Run a flow's job as shards of ``plan.shard_size`` images on a deployment; wait for all.
 
-    ``tables`` names the dataset folders a shard writes a part of (stem → schema), its main table first.
+    ``tables`` names the dataset folders a shard writes a part of (stem → schema), its main table
+    first; ``video_tables`` their schemas when the job names a video (`has_video`): every part has
+    the job's one schema. ``settings`` are parameters every shard gets as the parent checked them
+    (e.g. the video sampling), over this run's own.
 
     Raises:
         InvalidInputError: naming ``fan_out``, when there is no deployment to run the shards on.
     """
-    job = _Job(await _deployment(plan), _shard_parameters(), out, tables, plan.retries)
+    deployment = await _deployment(plan)
+    videos = video_tables is not None and await asyncio.to_thread(has_video, images)
+    if videos and video_tables is not None:
+        tables = video_tables
+    job = _Job(deployment, {**_job_parameters(), **(settings or {})}, out, tables, plan.retries)
     shards: list[asyncio.Task[_Outcome]] = []
     try:
-        async for shard, count in _manifests(images, out, plan):  # each shard starts once its manifest is up
+        async for shard, count in _manifests(images, out, plan, videos):  # each starts once its manifest is up
             shards.append(asyncio.create_task(_run(job, shard, count)))
         outcomes = list(await asyncio.gather(*shards))
     except BaseException:
@@ -240,20 +279,31 @@ async def _deployment(plan: FanOut) -> str:
             raise InvalidInputError("fan_out", f"no deployment named {plan.deployment!r}") from None
 
 
-def _shard_parameters() -> dict[str, Any]:
-    """This run's parameters, as each shard gets them (a vector index is updated by the parent)."""
+def _job_parameters() -> dict[str, Any]:
+    """This run's parameters, as every shard gets them: no fan-out, no vector index (the parent
+    updates it), and no ``images`` (each shard gets its own: `_shard_parameters`)."""
     parameters = {**this_run.parameters, "fan_out": None}
+    parameters.pop("images", None)
     if "index_path" in parameters:
         parameters["index_path"] = None
     return parameters
 
 
-async def _manifests(images: ImageSource, out: str, plan: FanOut) -> AsyncIterator[tuple[Shard, int]]:
+def _shard_parameters(job: dict[str, Any], shard: Shard) -> dict[str, Any]:
+    """One shard run's parameters: the job's, ``shard``, and as ``images`` its manifest (the
+    references it reads), never the job's source: what Prefect stores per shard run does not grow
+    with the job (a list source of N references would be stored once per shard)."""
+    return {**job, "images": shard.manifest, "shard": shard.model_dump()}
+
+
+async def _manifests(
+    images: ImageSource, out: str, plan: FanOut, videos: bool = False
+) -> AsyncIterator[tuple[Shard, int]]:
     """Each shard and its number of references, once its manifest is written (listing in a thread)."""
     refs = iter_image_refs(images)
     index = 0
     while chunk := await asyncio.to_thread(_take, refs, plan.shard_size):
-        shard = Shard(index=index, manifest=_shards_file(out, index, "json"))
+        shard = Shard(index=index, manifest=_shards_file(out, index, "json"), videos=videos)
         await asyncio.to_thread(write_bytes, shard.manifest, json.dumps(chunk).encode())
         await asyncio.to_thread(_forget_result, out, index)
         yield shard, len(chunk)
@@ -270,7 +320,7 @@ async def _run(job: _Job, shard: Shard, images: int) -> _Outcome:
         shard = shard.model_copy(update={"attempt": attempt})
         run = await arun_deployment(
             job.deployment,
-            parameters={**job.parameters, "shard": shard.model_dump()},
+            parameters=_shard_parameters(job.parameters, shard),
             timeout=None,
             poll_interval=POLL_SECONDS,
             as_subflow=True,

@@ -39,6 +39,7 @@ __all__ = [
     "CONTRACTS",
     "AutoLabelParameters",
     "ClassifyImagesParameters",
+    "CurateImagesParameters",
     "DetectCropClassifyParameters",
     "EmbedImagesParameters",
     "FindDuplicatesParameters",
@@ -336,6 +337,47 @@ class MonitorDriftParameters(FlowParameters):
         return self
 
 
+def _curation_source(value: Any) -> Any:
+    """A table or index path, or split name → table or index path: none empty."""
+    if isinstance(value, str):
+        return _text(value)
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError("give a table or index path, or a mapping of split name to one")
+    for name, path in value.items():
+        if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path.strip():
+            raise InvalidInputError(
+                f"source[{name!r}]", f"expected a split name and a table or index path, got {path!r:.80}"
+            )
+    return value
+
+
+class CurateImagesParameters(FlowParameters):
+    """`curate_images`."""
+
+    flow = "curate_images"
+    source: Annotated[Any, AfterValidator(_curation_source)]
+    out_dir: Text
+    budget: Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
+    threshold: Annotated[float, BeforeValidator(_not_bool), Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+    leak_threshold: Annotated[float, BeforeValidator(_not_bool), Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None
+    k: Annotated[int, BeforeValidator(_not_bool), Field(ge=3, le=100)]
+    split_column: Text
+    labels: Text | None
+    reviewed: Text | None = None
+    classes: Prompts | None
+    cache_storage: Text | None
+    gallery_rows: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=1000)]
+    seed: Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _reviewed_boxes_need_predictions(self) -> CurateImagesParameters:
+        if self.reviewed is not None and self.labels is None:
+            raise InvalidInputError(
+                "reviewed", "reviewed boxes are judged against a labelled table's detections: give labels"
+            )
+        return self
+
+
 #: Each shipped flow's contract, by the flow function's name.
 CONTRACTS: dict[str, type[FlowParameters]] = {
     c.flow: c
@@ -347,6 +389,7 @@ CONTRACTS: dict[str, type[FlowParameters]] = {
         FindDuplicatesParameters,
         SearchImagesParameters,
         MonitorDriftParameters,
+        CurateImagesParameters,
     )
 }
 

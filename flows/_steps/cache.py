@@ -12,6 +12,12 @@ block concurrently, one object per entry (each is a request there). Each entry i
 the payload's length and its CRC-32) and checked on reading, so an entry that is damaged, torn or
 left by the unframed format of earlier versions is a miss — recomputed and written over — never a
 wrong result.
+
+A local folder's cache is bounded: at most `max_cache_bytes` of entries (10 GiB, or
+``PREFECT_ROBOFLOW_CACHE_MAX_BYTES``), the entries used longest ago evicted by the write that goes
+over (`_storage.entries`); `ContentCache.prune` shrinks it on demand. An evicted entry is only a
+miss: recomputed if needed again. A storage block's entries are bounded by the storage's own rules
+(an S3 lifecycle expiration on the ``items/`` prefix, for one).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import sqlite3
 import struct
 import zlib
@@ -37,7 +44,16 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from .._storage.entries import LocalEntries
 from .._storage.locate import _is_block_slug
 
-__all__ = ["ContentCache", "content_key", "content_keys", "frame", "through_cache", "unframe"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "ContentCache",
+    "content_key",
+    "content_keys",
+    "frame",
+    "max_cache_bytes",
+    "through_cache",
+    "unframe",
+]
 
 T = TypeVar("T")
 
@@ -49,6 +65,28 @@ _FRAME = struct.Struct("<4sQI")
 _MAGIC = b"PRC\x01"
 #: Entries of a storage block read or written at once (each is a request to the storage).
 BLOCK_CONCURRENCY = 16
+#: A local cache's bound when ``PREFECT_ROBOFLOW_CACHE_MAX_BYTES`` does not set one.
+DEFAULT_MAX_BYTES = 10 * 2**30
+MAX_BYTES_VARIABLE = "PREFECT_ROBOFLOW_CACHE_MAX_BYTES"
+
+
+def max_cache_bytes() -> int:
+    """A local cache's bound in bytes: ``PREFECT_ROBOFLOW_CACHE_MAX_BYTES``, else `DEFAULT_MAX_BYTES`.
+
+    Raises:
+        InvalidInputError: naming ``cache_storage``, when the variable is not a positive integer.
+    """
+    text = os.environ.get(MAX_BYTES_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        reason = f"{MAX_BYTES_VARIABLE} must be a positive number of bytes, got {text!r}"
+        raise InvalidInputError("cache_storage", reason)
+    return value
 
 
 def frame(payload: bytes) -> bytes:
@@ -101,7 +139,8 @@ def content_keys(step: str, shas: Sequence[str], model: dict[str, Any], params: 
 class ContentCache:
     """Per-item results, stored in a local folder or any Prefect `WritableFileSystem` block.
 
-    A local folder keeps them in one SQLite file (``entries.sqlite``, a batch per transaction); a
+    A local folder keeps them in one SQLite file (``entries.sqlite``, a batch per transaction), at
+    most ``max_bytes`` of them (`max_cache_bytes` by default; the least recently used evicted); a
     block keeps one object per entry (``items/<2 hex>/<key>``). Every entry is framed and checked,
     so a damaged or torn one is a miss and recomputed, never a wrong result.
 
@@ -114,8 +153,29 @@ class ContentCache:
         ```
     """
 
-    def __init__(self, storage: Path | WritableFileSystem) -> None:
+    def __init__(self, storage: Path | WritableFileSystem, max_bytes: int | None = None) -> None:
         self.storage = storage
+        self.max_bytes = max_cache_bytes() if max_bytes is None and isinstance(storage, Path) else max_bytes
+
+    def _entries(self) -> LocalEntries:
+        assert isinstance(self.storage, Path)
+        return LocalEntries(self.storage, self.max_bytes)
+
+    def prune(self, max_bytes: int) -> tuple[int, int]:
+        """Remove the local cache's least recently used entries until they take at most
+        ``max_bytes`` (a storage block's cache: nothing; bound it with the storage's own rules).
+
+        Returns:
+            ``(entries removed, bytes freed)``.
+
+        Examples:
+            ```python
+            resolve_cache(None).prune(2 * 2**30)  # the default cache, down to 2 GiB
+            ```
+        """
+        if not isinstance(self.storage, Path):
+            return 0, 0
+        return self._entries().prune(max_bytes)
 
     @staticmethod
     def _relative(key: str) -> str:
@@ -144,7 +204,7 @@ class ContentCache:
         keys = list(keys)
         if isinstance(self.storage, Path):
             try:
-                stored = LocalEntries(self.storage).get_many(keys)
+                stored = self._entries().get_many(keys)
             except (OSError, sqlite3.Error):  # an unreadable cache is a cache of misses
                 return {}
             values = [unframe(stored[key]) if key in stored else None for key in keys]
@@ -162,7 +222,7 @@ class ContentCache:
     def put_many(self, entries: Mapping[str, bytes]) -> None:
         """Store every ``key: value`` of ``entries``: in a local folder in one transaction."""
         if isinstance(self.storage, Path):
-            LocalEntries(self.storage).put_many({key: frame(value) for key, value in entries.items()})
+            self._entries().put_many({key: frame(value) for key, value in entries.items()})
         elif len(entries) < 2:
             for key, value in entries.items():
                 self._write(key, value)

@@ -22,7 +22,7 @@ from prefect_roboflow.blocks import (
     ReferenceExample,
 )
 from prefect_roboflow.blocks._model import ModelBlock
-from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image
+from prefect_roboflow.blocks.images import JPEG_QUALITY, to_request_image, upright
 from prefect_roboflow.blocks.owlv2 import check_confidence, check_examples
 
 from ..records import Crop, Failure, ImageRecord, Label, LabelSet, StepReport
@@ -169,7 +169,7 @@ def detect_records(
     checked = check_examples(examples)
     threshold = check_confidence(detector.confidence if confidence is None else confidence)
     params = {"examples": examples_digest(checked), "confidence": threshold}
-    return _cached_step(
+    found, report = _cached_step(
         "detect",
         detector,
         records,
@@ -178,6 +178,26 @@ def detect_records(
         DETECTIONS,
         lambda images: detector.detect_outcomes(images, checked, threshold),
     )
+    kept = [_inside(record) for record in found]
+    report.dropped = sum(dropped for _, dropped in kept)
+    return [record for record, _ in kept], report
+
+
+def _inside(record: ImageRecord) -> tuple[ImageRecord, int]:
+    """The record without the boxes that lie wholly outside its image, and how many there were.
+
+    OWLv2 pads every image to a square and may find objects in the padding: such a box, clipped to
+    the image (the box policy of `blocks.owlv2.to_detections`), has no area left. It is no object of
+    the image: dropped here, counted in the step's report, never a failed detection.
+    """
+    found = record.detections
+    if found is None or not len(found):
+        return record, 0
+    xyxy = found.xyxy
+    inside = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    if inside.all():
+        return record, 0
+    return record.with_result(detections=found[inside]), int((~inside).sum())
 
 
 #: IoU at or above which a detection in an example's own reference image gives its box back.
@@ -226,11 +246,11 @@ def unfound_examples(
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes as an RGB array, EXIF orientation applied as the server does."""
-    from PIL import Image, ImageOps
+    """Encoded image bytes as an RGB array, turned as the server turns it (`blocks.images.upright`)."""
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return np.asarray(upright(image).convert("RGB"))
 
 
 def encode_jpeg(pixels: np.ndarray) -> bytes:

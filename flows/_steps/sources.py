@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -36,6 +38,8 @@ DOWNLOAD_CONCURRENCY = 8
 #: (less than handing it to a thread).
 BIG_FILE_BYTES = 512 * 2**10
 BIG_FILE_SAMPLE = 8
+#: A listed source's references stay in memory up to this many bytes, then go to a temporary file.
+SPOOL_BYTES = 4 * 2**20
 
 
 def _is_web(ref: str) -> bool:
@@ -205,6 +209,49 @@ def iter_record_batches(
             batch = []
     if batch:
         yield batch
+
+
+class SourceListing:
+    """A source's references listed once, in order, and counted: a run lists its source once (a
+    bucket's LIST calls are paid once), and reads the references back as it makes its batches.
+
+    The references go to a temporary file as they stream in (in memory up to `SPOOL_BYTES`, then on
+    disk), so memory does not grow with the source. A local video is counted by its header's
+    duration (see `count_records`); nothing is read or decoded.
+
+    Attributes:
+        expected: About how many records the source makes.
+        videos: How many of its references are videos.
+
+    Raises:
+        InvalidInputError: naming ``images``, when the source names nothing or cannot be listed.
+    """
+
+    def __init__(self, images: ImageSource, video: VideoSampling | None = None) -> None:
+        self.sampling = video or VideoSampling()
+        self.expected = self.videos = 0
+        self._spool = tempfile.SpooledTemporaryFile(SPOOL_BYTES, mode="w+", encoding="utf-8")  # noqa: SIM115 - `close`
+        for ref in iter_image_refs(images):
+            self._spool.write(json.dumps(ref) + "\n")  # one JSON string a line: any character in a name
+            if is_video(ref):
+                self.videos += 1
+                self.expected += estimate_frames(ref, self.sampling)
+            else:
+                self.expected += 1
+
+    def refs(self) -> Iterator[str]:
+        """The references, in listing order (one pass at a time)."""
+        self._spool.seek(0)
+        for line in self._spool:
+            yield json.loads(line)
+
+    def records(self) -> Iterator[ImageRecord]:
+        """The records, as `iter_records` makes them (a video's sampled frames decoded as they are taken)."""
+        return _records_of(self.refs(), self.sampling)
+
+    def close(self) -> None:
+        """Remove the temporary file."""
+        self._spool.close()
 
 
 def count_records(images: ImageSource, video: VideoSampling | None = None) -> tuple[int, int]:

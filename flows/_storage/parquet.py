@@ -21,6 +21,8 @@ _W = TypeVar("_W", bound="AtomicParquetWriter")
 #: Rows gathered before they go to the file as one row group: one conversion per 1,024 rows, not
 #: per batch (a batch of 64 rows made a row group of its own), and row groups readers skip well.
 ROW_GROUP_ROWS = 1024
+#: Rows per row group of a table written whole (`AtomicParquetWriter.write_table`).
+TABLE_ROW_GROUP_ROWS = 65_536
 
 
 class AtomicParquetWriter:
@@ -63,6 +65,14 @@ class AtomicParquetWriter:
             self.rows += len(rows)
             if len(self._pending) >= ROW_GROUP_ROWS:
                 self._flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append the rows of an Arrow table of this schema (after the rows `write` holds), as row
+        groups of `TABLE_ROW_GROUP_ROWS`: a table of millions of rows never goes through dicts."""
+        assert self._writer is not None, "writer already closed"
+        self._flush()
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema), row_group_size=TABLE_ROW_GROUP_ROWS)
+        self.rows += table.num_rows
 
     def _flush(self) -> None:
         import pyarrow as pa

@@ -17,8 +17,13 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +33,8 @@ from prefect_roboflow.blocks.exceptions import InvalidInputError
 from .atomic import LocalReplace
 
 __all__ = [
+    "LIST_PAGE_SIZE",
+    "LOCK_SUFFIX",
     "BlockStore",
     "FsspecStore",
     "LocalStore",
@@ -40,6 +47,9 @@ __all__ = [
 
 #: Keys per S3 listing request (the S3 maximum).
 LIST_PAGE_SIZE = 1000
+#: `LocalStore.write_if` locks ``.<name>`` + this beside the file; never delete one (a writer
+#: may hold it).
+LOCK_SUFFIX = ".lock"
 
 
 class Store:
@@ -86,6 +96,32 @@ class Store:
         """Remove a file; a missing one is no error."""
         raise NotImplementedError(f"{self.ref_base} cannot delete files")
 
+    def read_tagged(self, rel: str) -> tuple[bytes, str]:
+        """A file's bytes and a tag naming this version of it, for `write_if` (raises
+        `FileNotFoundError` for a missing one). Here: the bytes' sha256."""
+        data = self.read(rel)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, rel: str, data: bytes, tag: str | None) -> bool:
+        """Write a file only if it is still the version ``tag`` names (`read_tagged`), or, for a
+        ``tag`` of None, only if there is none: False, writing nothing, when another writer got
+        there first. Here: checked and written under a lock of this process (an fsspec file system
+        has no conditional write; writers in other processes are not excluded)."""
+        with _process_lock(self.ref(rel)):
+            try:
+                current: str | None = self.read_tagged(rel)[1]
+            except FileNotFoundError:
+                current = None
+            if current != tag:
+                return False
+            self.write(rel, data)
+            return True
+
+    def modified(self, folder: str) -> dict[str, float]:
+        """The files directly in a folder, by name, with when each was last written (seconds
+        since the epoch); a file whose time the storage does not say is left out."""
+        return {}
+
     def explain(self, exc: BaseException) -> str | None:
         """Why an operation failed, for a user (no secrets); None for errors that are bugs."""
         if isinstance(exc, NotImplementedError | OSError):
@@ -100,6 +136,29 @@ def _walk(entries: Callable[[str], Iterable[tuple[str, bool]]], folder: str, rec
             yield path
         elif recursive:
             yield from _walk(entries, path + "/", recursive)
+
+
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(key: str) -> threading.Lock:
+    """One lock per file in this process."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.Lock())
+
+
+#: Where fsspec file systems put a file's modification time in its ``info``.
+_TIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def _epoch(value: Any) -> float | None:
+    """A file system's modification time as seconds since the epoch (None when it gives none)."""
+    if isinstance(value, datetime.datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)).timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
 
 
 class _WalkedStore(Store):
@@ -152,6 +211,32 @@ class LocalStore(_WalkedStore):
 
     def delete(self, rel: str) -> None:
         Path(self.base + rel).unlink(missing_ok=True)
+
+    def write_if(self, rel: str, data: bytes, tag: str | None) -> bool:
+        """`Store.write_if` across processes and threads: checked and replaced under an exclusive
+        ``flock`` of ``.<name>.lock`` beside the file, which the kernel releases when its holder
+        dies (a killed writer cannot keep it). Readers take no lock: the rename is atomic."""
+        path = Path(self.base + rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}{LOCK_SUFFIX}", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released on close, or when the process dies
+            try:
+                current: str | None = self.read_tagged(rel)[1]
+            except FileNotFoundError:
+                current = None
+            if current != tag:
+                return False
+            self.write(rel, data)
+            return True
+
+    def modified(self, folder: str) -> dict[str, float]:
+        times = {}
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.base + folder or ".") as scan:
+            for entry in scan:
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                    if entry.is_file(follow_symlinks=False):
+                        times[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+        return times
 
 
 class S3Store(Store):
@@ -225,6 +310,46 @@ class S3Store(Store):
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.base + rel)
 
+    def read_tagged(self, rel: str) -> tuple[bytes, str]:
+        """The object and its ETag."""
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.base + rel)
+        except ClientError as exc:
+            if s3_code(exc) in {"404", "NoSuchKey"}:
+                raise FileNotFoundError(self.ref(rel)) from None
+            raise
+        return answer["Body"].read(), str(answer["ETag"])
+
+    def write_if(self, rel: str, data: bytes, tag: str | None) -> bool:
+        """`Store.write_if` as S3 does it: one PUT with ``If-Match: <ETag>`` (``If-None-Match: *``
+        for a new object), refused by the server when the object changed meanwhile (412), or
+        while another conditional write to it is under way (409). No lock is held, so none is
+        left behind by a writer that dies."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.base + rel, Body=data, **condition)
+        except ClientError as exc:
+            if s3_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey"}:
+                return False
+            raise
+        return True
+
+    def modified(self, folder: str) -> dict[str, float]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.base + folder, Delimiter="/"
+        )
+        start = len(self.base + folder)
+        return {
+            item["Key"][start:]: item["LastModified"].timestamp()
+            for page in pages
+            for item in page.get("Contents", ())
+            if item["Key"][start:]
+        }
+
     def explain(self, exc: BaseException) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
@@ -291,6 +416,16 @@ class FsspecStore(_WalkedStore):
     def delete(self, rel: str) -> None:
         if self.fs.exists(self.base + rel):
             self.fs.rm_file(self.base + rel)
+
+    def modified(self, folder: str) -> dict[str, float]:
+        times = {}
+        with contextlib.suppress(FileNotFoundError):
+            for info in self.fs.ls((self.base + folder).rstrip("/") or "/", detail=True):
+                if info["type"] != "directory":
+                    when = next((info[k] for k in _TIME_KEYS if k in info), None)
+                    if (seconds := _epoch(when)) is not None:
+                        times[info["name"].rstrip("/").rsplit("/", 1)[-1]] = seconds
+        return times
 
 
 class BlockStore(Store):

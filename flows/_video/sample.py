@@ -77,6 +77,11 @@ class FpsGate:
         self._next: float | None = None
         self._start = 0.0
 
+    @property
+    def upcoming(self) -> float:
+        """The next sampling instant: a frame presented before it will not be kept (-inf before the first)."""
+        return -math.inf if self.fps is None or self._next is None else self._next - _TIME_SLACK
+
     def keep(self, time_s: float) -> bool:
         """Whether the frame presented at ``time_s`` is kept (frames come in presentation order)."""
         if self.fps is None:

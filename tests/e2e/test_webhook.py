@@ -507,7 +507,8 @@ def test_prefect_yaml_triggers_match_the_webhook() -> None:
     spec = yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())
     by_entrypoint = {d["entrypoint"].rsplit(":", 1)[1]: d for d in spec["deployments"]}
     assert sorted(by_entrypoint) == [
-        "auto_label", "classify_images", "detect_crop_classify", "embed_images", "monitor_drift", "search_images"
+        "auto_label", "classify_images", "curate_images", "detect_crop_classify", "embed_images", "monitor_drift",
+        "search_images",
     ]  # fmt: skip
     for flow, deployment in by_entrypoint.items():
         assert deployment["work_pool"]["name"] == "roboflow"
@@ -516,6 +517,11 @@ def test_prefect_yaml_triggers_match_the_webhook() -> None:
             (trigger,) = triggers
             assert trigger["expect"] == ["prefect_roboflow.drift.detected"]
             assert trigger["parameters"]["images"] == "{{ event.payload.current }}"
+            continue
+        if flow == "curate_images":  # started by each completed embed_images run, over its table
+            (trigger,) = triggers
+            assert trigger["expect"] == ["prefect_roboflow.embed_images.completed"]
+            assert trigger["parameters"]["source"] == "{{ event.payload.embeddings_path }}"
             continue
         if flow not in webhook.OVERRIDES:
             assert triggers == []

@@ -5,6 +5,7 @@ folder as upstream, again on a fully cached rerun, and the summary artifact name
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def test_outputs_are_assets_even_on_a_cached_rerun(proxy: FaultProxy, tmp_path: 
 
     table_key = f"file://{tmp_path}/out/embeddings.parquet"
     index_key = f"file://{tmp_path}/index"
-    source_key = f"file://{tmp_path}/camera_1"
+    # "camera 1" has a space: replaced, and the folder's hash appended (its key is its own)
+    source_key = f"file://{tmp_path}/camera_1~" + hashlib.sha256(f"file://{photos}".encode()).hexdigest()[:12]
     tables = _events(MATERIALIZED, table_key, expected=2)
     assert len(tables) == 2  # one per run, the cached one included
     latest = max(tables, key=lambda e: e.occurred)

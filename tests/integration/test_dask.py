@@ -238,7 +238,8 @@ def test_detection_flows_on_dask(
             str(scenes), examples, labels, str(tmp_path / "dask"), server=proxy.url, **common
         )
     assert os.getpid() not in _pids_that_ran(stream.data, dask_client, "detect")
-    assert proxy.count("/owlv2/infer") == 6 and on_dask.images == 7 and on_dask.images_failed == 1
+    # six scenes, and the example-box check on the one reference image
+    assert proxy.count("/owlv2/infer") == 6 + 1 and on_dask.images == 7 and on_dask.images_failed == 1
     assert on_dask.detections > 0 and proxy.count("/clip/embed_image") == on_dask.detections
 
     # the thread runner over the same cache makes the same table and annotated images
@@ -253,7 +254,7 @@ def test_detection_flows_on_dask(
     # auto_label on Dask: its datasets from the same (cached) detections
     proxy.clear()
     labelled = _on_dask(auto_label, dask_client)(
-        str(scenes), examples, labels, str(tmp_path / "labels"), min_score=0.0, server=proxy.url, **common
+        str(scenes), examples, labels, str(tmp_path / "labels"), min_probability=0.0, server=proxy.url, **common
     )
     assert proxy.count("/owlv2/infer") == 0 and labelled.images == 7
     assert (tmp_path / "labels" / "coco" / "annotations.json").is_file()

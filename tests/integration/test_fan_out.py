@@ -33,9 +33,10 @@ def test_a_shard_run_embeds_its_manifest_into_its_part(
     refs = [str(p) for p in image_paths[:3]]
     manifest.write_text(json.dumps(refs))
     shard = {"index": 2, "manifest": str(manifest), "attempt": 1}
-    # when a run of the flow is given that shard (the images parameter is not what it reads)
+    # when a run of the flow is given that shard, and as images its manifest (as the parent gives them:
+    # a shard run's parameters do not hold the job's references)
     result = embed_images(
-        str(image_paths[5]), str(tmp_path / "out"), server=proxy.url, cache_storage=str(tmp_path / "cache"), shard=shard
+        str(manifest), str(tmp_path / "out"), server=proxy.url, cache_storage=str(tmp_path / "cache"), shard=shard
     )
     # then its part of the dataset folder holds exactly the manifest's images, and its counts are kept
     part = tmp_path / "out" / "embeddings" / "part-00002.parquet"
@@ -123,9 +124,9 @@ def test_an_auto_label_shard_keeps_its_labelled_part_for_the_parent(
     examples, _ = example_spec()
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     kwargs: dict[str, object] = {"server": proxy.url, "cache_storage": cache, "batch_size": 4}
-    probe = auto_label(scenes, examples, CLASSES, str(tmp_path / "probe"), min_score=0.0, **kwargs)
+    probe = auto_label(scenes, examples, CLASSES, str(tmp_path / "probe"), min_probability=0.0, **kwargs)
     scores = [r["label_score"] for r in pq.read_table(probe.labels_path).to_pylist() if r["status"] == "labelled"]
-    kwargs["min_score"] = float(np.median(scores))  # about half the boxes kept, half left for review
+    kwargs["min_probability"] = float(np.median(scores))  # about half the boxes kept, half left for review
     whole = auto_label(scenes, examples, CLASSES, str(tmp_path / "whole"), **kwargs)
     assert whole.labelled and whole.review, "the scenes give both kept and reviewed boxes: this checks both"
     # when a shard of every image runs

@@ -220,7 +220,7 @@ def test_detect_crop_classify_flow(proxy: FaultProxy, inference_url: str, scenes
     )
 
     # requests: one per image to OWLv2, one per non-empty crop to CLIP, one for the labels
-    assert proxy.count("/owlv2/infer") == N_IMAGES
+    assert proxy.count("/owlv2/infer") == N_IMAGES + 1  # and the example-box check on the reference image
     assert proxy.count("/clip/embed_image") == result.detections
     assert proxy.count("/clip/embed_text") == 1
 

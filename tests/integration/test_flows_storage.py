@@ -78,3 +78,29 @@ def test_a_bucket_that_does_not_exist_fails_before_any_request(
     with pytest.raises(InvalidInputError, match="images"):
         embed_images(f"{s3.url}empty-prefix/", str(tmp_path / "out"), server=proxy.url)
     assert proxy.count() == 0
+
+
+def test_a_run_lists_its_bucket_source_once(
+    s3: MotoBucket,  # noqa: F811
+    proxy: FaultProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the run counts its images (for progress and batch labels) and reads them back from one listing
+    from prefect_roboflow.flows._storage.stores import S3Store
+
+    images = _upload(s3)
+    listings: list[str] = []
+    real_list = S3Store.list
+
+    def counted(self: S3Store, folder: str, recursive: bool, page_size: int):  # type: ignore[no-untyped-def]
+        listings.append(folder)
+        return real_list(self, folder, recursive, page_size)
+
+    monkeypatch.setattr(S3Store, "list", counted)
+    result = embed_images(
+        f"{s3.url}photos/", str(tmp_path / "out"), server=proxy.url, cache_storage=str(tmp_path / "cache"), batch_size=2
+    )
+    direct = [k for k in images if k.count("/") == 1 and not k.endswith(".txt")]
+    assert (result.images, result.succeeded) == (len(direct), len(direct))
+    assert listings == ["photos/"]

@@ -57,7 +57,7 @@ def test_label_studio_and_cvat_handoff_match_the_coco_export(proxy: FaultProxy, 
     for i in range(8):
         (scenes / f"scene_{i:02d}.png").write_bytes(make_scene(700 + i))
     examples, _ = example_spec()
-    kwargs: dict[str, Any] = {"server": proxy.url, "cache_storage": str(tmp_path / "cache"), "min_score": 0.0}
+    kwargs: dict[str, Any] = {"server": proxy.url, "cache_storage": str(tmp_path / "cache"), "min_probability": 0.0}
     out = tmp_path / "out"
     result = auto_label(
         str(scenes),

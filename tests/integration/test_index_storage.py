@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from support.s3 import MotoBucket, s3, s3_server, saved_bucket_block  # noqa: F4
 
 from prefect_roboflow.blocks import InvalidInputError
 from prefect_roboflow.flows import VectorIndex, embed_images, search_images
+from prefect_roboflow.flows._index.add import GRACE_SECONDS, _remove_leftovers
+from prefect_roboflow.flows._index.store import _Store
 from prefect_roboflow.flows.vector_index import MANIFEST, RowBatch, update_index_from_table
 
 DIM = 32
@@ -67,11 +70,14 @@ def test_a_bucket_index_adds_reopens_and_searches(
     index = VectorIndex.open(url, create=True, exact_below=10_000)
     first = index.add(rows(vectors[:12_000]), family="clip", version="ViT-B-16")
     assert (first.added, first.retrained, first.ann_rows) == (12_000, True, 12_000)  # an IVF-PQ is written
+    first_ann = json.loads(s3.get(prefix + MANIFEST))["ann"]["file"]
     second = index.add(rows(vectors), family="clip", version="ViT-B-16")
     assert (second.added, second.skipped, second.rows) == (1_000, 12_000, 13_000)
     manifest = json.loads(s3.get(prefix + MANIFEST))
     names = {f"{s['name']}{ext}" for s in manifest["segments"] for ext in (".npy", ".parquet")}
-    assert set(s3.keys(prefix)) == {prefix + n for n in names | {MANIFEST, manifest["ann"]["file"]}}
+    # the first IVF-PQ, replaced by the second add's, stays a while for readers of the first manifest
+    assert list(manifest["retired"]) == [first_ann] != [manifest["ann"]["file"]]
+    assert set(s3.keys(prefix)) == {prefix + n for n in names | {MANIFEST, manifest["ann"]["file"], first_ann}}
 
     cache = tmp_path / "fresh-tmp"  # reopened where nothing is cached: every file streamed from the bucket
     cache.mkdir()
@@ -90,11 +96,10 @@ from prefect_roboflow.flows import vector_index as vi
 point = sys.argv[2]
 original = getattr(_index_store._Store, point)
 
-def blocked(self, name, *args):
-    if point == "put_file" or name == vi.MANIFEST:
-        print("reached", name, flush=True)
-        sys.stdin.readline()  # held here until the test kills this process
-    return original(self, name, *args)
+def blocked(self, *args):
+    print("reached", point, flush=True)
+    sys.stdin.readline()  # held here until the test kills this process
+    return original(self, *args)
 
 setattr(_index_store._Store, point, blocked)
 index = vi.VectorIndex.open(sys.argv[1])
@@ -104,7 +109,7 @@ index.add(vi.RowBatch(refs, [f"sha-{i}" for i in range(len(vectors))], vectors),
 """
 
 
-@pytest.mark.parametrize("point", ["put_file", "put_bytes"])  # mid-segment-write; just before the commit
+@pytest.mark.parametrize("point", ["put_file", "commit"])  # mid-segment-write; just before the commit
 def test_a_killed_add_leaves_a_bucket_index_searchable(
     location: tuple[str, str],
     s3: MotoBucket,  # noqa: F811
@@ -137,12 +142,21 @@ def test_a_killed_add_leaves_a_bucket_index_searchable(
     reopened = VectorIndex.open(url)
     assert reopened.rows == 400
     assert_finds_itself(reopened, vectors, [0, 199, 399])
-    result = reopened.add(rows(vectors), family="clip", version="ViT-B-16")  # completes, clears what was left
+    result = reopened.add(rows(vectors), family="clip", version="ViT-B-16")  # completes
     assert (result.added, result.rows) == (200, 600)
     assert_finds_itself(VectorIndex.open(url), vectors, [0, 450, 599])
     manifest = json.loads(s3.get(prefix + MANIFEST))
-    names = {f"{s['name']}{ext}" for s in manifest["segments"] for ext in (".npy", ".parquet")}
-    assert set(s3.keys(prefix)) == {prefix + n for n in names | {MANIFEST}}
+    named = {prefix + f"{s['name']}{ext}" for s in manifest["segments"] for ext in (".npy", ".parquet")}
+    named.add(prefix + MANIFEST)
+    # What the killed add left stays while it is young (it might be a running writer's): its
+    # segment (killed before the commit), none (killed writing its first file); gone once old.
+    left = set(s3.keys(prefix)) - named
+    assert len(left) == (2 if point == "commit" else 0)
+    store = _Store(url)
+    assert _remove_leftovers(store, store.read_manifest()[0]) == []  # type: ignore[index]
+    later = time.time() + GRACE_SECONDS + 60
+    assert {prefix + n for n in _remove_leftovers(store, store.read_manifest()[0], now=later)} == left  # type: ignore[index]
+    assert set(s3.keys(prefix)) == named
 
 
 def write_table(vectors: np.ndarray) -> bytes:

@@ -81,7 +81,7 @@ def _run_every_flow(images: str, out: str, proxy: FaultProxy, cache: str, local:
         "embed": embedded,
         "classify": classify_images(images, LABELS, out, **kwargs),
         "detect": detect_crop_classify(images, examples, LABELS, out, **kwargs),
-        "label": auto_label(images, examples, CLASSES, out, min_score=0.0, **kwargs),
+        "label": auto_label(images, examples, CLASSES, out, min_probability=0.0, **kwargs),
         "duplicates": find_duplicates(str(local / "emb.parquet"), out, threshold=0.99999),
     }
 
@@ -122,7 +122,7 @@ def _check_outputs(
     labels = _table(s3, f"{prefix}labels.parquet")
     kept = labels[labels["status"] == "labelled"]
     assert len(kept) == results["label"].labelled > 0
-    assert _table(s3, f"{prefix}review.parquet").empty  # min_score 0: nothing for review
+    assert _table(s3, f"{prefix}review.parquet").empty  # min_probability 0: nothing for review
     local = _download(s3, prefix, tmp)
     coco = sv.DetectionDataset.from_coco(str(local / "coco/images"), str(local / "coco/annotations.json"))
     yolo = sv.DetectionDataset.from_yolo(
@@ -293,7 +293,7 @@ def test_a_run_that_crashes_midway_leaves_the_previous_objects(
     # when a rerun over fewer images dies after its first batch
     from prefect_roboflow.flows._outputs.annotated import AnnotatedImageSink
 
-    original, calls = AnnotatedImageSink.write, []
+    original, calls = AnnotatedImageSink.draw, []
 
     def crash_on_second_batch(self: AnnotatedImageSink, batch: Any) -> None:
         calls.append(batch)
@@ -301,7 +301,7 @@ def test_a_run_that_crashes_midway_leaves_the_previous_objects(
             raise RuntimeError("the flow process crashed")
         original(self, batch)
 
-    monkeypatch.setattr(AnnotatedImageSink, "write", crash_on_second_batch)
+    monkeypatch.setattr(AnnotatedImageSink, "draw", crash_on_second_batch)  # on its worker thread
     with pytest.raises(RuntimeError, match="crashed"):
         detect_crop_classify([f"{s3.url}{k}" for k in keys[:4]], examples, LABELS, out, **kwargs)
     # then every object is the previous one, whole: the table still has all five images
@@ -318,7 +318,8 @@ def test_auto_label_publishes_each_dataset_index_last(
     # given an auto_label dataset of five images in the bucket
     keys = _upload(s3)
     examples, _ = example_spec()
-    out, kwargs = f"{s3.url}run/", {"server": proxy.url, "cache_storage": str(tmp_path / "cache"), "min_score": 0.0}
+    kwargs = {"server": proxy.url, "cache_storage": str(tmp_path / "cache"), "min_probability": 0.0}
+    out = f"{s3.url}run/"
     auto_label(f"{s3.url}photos/", examples, CLASSES, out, **kwargs)
     old_coco = _objects(s3, "run/coco/")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from support.images import make_image
 from support.videos import make_video
 
 from prefect_roboflow.flows import detect_crop_classify, embed_images
+from prefect_roboflow.flows._outputs.annotated import AnnotatedImageSink
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -85,3 +87,45 @@ def test_two_hundred_flow_runs_keep_threads_files_and_sockets_flat(inference_url
     assert end["threads"] <= warm["threads"] + 2, seen
     assert end["files"] <= warm["files"] + 6, seen  # garbage not yet collected, at most a few
     assert end["sockets"] <= warm["sockets"] + 4, seen
+
+
+def test_an_error_mid_run_closes_the_video_sink_and_publishes_nothing(
+    inference_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that fails while drawing its video (here: the image sink raises on the second batch)
+    leaves no annotated MP4, no temporary encoder file and no open video file behind."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_video(clips / "clip.mp4", seconds=4.0, fps=5)
+    reference = tmp_path / "reference.png"
+    reference.write_bytes(make_image(950))
+    examples = [{"image": str(reference), "boxes": [{"x": 160, "y": 120, "w": 80, "h": 60, "cls": "can"}]}]
+    calls = []
+    original = AnnotatedImageSink.write
+
+    def failing(self: AnnotatedImageSink, batch: Any) -> Any:
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        return original(self, batch)
+
+    monkeypatch.setattr(AnnotatedImageSink, "write", failing)
+    temp_root = Path(tempfile.gettempdir())
+    before = set(temp_root.glob("prefect-roboflow-annotated-*"))
+    state = detect_crop_classify(
+        str(clips), examples, ["a can"], str(tmp_path / "out"), server=inference_url, batch_size=4,
+        video_fps=2.0, cache_storage=str(tmp_path / "cache"), return_state=True,
+    )  # fmt: skip
+    assert state.is_failed() and "disk full (injected)" in str(state.message)
+    assert len(calls) == 2  # the error came mid-run, after a batch had gone into the video
+    assert not list((tmp_path / "out").rglob("*.mp4"))
+    assert set(temp_root.glob("prefect-roboflow-annotated-*")) == before
+    open_videos = [t for t in (_target(fd) for fd in os.listdir("/proc/self/fd")) if t and t.endswith(".mp4")]
+    assert open_videos == []
+
+
+def _target(fd: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None

@@ -31,7 +31,7 @@ from prefect_roboflow.blocks import InferenceServer, InvalidInputError
 from prefect_roboflow.flows import auto_label, classify_images, detect_crop_classify, embed_images
 from prefect_roboflow.flows._video.decode import iter_frames
 from prefect_roboflow.flows._video.sample import SCENE_THRESHOLD, SceneGate, VideoSampling
-from prefect_roboflow.flows._video.track import ByteTracker
+from prefect_roboflow.flows._video.track import Tracker
 from prefect_roboflow.flows.demo import example_spec
 
 pytestmark = pytest.mark.server
@@ -281,25 +281,26 @@ def test_memory_stays_flat_over_a_long_video(tmp_path: Path) -> None:
 
 def test_tracker_keeps_an_id_for_a_shape_moving_across_frames() -> None:
     rng = np.random.default_rng(2)
-    tracker = ByteTracker()
+    tracker = Tracker()
     seen: list[list[int | None]] = []
     for k in range(40):
         moving = [20 + 6 * k, 50, 60 + 6 * k, 90]  # 6 px a frame: consecutive boxes overlap
         still = [400, 300, 450, 350]
         boxes = np.array([moving, still], float) + rng.normal(0, 1.0, (2, 4))
         order = rng.permutation(2)  # detections come in any order
-        ids = tracker.update(boxes[order], np.array([0.9, 0.8])[order])
-        seen.append([ids[list(order).index(0)], ids[list(order).index(1)]])
-    assert {tuple(s) for s in seen} == {(1, 2)}
-    # a low-confidence sighting keeps its track; a miss of a few frames too; a new object a new id
-    assert tracker.update(np.array([[20 + 6 * 40, 50, 60 + 6 * 40, 90]]), np.array([0.3])) == [1]
-    for _ in range(3):
-        tracker.update(np.zeros((0, 4)))
-    assert tracker.update(np.array([[20 + 6 * 44, 50, 60 + 6 * 44, 90], [10, 400, 50, 440]]), np.array([0.9, 0.9])) == [
-        1,
-        3,
-    ]
-    assert tracker.update(np.array([[0, 0, 5, 5]]), np.array([0.05])) == [None]  # below the tracker's floor
+        tracks = tracker.update(boxes[order], np.array([0.9, 0.8])[order], time_s=k / 30)
+        seen.append([tracks[list(order).index(0)], tracks[list(order).index(1)]])  # type: ignore[list-item]
+    assert {(a.id, b.id) for a, b in seen} == {(1, 2)}  # type: ignore[union-attr]
+    # a low-confidence sighting keeps its track; a miss of a few frames too; a new object is tentative
+    (again,) = tracker.update(np.array([[20 + 6 * 40, 50, 60 + 6 * 40, 90]]), np.array([0.3]), time_s=40 / 30)
+    assert again is not None and again.id == 1
+    for k in range(41, 44):
+        tracker.update(np.zeros((0, 4)), time_s=k / 30)
+    later = tracker.update(
+        np.array([[20 + 6 * 44, 50, 60 + 6 * 44, 90], [10, 400, 50, 440]]), np.array([0.9, 0.9]), time_s=44 / 30
+    )
+    assert [t.id if t else 0 for t in later] == [1, None]
+    assert tracker.update(np.array([[0, 0, 5, 5]]), np.array([0.05]), time_s=45 / 30) == [None]  # below the floor
 
 
 def _scene_video(path: Path, frames: int = 30, fps: int = 10) -> Path:
@@ -329,7 +330,8 @@ def test_detect_crop_classify_tracks_and_counts_objects_on_video(proxy: FaultPro
         names[2:4] == ["frame_index", "frame_time_s"] and names[names.index("detector_confidence") + 1] == "tracker_id"
     )
     frames = sorted({r["frame_index"] for r in rows if r["frame_index"] is not None})
-    assert frames == [5 * k for k in range(6)] and proxy.count("/owlv2/infer") == 6
+    # six frames, and the example box looked for in its own image (one request: one reference image)
+    assert frames == [5 * k for k in range(6)] and proxy.count("/owlv2/infer") == 6 + 1
     tracked = [r for r in rows if r["status"] == "ok" and r["frame_index"] is not None]
     assert tracked, "the placeholder weights find the scene's objects"
     for frame in frames:  # within a frame, each tracked object is one detection
@@ -356,7 +358,7 @@ def test_an_annotated_video_is_published_whole_to_a_bucket(clip_mp4: Path, s3: M
     from prefect_roboflow.flows.records import Batch
 
     frames = list(frame_records(str(clip_mp4), VideoSampling(fps=2.0)))
-    sink = AnnotatedVideoSink(f"s3://{s3.bucket}/run/annotated", fps=2.0)
+    sink = AnnotatedVideoSink(f"s3://{s3.bucket}/run/annotated")
     sink.write(Batch([], "1/2", parents=frames[:12]))
     assert s3.keys("run/") == []  # nothing visible until the video is complete
     sink.write(Batch([], "2/2", parents=frames[12:]))

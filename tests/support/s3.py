@@ -56,15 +56,16 @@ class MotoServer:
 
     @classmethod
     def start(cls, log_dir: Path) -> MotoServer:
-        """Start ``moto_server`` on a free port and wait until it answers (at most a minute)."""
-        executable = Path(sys.executable).with_name("moto_server")
-        if not executable.exists():
-            raise RuntimeError(f"{executable} is missing: install the dev extra (moto[server])")
+        """Start ``moto_server`` (its conditional writes atomic: `support.moto_atomic`) on a free
+        port and wait until it answers (at most a minute)."""
+        if not Path(sys.executable).with_name("moto_server").exists():
+            raise RuntimeError("moto_server is missing: install the dev extra (moto[server])")
         port = free_port()
         log = log_dir / f"moto-{port}.log"
+        script = Path(__file__).with_name("moto_atomic.py")
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [str(executable), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, str(script), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
             )
         server = cls(process, f"http://127.0.0.1:{port}", log)
         server._wait_ready()

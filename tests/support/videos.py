@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BACKGROUNDS", "make_video", "shape_box"]
+__all__ = ["BACKGROUNDS", "make_video", "pattern", "shape_box", "write_h264"]
 
 #: Background grey level of each planted scene, in turn (far apart: a cut moves the picture by ~80 levels).
 BACKGROUNDS = (40, 200, 110)
@@ -53,4 +53,53 @@ def make_video(
         frame[y1:y2, x1:x2] = (0, 0, 255)
         writer.write(frame)
     writer.release()
+    return path
+
+
+def pattern(index: int, width: int = 160, height: int = 96) -> np.ndarray:
+    """An RGB frame whose orientation shows: a red block at the top-left, a green bar along the
+    bottom, a blue dot near the right edge, and a grey level that changes with ``index``."""
+    frame = np.full((height, width, 3), 60 + (index * 7) % 120, np.uint8)
+    frame[: height // 3, : width // 4] = (230, 30, 30)
+    frame[-height // 6 :, :] = (30, 200, 30)
+    frame[height // 3 : height // 2, -width // 8 :] = (30, 30, 230)
+    return frame
+
+
+def write_h264(
+    path: Path,
+    times: Sequence[float],
+    size: tuple[int, int] = (160, 96),
+    rotation: int = 0,
+    hflip: bool = False,
+    rotate_tag: str | None = None,
+    bframes: int = 0,
+    gop: int = 12,
+) -> Path:
+    """An H.264 video (PyAV's libx264) of `pattern` frames presented at ``times`` (seconds, on a
+    90 kHz clock: uneven gaps make a variable-frame-rate file). ``rotation`` (counter-clockwise
+    degrees) and ``hflip`` go into the display matrix, ``rotate_tag`` into an old-style ``rotate``
+    metadata tag (clockwise degrees; use a ``.mkv`` path); ``bframes`` non-reference B-frames
+    between references, a keyframe every ``gop`` frames."""
+    from fractions import Fraction
+
+    import av
+
+    width, height = size
+    tick = Fraction(1, 90_000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264")
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = tick
+        stream.options = {"bframes": str(bframes), "b-pyramid": "none", "g": str(gop), "keyint_min": str(gop)}
+        stream.options["sc_threshold"] = "0"  # keyframes where told, not at content changes
+        if rotation or hflip:
+            stream.set_display_rotation(rotation, hflip=hflip)
+        if rotate_tag is not None:
+            stream.metadata["rotate"] = rotate_tag
+        for index, time_s in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(pattern(index, width, height), format="rgb24")
+            frame.pts, frame.time_base = round(time_s / tick), tick
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
     return path

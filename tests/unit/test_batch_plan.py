@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from prefect_roboflow.blocks import InvalidInputError
-from prefect_roboflow.flows._run import batch as batch_module
+from prefect_roboflow.flows._run import growth
 from prefect_roboflow.flows._run.batch import BatchRun
 from prefect_roboflow.flows.records import Batch, StepReport
 
@@ -62,14 +62,14 @@ def test_a_batch_that_sends_brings_the_size_back(folder: Path) -> None:
 
 
 def test_a_grown_batch_holds_at_most_the_byte_budget(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_module, "GROWN_BATCH_BYTES", 20 * FILE_BYTES)
+    monkeypatch.setattr(growth, "GROWN_BATCH_BYTES", 20 * FILE_BYTES)
     batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 0)
     assert {len(b) for b in batches[1:-1]} == {20}  # grown, but within the budget
     assert sum(len(b) for b in batches) == 200
 
 
 def test_a_budget_under_batch_size_never_shrinks_a_batch(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_module, "GROWN_BATCH_BYTES", 3 * FILE_BYTES)
+    monkeypatch.setattr(growth, "GROWN_BATCH_BYTES", 3 * FILE_BYTES)
     batches = _plan(BatchRun("embed-images", str(folder), 8, "test"), lambda i: 0)
     assert [len(b) for b in batches] == [8] * 25
 
@@ -128,3 +128,19 @@ def test_big_local_files_are_read_and_hashed_on_several_threads(
     monkeypatch.setenv("PREFECT_ROBOFLOW_RESIZE_WORKERS", "1")
     threads.clear()
     assert sources.load_all(small) == loaded and threads == {threading.current_thread().name}
+
+
+def test_a_source_is_listed_once_and_read_back_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect_roboflow.flows._steps import sources
+
+    # names with a newline or quotes come back as they were; past SPOOL_BYTES the list is on disk
+    refs = [f'https://example.invalid/{i}{chr(10) if i % 7 == 0 else ""}"x".jpg' for i in range(500)]
+    monkeypatch.setattr(sources, "SPOOL_BYTES", 1024)
+    listed: list[object] = []
+    real = sources.iter_image_refs
+    monkeypatch.setattr(sources, "iter_image_refs", lambda images: listed.append(images) or real(images))
+    run = BatchRun("embed-images", refs, 64, "test")
+    assert listed == [refs] and (run.expected, run.videos) == (500, 0)
+    assert run.listing._spool._rolled  # type: ignore[attr-defined]  # on disk, not in memory
+    assert [r.ref for b in _plan(run, lambda i: 64) for r in b] == refs
+    assert list(run.listing.refs()) == refs and listed == [refs]  # read back again: still one listing

@@ -24,7 +24,7 @@ PUBLIC_MODULES = [
     "prefect_roboflow.flows.records",
     "prefect_roboflow.flows.vector_index",
 ]
-PRIVATE_FOLDERS = ["_storage", "_video", "_steps", "_index", "_outputs", "_run", "_drift"]
+PRIVATE_FOLDERS = ["_storage", "_video", "_steps", "_index", "_outputs", "_run", "_drift", "_curation"]
 #: Which private folder may import which (flows/README.md); the public modules sit above them all.
 MAY_IMPORT = {
     "_storage": set(),
@@ -34,6 +34,7 @@ MAY_IMPORT = {
     "_outputs": {"_steps", "_video", "_storage"},
     "_run": {"_outputs", "_index", "_steps", "_video", "_storage", "vector_index"},
     "_drift": {"_outputs", "_index", "_steps", "_storage", "vector_index"},
+    "_curation": {"_outputs", "_index", "_steps", "_storage", "vector_index"},
 }
 
 
@@ -180,8 +181,8 @@ def test_only_public_modules_at_the_top_of_flows() -> None:
 
 
 def test_one_place_per_concept() -> None:
-    """One image-suffix list, one image-size reader, one JPEG quality, one run-name builder, one
-    normalise — each defined once in the package."""
+    """One image-suffix list, one image-size reader, one orientation rule, one JPEG quality, one
+    run-name builder, one normalise — each defined once in the package."""
     sources = {p: p.read_text() for p in [*FLOWS.rglob("*.py"), *(REPO / "blocks").rglob("*.py")]}
 
     def defined(pattern: str) -> list[str]:
@@ -189,6 +190,8 @@ def test_one_place_per_concept() -> None:
 
     assert defined('".tiff"') == ["flows/_storage/listing.py"]
     assert defined("def image_size(") == ["blocks/images.py"]
+    assert defined("def upright(") == ["blocks/images.py"]  # photos turned in one place, as the server does
+    assert defined("exif_transpose") == [] and defined(".getexif()") == ["blocks/images.py"]
     assert defined("JPEG_QUALITY = ") == ["blocks/images.py"]
     assert defined("quality=95") == []
     assert defined("def run_name(") == ["blocks/tasks.py"]

@@ -11,6 +11,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
+from prefect_roboflow.flows._index.add import GRACE_SECONDS, _remove_leftovers
+from prefect_roboflow.flows._index.store import _Store
 from prefect_roboflow.flows.vector_index import (
     MANIFEST,
+    AddResult,
     RowBatch,
     VectorIndex,
     family_name,
@@ -271,11 +277,10 @@ from prefect_roboflow.flows import vector_index as vi
 point = sys.argv[2]
 original = getattr(_index_store._Store, point)
 
-def blocked(self, name, *args):
-    if point == "put_file" or name == vi.MANIFEST:
-        print("reached", name, flush=True)
-        sys.stdin.readline()  # held here until the test kills this process
-    return original(self, name, *args)
+def blocked(self, *args):
+    print("reached", point, flush=True)
+    sys.stdin.readline()  # held here until the test kills this process
+    return original(self, *args)
 
 setattr(_index_store._Store, point, blocked)
 index = vi.VectorIndex.open(sys.argv[1])
@@ -285,7 +290,7 @@ index.add(vi.RowBatch(refs, [f"sha-{i}" for i in range(len(vectors))], vectors),
 """
 
 
-@pytest.mark.parametrize("point", ["put_file", "put_bytes"])  # mid-segment-write; just before the commit
+@pytest.mark.parametrize("point", ["put_file", "commit"])  # mid-segment-write; just before the commit
 def test_a_crash_while_adding_leaves_the_previous_state_searchable(
     tmp_path: Path, vectors: np.ndarray, queries: np.ndarray, point: str
 ):
@@ -313,9 +318,87 @@ def test_a_crash_while_adding_leaves_the_previous_state_searchable(
     assert (reopened.rows, reopened.ann_rows) == (12_000, 12_000)
     after = reopened.knn(queries, 10)
     np.testing.assert_array_equal(after[1], before[1])
-    # The next add completes and clears what the killed one left behind.
+    # The next add completes; what the killed one left stays while it is young (it might be a
+    # running writer's), and goes once it is old.
     result = reopened.add(batch(vectors[:14_000]), family="clip", version="ViT-B-16")
     assert (result.added, result.rows) == (2_000, 14_000)
     referenced = json.loads((path / MANIFEST).read_text())
     names = {f"{s['name']}{ext}" for s in referenced["segments"] for ext in (".npy", ".parquet")}
-    assert {p.name for p in path.iterdir()} == names | {MANIFEST, referenced["ann"]["file"]}
+    named = names | {MANIFEST, referenced["ann"]["file"], *referenced["retired"], f".{MANIFEST}.lock"}
+    left = {p.name for p in path.iterdir()} - named
+    killed = {".tmp"} if point == "put_file" else {".npy", ".parquet", ".faiss"}  # a temp file, or a whole add
+    assert {Path(name).suffix for name in left} == killed
+    store = _Store(path)
+    assert _remove_leftovers(store, store.read_manifest()[0]) == []  # type: ignore[index]
+    later = time.time() + GRACE_SECONDS + 60
+    assert set(_remove_leftovers(store, store.read_manifest()[0], now=later)) == left  # type: ignore[index]
+    assert {p.name for p in path.iterdir()} == named
+    assert VectorIndex.open(path).search(vectors[13_000], top_k=1)[0].row == 13_000
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_threads_adding_at_once_add_every_row_once(tmp_path: Path, vectors: np.ndarray, where: str):
+    # each thread its own VectorIndex; rows 0-99 of every add are added by every thread
+    url = str(tmp_path / "index") if where == "local" else f"memory://prefect-roboflow-tests/threads-{tmp_path.name}"
+    VectorIndex.open(url, create=True)
+    start = threading.Barrier(4)
+
+    def write(thread: int) -> None:
+        start.wait()
+        for add in range(5):
+            own = 100 + 100 * (5 * thread + add)
+            rows = np.r_[np.arange(100 * add, 100 * add + 20), np.arange(own, own + 100)]
+            vectors_of = vectors[rows]
+            VectorIndex.open(url).add(batch(vectors_of[:20], 100 * add), family="clip", version="v")
+            VectorIndex.open(url).add(batch(vectors_of[20:], own), family="clip", version="v")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(4)))
+    index = VectorIndex.open(url)
+    refs = index.metadata(np.arange(index.rows)).column("image_ref").to_pylist()
+    expected = {f"img/{i}.jpg" for a in range(5) for i in range(100 * a, 100 * a + 20)}
+    expected |= {f"img/{i}.jpg" for i in range(100, 100 + 100 * 20)}
+    assert len(refs) == len(set(refs)) and set(refs) == expected
+
+
+def test_a_writer_that_loses_the_race_commits_after_the_winner_without_its_rows(tmp_path: Path, vectors: np.ndarray):
+    """Writer A reads the index, writes 1,000 rows and an IVF-PQ; writer B commits 1,000 rows, 500 of
+    them A's, first. A's commit is refused; A rewrites its segment without B's rows and commits
+    after B, keeping B's IVF-PQ (A's rows are scanned exactly)."""
+    path = tmp_path / "index"
+    VectorIndex.open(path, create=True, exact_below=10_000).add(batch(vectors[:12_000]), family="clip", version="v")
+    a, b = VectorIndex.open(path), VectorIndex.open(path)
+    ready, go = threading.Event(), threading.Event()
+    commit = _Store.commit
+
+    def held(self: _Store, *args: object) -> bool:
+        if threading.current_thread().name == "writer-a" and not go.is_set():
+            ready.set()
+            go.wait()
+        return commit(self, *args)  # type: ignore[arg-type]
+
+    result: list[AddResult] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Store, "commit", held)
+        writer_a = threading.Thread(
+            target=lambda: result.append(a.add(batch(vectors[13_000:14_000], 13_000), family="clip", version="v")),
+            name="writer-a",
+        )
+        writer_a.start()
+        assert ready.wait(timeout=600)
+        won = b.add(batch(vectors[12_500:13_500], 12_500), family="clip", version="v")
+        go.set()
+        writer_a.join(timeout=600)
+    assert (won.added, won.rows, won.ann_rows) == (1_000, 13_000, 13_000)  # B's IVF-PQ covers its rows
+    assert (result[0].added, result[0].skipped, result[0].rows, result[0].ann_rows) == (500, 500, 13_500, 13_000)
+    final = VectorIndex.open(path)
+    refs = final.metadata(np.arange(final.rows)).column("image_ref").to_pylist()
+    assert refs == [f"img/{i}.jpg" for i in [*range(12_000), *range(12_500, 13_500), *range(13_500, 14_000)]]
+    # A's rows, past the IVF-PQ, found exactly; the IVF-PQ's own rows still found through it
+    for row, vector_row in [(13_000, 13_500), (13_499, 13_999), (12_200, 12_700)]:
+        assert final.search(vectors[vector_row], top_k=1)[0].row == row
+    # A's uncommitted files (its IVF-PQ, its segment before the rewrite) went at once
+    manifest = json.loads((path / MANIFEST).read_text())
+    named = {f"{s['name']}{ext}" for s in manifest["segments"] for ext in (".npy", ".parquet")}
+    named |= {MANIFEST, manifest["ann"]["file"], *manifest["retired"], f".{MANIFEST}.lock"}
+    assert {p.name for p in path.iterdir()} == named

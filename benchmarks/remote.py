@@ -1,0 +1,174 @@
+"""A server across a network (issue 29): the ``embed_images`` flow with nothing set against a bare
+async httpx loop at its best fixed concurrency, through the +50 ms proxy and, beside it, on loopback.
+
+    python -m benchmarks.remote --server URL [--n 300] [--rounds 3] [--results FILE]
+
+Interleaved rounds (the order rotated and reversed each round, so drift on a shared machine favours
+no setting), each setting keeping its best round, of:
+
+- a bare async httpx loop (`benchmarks.clients.bare_httpx`) at 4, 8, 16 and 32 requests in flight;
+- the ``embed_images`` flow as shipped (``server=URL``: the block's defaults, the adaptive limit),
+  a fresh cache and a fresh HTTP engine each run (as a new worker process: its limit starts at 4);
+- the same flow with the limiter as it was before issue 29 (`FastestAnswerLimiter`: no-load latency
+  the fastest answer ever seen, not a round's median), side by side;
+
+directly against the server, and through `LatencyProxy` (the tests' fault proxy in its own process,
+50 ms before each forwarded request). The flow's step table gives the limit it ended at and its peak.
+Target: flow ≥ 0.9× the bare loop's best through the proxy; on loopback, no worse than before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import httpx
+
+from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Slot
+
+from .clients import bare_httpx, embed_flow, step_table
+from .common import NETWORK_LATENCY, LatencyProxy, Run, Table, generate_images, ratio, verdict
+from .gpu_speed import flow_batch_size
+
+BARE = (4, 8, 16, 32)
+FLOW_SETTING = "defaults (adaptive)"
+PREVIOUS = "defaults, the previous limiter (side by side)"
+TARGET = 0.9
+
+
+class FastestAnswerLimiter(AdaptiveLimiter):
+    """The limiter's estimate as it was before issue 29, for a side-by-side row: each round judged
+    against the fastest answer ever seen of a kind, not the lowest round median."""
+
+    def _sample(self, slot: Slot) -> None:
+        latency = max(1e-4, self._clock() - slot.started)
+        fastest = min(latency, self._fastest.setdefault(slot.key, latency))
+        self._fastest[slot.key] = fastest
+        super()._sample(slot)
+
+    def _end_round(self) -> None:
+        self._noload = dict(self._fastest)  # what the round is judged against: the fastest answers
+        self._pool.clear()  # ... and never a round's median
+        super()._end_round()
+        self._noload = dict(self._fastest)
+
+    @property
+    def _fastest(self) -> dict[Hashable, float]:
+        return self.__dict__.setdefault("_fastest_seen", {})
+
+
+def flow_run(url: str, images: Sequence[Path], cache: Path, previous: bool = False) -> tuple[Run, str]:
+    """One flow run on a fresh engine (with the previous limiter: ``previous``); the run and the
+    limit its steps reported (last / peak)."""
+    from prefect_roboflow.blocks import _http
+
+    _http.close_engines()
+    _http.AdaptiveLimiter = FastestAnswerLimiter if previous else AdaptiveLimiter  # type: ignore[misc]
+    limits: list[str] = []
+    real = step_table
+
+    def noted(flow_run_id, key):  # type: ignore[no-untyped-def]
+        rows = real(flow_run_id, key)
+        limits.extend(f"{r.get('concurrency_limit')}/{r.get('concurrency_peak')}" for r in rows)
+        return rows
+
+    from . import clients
+
+    clients.step_table = noted  # type: ignore[assignment]
+    try:
+        setting = PREVIOUS if previous else FLOW_SETTING
+        run = embed_flow(url, images, cache, batch_size=flow_batch_size(), setting=setting)
+    finally:
+        clients.step_table = real  # type: ignore[assignment]
+        _http.close_engines()
+        _http.AdaptiveLimiter = AdaptiveLimiter  # type: ignore[misc]
+    return run, ", ".join(limits)
+
+
+def measure(url: str, images: Sequence[Path], rounds: int, work: Path) -> tuple[dict[str, list[Run]], list[str]]:
+    plan: list[int | str] = [*BARE, "flow", "previous"]
+    runs: dict[str, list[Run]] = {}
+    limits: list[str] = []
+    for round_ in range(rounds):
+        shift = round_ * len(plan) // rounds
+        order = plan[shift:] + plan[:shift]
+        for c in order[::-1] if round_ % 2 else order:
+            try:
+                if isinstance(c, str):
+                    run, seen = flow_run(url, images, work / f"cache-{len(limits)}", previous=c == "previous")
+                    limits.append(f"{run.setting}: {seen}")
+                else:
+                    run = bare_httpx(url, images, c)
+            except (httpx.HTTPError, RuntimeError) as exc:  # the shared server dropping a connection: NaN
+                print(f"  run failed: {type(exc).__name__}: {exc}", flush=True)
+                if isinstance(c, str):
+                    run = Run("embed_images flow", PREVIOUS if c == "previous" else FLOW_SETTING, len(images), math.nan)
+                else:
+                    run = Run("bare httpx", f"concurrency {c}", len(images), math.nan, concurrency=c)
+            runs.setdefault(f"{run.client} {run.setting}", []).append(run)
+            print(f"  {run.client} {run.setting}: {run.rate:.1f} img/s", flush=True)
+    return runs, limits
+
+
+def _median(runs: Sequence[Run]) -> float:
+    rates = [r.rate for r in runs if not math.isnan(r.rate)]
+    return statistics.median(rates) if rates else math.nan
+
+
+def _rate(run: Run) -> float:
+    return -math.inf if math.isnan(run.rate) else run.rate
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from .gpu_speed import prefect_api
+
+    tables = []
+    with prefect_api(), tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
+        work = Path(tmp)
+        images = generate_images(work / "images", args.n)
+        with LatencyProxy(args.server, NETWORK_LATENCY) as proxy:
+            embed_flow(args.server, images[:16], work / "warm-cache")  # the process's first flow run, unmeasured
+            for where, url in (("direct", args.server), (f"+{NETWORK_LATENCY * 1000:.0f} ms proxy", proxy.url)):
+                load = os.getloadavg()[0]
+                print(f"{where}:", flush=True)
+                runs, limits = measure(url, images, args.rounds, work / where.replace(" ", "_"))
+                best = {name: max(rs, key=_rate) for name, rs in runs.items()}
+                bare = max((r for n, r in best.items() if n.startswith("bare")), key=_rate)
+                flow = best[f"embed_images flow {FLOW_SETTING}"]
+                table = Table(
+                    f"{where}: {args.n} distinct 320×240 PNGs, best of {args.rounds} interleaved rounds "
+                    f"(load {load:.1f} → {os.getloadavg()[0]:.1f})",
+                    ["client", "setting", "img/s (best)", "median", "all rounds", "× best bare", "median ÷ its"],
+                    note=f"flow's step-table concurrency limit (last/peak) per run: {'; '.join(limits)}",
+                )
+                medians = {name: _median(rs) for name, rs in runs.items()}
+                bare_median = medians[f"{bare.client} {bare.setting}"]
+                for name, rs in runs.items():
+                    r, rates = best[name], ", ".join(f"{x.rate:.1f}" for x in rs)
+                    ratios = (ratio(r.rate, bare.rate), ratio(medians[name], bare_median))
+                    table.add(r.client, r.setting, r.rate, medians[name], rates, *ratios)
+                value = ratio(flow.rate, bare.rate)
+                wanted = f"flow ≥ {TARGET}× bare at its best ({bare.setting})"
+                table.add("target", wanted, f"{value:.2f}×", "", "", verdict(value >= TARGET), "")
+                print(table.text(), flush=True)
+                tables.append(table)
+    if args.results:
+        with args.results.open("a") as out:
+            for table in tables:
+                out.write("\n" + table.markdown() + "\n")
+
+
+if __name__ == "__main__":
+    main()
