@@ -54,6 +54,7 @@ __all__ = [
     "FindDuplicatesParameters",
     "FlowParameterError",
     "FlowParameters",
+    "MonitorDriftParameters",
     "SearchImagesParameters",
     "check_index",
     "contract_of",
@@ -306,6 +307,45 @@ class SearchImagesParameters(FlowParameters):
     top_k: Count
 
 
+class MonitorDriftParameters(FlowParameters):
+    """`monitor_drift`."""
+
+    flow = "monitor_drift"
+    current: ImageRefs
+    out_dir: Text
+    reference: ImageRefs | None
+    methods: Annotated[
+        list[Literal["domain_classifier", "mean_cosine", "share_drifted", "mmd"]],
+        Field(min_length=1),
+        AfterValidator(_unique),
+    ]
+    alpha: Annotated[float, BeforeValidator(_not_bool), Field(gt=0.0, le=0.5, allow_inf_nan=False)]
+    thresholds: dict[str, Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]] | None
+    permutations: Annotated[int, BeforeValidator(_not_bool), Field(ge=19, le=100_000)]
+    save_baseline: bool
+    baseline_dir: Text | None
+    model: Family
+    version: Text | None
+    batch_size: Count
+    cache_storage: Text | None
+    seed: Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
+    max_failure_rate: Fraction
+
+    @model_validator(mode="after")
+    def _rule_reachable(self) -> MonitorDriftParameters:
+        unknown = sorted(set(self.thresholds or {}) - set(self.methods))
+        if unknown:
+            raise InvalidInputError("thresholds", f"for methods this run does not use: {unknown}")
+        each = self.alpha / len(self.methods)  # each method's share of alpha
+        if (self.permutations + 1) * each < 1:
+            raise InvalidInputError(
+                "permutations",
+                f"{self.permutations} permutations cannot give a p-value of at most {each:g} "
+                f"(alpha {self.alpha} over {len(self.methods)} method(s)): give at least {math.ceil(1 / each) - 1}",
+            )
+        return self
+
+
 def _curation_source(value: Any) -> Any:
     """A table or index path, or split name → table or index path: none empty."""
     if isinstance(value, str):
@@ -357,6 +397,7 @@ CONTRACTS: dict[str, type[FlowParameters]] = {
         AutoLabelParameters,
         FindDuplicatesParameters,
         SearchImagesParameters,
+        MonitorDriftParameters,
         CurateImagesParameters,
     )
 }

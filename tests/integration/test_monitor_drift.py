@@ -1,6 +1,7 @@
 """`monitor_drift` on the Prefect test harness: planted embeddings tables and indexes (the verdicts
-are known), pinned baselines, the history and plot, the drift event read back from the API, images
-embedded through the real server, and bad input refused before anything is written or sent."""
+are known), pinned baselines, the history and plot, the drift event read back from the API (and
+none for a window too small for a verdict), images embedded through the real server, and bad
+input refused before anything is written or sent."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from support.images import make_image
 
 from prefect_roboflow.blocks import InvalidInputError
 from prefect_roboflow.flows import monitor_drift, update_index_from_table
+from prefect_roboflow.flows._drift.methods import MIN_ROWS
 from prefect_roboflow.flows.embed_images import EMBEDDINGS_SCHEMA
 from prefect_roboflow.flows.monitor_drift import DRIFT_EVENT
 
@@ -59,20 +61,23 @@ def _table(path: Path, direction: np.ndarray, rows: int, seed: int, **columns: A
     return str(path)
 
 
-def _events(name: str) -> list[Any]:
-    """Events of this name as the Prefect API stored them (they arrive asynchronously)."""
+def _events(name: str, awaited: str) -> list[Any]:
+    """Events of this name as the Prefect API stored them, once the one about the ``awaited``
+    current window is among them (they arrive asynchronously, and earlier tests' events of the
+    same name are there already: any event is not yet the one this test emitted)."""
     EventsWorker.drain_all()
 
     async def read() -> list[Any]:
         async with get_client() as client:
             return (await client.read_events(filter=EventFilter(event=EventNameFilter(name=[name])), limit=50)).events
 
-    for _ in range(40):
+    found: list[Any] = []
+    for _ in range(60):
         found = asyncio.run(read())
-        if found:
+        if any(e.payload.get("current") == awaited for e in found):
             return found
         time.sleep(0.5)
-    return []
+    return found
 
 
 def test_tables_and_index_history_plot_and_drift_event(tmp_path: Path) -> None:
@@ -83,42 +88,51 @@ def test_tables_and_index_history_plot_and_drift_event(tmp_path: Path) -> None:
     out = tmp_path / "drift"
 
     calm = monitor_drift(steady, str(out), reference=reference, methods=METHODS)
-    assert not calm.drifted and [s.method for s in calm.scores] == METHODS
+    assert calm.status == "no drift" and not calm.drifted and [s.method for s in calm.scores] == METHODS
+    assert all(s.p_value is not None and s.p_value > 0.0125 and s.alpha == 0.0125 for s in calm.scores)
     assert (calm.n_reference, calm.n_current, calm.model, calm.version) == (1500, 600, "clip", "ViT-B-16")
 
     index = str(tmp_path / "index")
     update_index_from_table(reference, index)
-    state = monitor_drift(moved, str(out), reference=index, methods=METHODS, return_state=True)
+    floors = {"mean_cosine": 0.9}  # an effect-size floor far above this drift's 0.5: no verdict from it
+    state = monitor_drift(moved, str(out), reference=index, methods=METHODS, thresholds=floors, return_state=True)
     drifted = state.result()
-    assert drifted.drifted and all(s.drifted for s in drifted.scores) and drifted.n_reference == 1500
+    assert drifted.status == "drifted" and drifted.n_reference == 1500
+    assert [(s.method, s.drifted, s.p_value) for s in drifted.scores] == [
+        (m, m != "mean_cosine", 1 / 200) for m in METHODS
+    ]
 
     history = pq.read_table(out / "drift.parquet").to_pylist()
-    assert [(r["method"], r["drifted"]) for r in history] == [(m, False) for m in METHODS] + [
-        (m, True) for m in METHODS
+    assert [(r["method"], r["status"]) for r in history] == [(m, "no drift") for m in METHODS] + [
+        (m, "no drift" if m == "mean_cosine" else "drifted") for m in METHODS
     ]
     assert {(r["n_reference"], r["n_current"], r["model"], r["version"]) for r in history} == {
         (1500, 600, "clip", "ViT-B-16")
     }
-    assert [r["threshold"] for r in history[:4]] == [0.55, 0.2, 0.2, 0.015]
+    assert [r["threshold"] for r in history] == [None] * 5 + [0.9, None, None]
     assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    events = [e for e in _events(DRIFT_EVENT) if e.payload.get("current") == moved]
+    stored = _events(DRIFT_EVENT, awaited=moved)  # the steady window ran first: its event would be here too
+    events = [e for e in stored if e.payload.get("current") == moved]
     assert len(events) == 1
-    assert events[0].payload["drifted"] is True and {s["method"] for s in events[0].payload["scores"]} == set(METHODS)
+    assert events[0].payload["status"] == "drifted"
+    assert {s["method"] for s in events[0].payload["scores"]} == set(METHODS)
     assert events[0].resource.id == "prefect_roboflow.drift.clip.ViT-B-16"
-    assert not [e for e in _events(DRIFT_EVENT) if e.payload.get("current") == steady]
+    assert not [e for e in stored if e.payload.get("current") == steady]
 
 
 def test_pinned_baseline_is_used_and_another_model_refused(tmp_path: Path) -> None:
     same, shifted = _directions(1)
     out = tmp_path / "drift"
     first = monitor_drift(_table(tmp_path / "week1.parquet", same, 800, seed=4), str(out), save_baseline=True)
+    assert first.status == "baseline pinned" and not first.drifted
     assert first.baseline_path and first.scores == [] and first.drift_path is None
     assert Path(first.baseline_path).parent == out / "baselines" / "clip" / "ViT-B-16"
     assert not (out / "drift.parquet").exists()
 
     later = monitor_drift(_table(tmp_path / "week2.parquet", shifted, 400, seed=5), str(out))
-    assert later.reference == first.baseline_path and later.drifted and later.n_reference == 800
+    assert later.reference == first.baseline_path and later.status == "drifted" and later.n_reference == 800
+    assert [s.method for s in later.scores] == ["domain_classifier", "mean_cosine"]  # the default pair
 
     rows = pq.read_table(out / "drift.parquet").num_rows
     other = _table(tmp_path / "pe.parquet", same, 400, seed=6, model="perception_encoder", version="PE-Core-B16-224")
@@ -138,7 +152,6 @@ def test_pinned_baseline_is_used_and_another_model_refused(tmp_path: Path) -> No
 def test_bad_windows_are_refused_naming_the_parameter(tmp_path: Path) -> None:
     same, _ = _directions(2)
     reference = _table(tmp_path / "reference.parquet", same, 200, seed=8)
-    one_row = _table(tmp_path / "one.parquet", same, 1, seed=9)
     failed = pa.Table.from_pylist(
         [{"image_ref": "a.jpg", "image_sha256": None, "model": "clip", "version": "ViT-B-16", "embedding": None,
           "status": "failed", "error": "image is empty (0 bytes)"}],
@@ -151,16 +164,35 @@ def test_bad_windows_are_refused_naming_the_parameter(tmp_path: Path) -> None:
     out = tmp_path / "drift"
     cases = [
         ({"current": str(tmp_path / "empty.parquet"), "reference": reference}, "current", "empty window"),
-        ({"current": reference, "reference": one_row}, "reference", "1 row(s)"),
         ({"current": str(tmp_path / "nan.parquet"), "reference": reference}, "current", "NaN"),
-        ({"current": reference, "reference": reference, "methods": ["kl"]}, "methods", "expected some of"),
+        ({"current": reference, "reference": reference, "methods": ["kl"]}, "methods[0]", "domain_classifier"),
         ({"current": reference, "reference": reference, "thresholds": {"mmd": 0.1}}, "thresholds", "does not use"),
+        ({"current": reference, "reference": reference, "alpha": 0.0}, "alpha", "greater than 0"),
+        ({"current": reference, "reference": reference, "permutations": 30}, "permutations", "at least 39"),
     ]
     for kwargs, field, words in cases:
         with pytest.raises(InvalidInputError) as refused:
             monitor_drift(out_dir=str(out), **kwargs)
         assert refused.value.field == field and words in refused.value.reason, kwargs
     assert not (out / "drift.parquet").exists() and not (out / "baselines").exists()
+
+
+def test_small_windows_get_insufficient_data_and_no_event(tmp_path: Path) -> None:
+    same, shifted = _directions(4)
+    reference = _table(tmp_path / "reference.parquet", same, 300, seed=11)
+    tiny = _table(tmp_path / "tiny.parquet", shifted, MIN_ROWS - 1, seed=12)  # drifted, but too few rows
+    out = tmp_path / "drift"
+    result = monitor_drift(tiny, str(out), reference=reference)
+    assert result.status == "insufficient data" and not result.drifted and result.min_rows == MIN_ROWS
+    assert [(s.status, s.score, s.p_value) for s in result.scores] == [("insufficient data", None, None)] * 2
+    history = pq.read_table(out / "drift.parquet").to_pylist()
+    assert [r["status"] for r in history] == ["insufficient data"] * 2 and history[0]["n_current"] == MIN_ROWS - 1
+    one_row = _table(tmp_path / "one.parquet", same, 1, seed=13)  # a 1-row reference: the same
+    assert monitor_drift(reference, str(out), reference=one_row).status == "insufficient data"
+    enough = _table(tmp_path / "enough.parquet", shifted, MIN_ROWS, seed=14)
+    assert monitor_drift(enough, str(out), reference=reference).status == "drifted"
+    events = [e for e in _events(DRIFT_EVENT, awaited=enough) if e.payload.get("current") in (tiny, enough)]
+    assert [e.payload["current"] for e in events] == [enough]  # the small window emitted none
 
 
 @pytest.mark.server
