@@ -8,9 +8,12 @@ embeddings' cosine distance by default, the share of drifted components, MMD) gi
 a p-value from a permutation null of its statistic (the score itself, except the classifier's: its
 score is the out-of-fold ROC AUC, its statistic the gap between current and reference rows' mean
 out-of-fold prediction); with k methods each is tested at ``alpha / k``, and a window is drifted
-when a method's p-value is at most that (and its score passes its optional floor): on an
-unchanged camera a daily run alarms on at most ``alpha`` of the days. A window under `MIN_ROWS`
-rows gets "insufficient data", never a verdict. A row per method goes into ``drift.parquet``, the
+when a method's p-value is at most that (and its score passes its optional floor): on windows
+of independent rows from the reference's distribution a run alarms on at most ``alpha`` of them.
+Rows in bursts of near-copies (consecutive video frames, shots of one scene) are not independent:
+the relabellings then understate the null and the run alarms far more often; give it one row per
+scene. A window under `MIN_ROWS` rows gets "insufficient data", never a verdict, and is never
+pinned as the baseline. A row per method goes into ``drift.parquet``, the
 verdicts into a markdown artifact with a plot of the past windows over time (``drift.png``), and a
 drifted window emits ``prefect_roboflow.drift.detected`` for automations (notify, or label the
 window with `auto_label`).
@@ -26,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from prefect.events import emit_event
 from prefect.runtime import flow_run
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
@@ -90,6 +93,7 @@ class MonitorDriftResult(BaseModel):
     drift_path: str | None
     plot_path: str | None
     baseline_path: str | None = None
+    warnings: list[str] = Field(default_factory=list)  # e.g. a baseline that was asked for and not pinned
 
 
 def _floors(methods: Sequence[str], thresholds: dict[str, float] | None) -> dict[str, float | None]:
@@ -292,8 +296,21 @@ def _test_and_write(
         write_output(
             plot_path, plot_history(history, f"Embedding drift of {current_window.family} {current_window.version}")
         )
-    baseline_path = save_baseline(current_window, baselines) if pin else None
+    # a window too small for a verdict would be too small a reference for every later run
+    baseline_path = save_baseline(current_window, baselines) if pin and _can_pin(current_window) else None
     return scores, drift_path, plot_path, baseline_path
+
+
+def _can_pin(window: Window) -> bool:
+    """Whether ``window`` may become the baseline: at least `MIN_ROWS` rows."""
+    return len(window.vectors) >= MIN_ROWS
+
+
+def _not_pinned(window: Window) -> str:
+    return (
+        f"Baseline not pinned: this window has {len(window.vectors)} rows, under the {MIN_ROWS} a verdict "
+        "needs; later runs keep comparing with the previous baseline"
+    )
 
 
 async def _score_and_write(
@@ -319,8 +336,11 @@ async def _score_and_write(
         pin,
         str(flow_run.get_id() or ""),
     )
+    warnings = [_not_pinned(current_window)] if pin and not _can_pin(current_window) else []
     status: DriftStatus
-    if not scores:
+    if not scores and baseline_path is None:
+        status = INSUFFICIENT  # only asked to pin, and the window was too small for it
+    elif not scores:
         status = "baseline pinned"
     elif scores[0].status == INSUFFICIENT:
         status = INSUFFICIENT
@@ -339,6 +359,7 @@ async def _score_and_write(
         drift_path=drift_path,
         plot_path=plot_path,
         baseline_path=baseline_path,
+        warnings=warnings,
     )
     await _publish(result, current)
     return result
@@ -360,7 +381,7 @@ async def _publish(result: MonitorDriftResult, current: ImageSource) -> None:
     else:
         verdict = "DRIFTED" if result.drifted else "no drift"
         title = f"{verdict}: {sizes} ({result.model} {result.version})"
-    sections = []
+    sections = ["## Warnings\n\n" + "".join(f"- {w}\n" for w in result.warnings)] if result.warnings else []
     if result.scores:
         columns = ["method", "status", "score", "p_value", "alpha", "threshold"]
         sections.append(markdown_table([s.model_dump() for s in result.scores], columns))

@@ -218,3 +218,16 @@ def test_image_windows_embedded_through_the_cache(proxy: FaultProxy, tmp_path: P
     with pytest.raises(InvalidInputError) as refused:
         monitor_drift(str(tmp_path / "today"), out, reference=pe, server=proxy.url, cache_storage=cache)
     assert refused.value.field == "reference" and proxy.count() == sent
+
+
+def test_a_window_too_small_for_a_verdict_is_not_pinned_as_the_baseline(tmp_path: Path) -> None:
+    """One quiet day of 3 images must not replace the baseline every later run compares with."""
+    same, shifted = _directions(5)
+    out = tmp_path / "drift"
+    first = monitor_drift(_table(tmp_path / "big.parquet", same, 500, seed=21), str(out), save_baseline=True)
+    small = monitor_drift(_table(tmp_path / "small.parquet", same, 3, seed=22), str(out), save_baseline=True)
+    assert small.baseline_path is None and small.status == "insufficient data"
+    assert small.warnings and "not pinned" in small.warnings[0] and str(MIN_ROWS) in small.warnings[0]
+    later = monitor_drift(_table(tmp_path / "later.parquet", shifted, 300, seed=23), str(out))
+    assert later.reference == first.baseline_path and later.n_reference == 500 and later.status == "drifted"
+    assert len(list((out / "baselines" / "clip" / "ViT-B-16").iterdir())) == 1
