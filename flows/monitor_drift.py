@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
+from prefect import get_run_logger
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
@@ -120,11 +121,14 @@ async def _embed_window(
             raise
         raise InvalidInputError(field, error.reason) from None
     vectors: list[np.ndarray] = []
+    frames = 0
     async for batch in run.process(lambda batch: steps.embed.submit(embedder, batch, cache)):
         vectors.extend(np.asarray(r.embedding, dtype=np.float32) for r in batch.records if r.ok)
+        frames += sum(r.ok and r.frame_index is not None for r in batch.records)
     check_failure_rate(run.images_failed, run.images, max_failure_rate)
     matrix = np.vstack(vectors) if vectors else np.empty((0, 0), np.float32)
-    return Window(checked_vectors(matrix, field, _shown(images)), embedder.family, embedder.version, _shown(images))
+    shown = _shown(images)
+    return Window(checked_vectors(matrix, field, shown), embedder.family, embedder.version, shown, frames)
 
 
 @roboflow_flow(name="monitor-drift", flow_run_name="monitor-drift[{model}]", validate_parameters=True)
@@ -337,6 +341,15 @@ async def _score_and_write(
         str(flow_run.get_id() or ""),
     )
     warnings = [_not_pinned(current_window)] if pin and not _can_pin(current_window) else []
+    for side, window in (("current", current_window), ("reference", reference_window)):
+        if window is not None and window.frames > 1:
+            warnings.append(
+                f"{window.frames} of the {side} window's {len(window.vectors)} rows are video frames: frames "
+                "close in time are near-copies, and the p-values assume independent rows (too many false "
+                "alarms otherwise); keep about one frame per scene (video_sample='scene' or a low video_fps)"
+            )
+    for warning in warnings:
+        get_run_logger().warning(warning)
     status: DriftStatus
     if not scores and baseline_path is None:
         status = INSUFFICIENT  # only asked to pin, and the window was too small for it

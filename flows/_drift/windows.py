@@ -41,6 +41,7 @@ class Window:
     family: str
     version: str
     source: str
+    frames: int = 0  # rows that are frames of a video (near-copies of their neighbours: not independent)
 
     @property
     def dim(self) -> int:
@@ -85,7 +86,7 @@ def _row_groups(part: str, field: str) -> Iterator[pa.Table]:
         missing = [c for c in TABLE_COLUMNS if c not in names]
         if missing:
             raise InvalidInputError(field, f"{part} lacks column(s) {missing}")
-        columns = [*TABLE_COLUMNS, *(["status"] if "status" in names else [])]
+        columns = [*TABLE_COLUMNS, *(c for c in ("status", "frame_index") if c in names)]
         for group in range(file.num_row_groups):
             yield file.read_row_group(group, columns=columns)
     except (OSError, pa.ArrowInvalid) as error:
@@ -106,12 +107,15 @@ def _read_table(spec: str, field: str) -> Window:
     pairs: set[tuple[str, str]] = set()
     lengths: set[int] = set()
     blocks: list[np.ndarray] = []
+    frames = 0
     for part in _parts(spec):
         for table in _row_groups(part, field):
             if "status" in table.schema.names:
                 table = table.filter(pc.equal(table.column("status"), "ok"))
             if not table.num_rows:
                 continue
+            if "frame_index" in table.schema.names:
+                frames += table.num_rows - table.column("frame_index").null_count
             names = table.select(["model", "version"]).group_by(["model", "version"]).aggregate([])
             pairs |= {(str(p["model"]), str(p["version"])) for p in names.to_pylist()}
             embedding = table.column("embedding")
@@ -137,7 +141,7 @@ def _read_table(spec: str, field: str) -> Window:
         end -= len(block)
     del block
     family, version = families.pop()
-    return Window(checked_vectors(vectors, field, spec), family, version, spec)
+    return Window(checked_vectors(vectors, field, spec), family, version, spec, frames)
 
 
 def _read_index(spec: str, field: str) -> Window:

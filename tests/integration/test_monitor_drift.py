@@ -231,3 +231,24 @@ def test_a_window_too_small_for_a_verdict_is_not_pinned_as_the_baseline(tmp_path
     later = monitor_drift(_table(tmp_path / "later.parquet", shifted, 300, seed=23), str(out))
     assert later.reference == first.baseline_path and later.n_reference == 500 and later.status == "drifted"
     assert len(list((out / "baselines" / "clip" / "ViT-B-16").iterdir())) == 1
+
+
+def test_a_window_of_video_frames_is_warned_that_its_rows_are_not_independent(tmp_path: Path) -> None:
+    from prefect_roboflow.flows._outputs.tables import video_schema
+
+    same, _ = _directions(6)
+    reference = _table(tmp_path / "reference.parquet", same, 200, seed=31)
+    rows = pq.read_table(_table(tmp_path / "photos.parquet", same, 40, seed=32)).to_pylist()
+    schema = video_schema(EMBEDDINGS_SCHEMA)
+    frames = [
+        {**r, "image_ref": f"cam.mp4#frame={i}", "frame_index": i, "frame_time_s": i / 2} if i < 30 else
+        {**r, "frame_index": None, "frame_time_s": None}
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(frames, schema=schema), tmp_path / "frames.parquet")
+    result = monitor_drift(str(tmp_path / "frames.parquet"), str(tmp_path / "drift"), reference=reference)
+    assert result.status in {"no drift", "drifted"}  # a verdict, with the warning beside it
+    (warning,) = result.warnings
+    assert "30 of the current window's 40 rows are video frames" in warning and "independent" in warning
+    photos = monitor_drift(str(tmp_path / "photos.parquet"), str(tmp_path / "drift"), reference=reference)
+    assert photos.warnings == []
