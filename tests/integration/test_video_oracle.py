@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -173,31 +174,37 @@ def _sorted_rows(table: object) -> list[dict]:
     return sorted(rows, key=lambda r: (r["image_ref"], r["frame_index"] or -1, r.get("detection_index") or -1))
 
 
-def test_a_fanned_out_run_writes_the_tables_and_counts_of_a_plain_run(
-    stub: SceneStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _shards_run_here(monkeypatch: pytest.MonkeyPatch, flow: Any) -> list[dict]:
+    """Fan-out's shard runs in this process, as a work pool's worker would run them: the parameters
+    of each are collected in the list returned."""
     from types import SimpleNamespace
 
     from prefect_roboflow.flows._run import fanout
 
+    shards: list[dict] = []
+
+    async def run_shard_here(deployment: str, parameters: dict, **_: object) -> SimpleNamespace:
+        shards.append(parameters)
+        state = await flow(**parameters, return_state=True)
+        return SimpleNamespace(state=state, name=f"shard-{parameters['shard']['index']}")
+
+    async def a_deployment(plan: object) -> str:
+        return "a-flow/here"
+
+    monkeypatch.setattr(fanout, "arun_deployment", run_shard_here)
+    monkeypatch.setattr(fanout, "_deployment", a_deployment)
+    return shards
+
+
+def test_a_fanned_out_run_writes_the_tables_and_counts_of_a_plain_run(
+    stub: SceneStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     video = str(_phone_video(tmp_path / "phone.mov"))
     photos = [str(_photo(tmp_path / f"photo-{o}.jpg", o)) for o in (3, 6, 8)]
     images = [photos[0], photos[1], video, photos[2]]  # shard 0: photos only; shard 1: the video and a photo
     kwargs = {"server": stub.url, "confidence": 0.5, "batch_size": 2, "video_fps": 0.5, "video_sample": "fps"}
     plain = detect_crop_classify(images, _example(tmp_path), LABELS, str(tmp_path / "plain"), **kwargs)
-    shards: list[dict] = []
-
-    async def run_shard_here(deployment: str, parameters: dict, **_: object) -> SimpleNamespace:
-        """A work pool's worker, in this process: the shard run of the deployment's flow."""
-        shards.append(parameters)
-        state = await detect_crop_classify(**parameters, return_state=True)
-        return SimpleNamespace(state=state, name=f"shard-{parameters['shard']['index']}")
-
-    async def a_deployment(plan: object) -> str:
-        return "detect-crop-classify/here"
-
-    monkeypatch.setattr(fanout, "arun_deployment", run_shard_here)
-    monkeypatch.setattr(fanout, "_deployment", a_deployment)
+    shards = _shards_run_here(monkeypatch, detect_crop_classify)
     fanned = detect_crop_classify(
         images, _example(tmp_path), LABELS, str(tmp_path / "fanned"), fan_out={"shard_size": 2}, **kwargs
     )
@@ -244,10 +251,8 @@ def test_every_batch_flow_fanned_out_writes_one_schema_and_the_rows_of_a_plain_r
 ) -> None:
     """A photo-only shard writes the video columns too when the job has a video (pandas, pyarrow
     and duckdb read a folder with one part's schema); the shards sample as the parent was told."""
-    from types import SimpleNamespace
-
     from prefect_roboflow import flows
-    from prefect_roboflow.flows._run import fanout, totals
+    from prefect_roboflow.flows._run import totals
 
     flow = getattr(flows, flow_name)
     stem = {"embed_images": "embeddings", "classify_images": "classifications"}[flow_name]
@@ -257,18 +262,7 @@ def test_every_batch_flow_fanned_out_writes_one_schema_and_the_rows_of_a_plain_r
     images = [photos[0], photos[1], video, photos[2]]  # shard 0: photos only; shard 1: the video and a photo
     kwargs = {"server": stub.url, "batch_size": 2, "video_fps": 0.5, "video_sample": "fps", **extra}
     plain = flow(images, out_dir=str(tmp_path / "plain"), **kwargs)
-    shards: list[dict] = []
-
-    async def run_shard_here(deployment: str, parameters: dict, **_: object) -> SimpleNamespace:
-        shards.append(parameters)
-        state = await flow(**parameters, return_state=True)
-        return SimpleNamespace(state=state, name=f"shard-{parameters['shard']['index']}")
-
-    async def a_deployment(plan: object) -> str:
-        return f"{flow_name}/here"
-
-    monkeypatch.setattr(fanout, "arun_deployment", run_shard_here)
-    monkeypatch.setattr(fanout, "_deployment", a_deployment)
+    shards = _shards_run_here(monkeypatch, flow)
     events: list[tuple[str, dict]] = []
     monkeypatch.setattr(totals, "emit_completed", lambda key, payload: events.append((key, payload)))
     flow(images, out_dir=str(tmp_path / "fanned"), fan_out={"shard_size": 2}, **kwargs)
