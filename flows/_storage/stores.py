@@ -108,14 +108,18 @@ class Store:
         there first. Here: checked and written under a lock of this process (an fsspec file system
         has no conditional write; writers in other processes are not excluded)."""
         with _process_lock(self.ref(rel)):
-            try:
-                current: str | None = self.read_tagged(rel)[1]
-            except FileNotFoundError:
-                current = None
-            if current != tag:
-                return False
-            self.write(rel, data)
-            return True
+            return self._write_if_current(rel, data, tag)
+
+    def _write_if_current(self, rel: str, data: bytes, tag: str | None) -> bool:
+        """`write_if`'s check and write, for a caller holding the lock that makes them one step."""
+        try:
+            current: str | None = self.read_tagged(rel)[1]
+        except FileNotFoundError:
+            current = None
+        if current != tag:
+            return False
+        self.write(rel, data)
+        return True
 
     def modified(self, folder: str) -> dict[str, float]:
         """The files directly in a folder, by name, with when each was last written (seconds
@@ -220,14 +224,7 @@ class LocalStore(_WalkedStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.parent / f".{path.name}{LOCK_SUFFIX}", "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released on close, or when the process dies
-            try:
-                current: str | None = self.read_tagged(rel)[1]
-            except FileNotFoundError:
-                current = None
-            if current != tag:
-                return False
-            self.write(rel, data)
-            return True
+            return self._write_if_current(rel, data, tag)
 
     def modified(self, folder: str) -> dict[str, float]:
         times = {}
