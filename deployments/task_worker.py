@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 #: Deliveries one worker runs at once (Prefect's default for a task worker).
 DEFAULT_LIMIT = 10
-#: How long the receiver keeps trying a busy Prefect server (503, 429) before answering 503 itself.
+#: How long the receiver keeps trying a busy Prefect server (503, 429, 500) before answering 503 itself.
 BUSY_RETRY_SECONDS = 30.0
 T = TypeVar("T")
 #: The receiver's state folder, shared with the workers (``webhook.py --state``).
@@ -147,18 +147,17 @@ class TaskPath:
     def __init__(self, state: str | None = None, grace: float = 30.0, stale: float = 600.0) -> None:
         self.journal = Journal(journal_folder(state))
         self.sweeper = Sweeper(self.journal, self.state_of, self.submit, self.mark, grace=grace, stale=stale)
-        self._client: PrefectClient | None = None
-        self._store: ResultStore | None = None
-        self._settings: SettingsContext
-        self._no_retries: Settings
-
-    async def __aenter__(self) -> TaskPath:
-        from prefect.client.orchestration import get_client
         from prefect.context import get_settings_context
         from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
-        self._settings = get_settings_context()
-        self._no_retries = self._settings.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+        self._client: PrefectClient | None = None
+        self._store: ResultStore | None = None
+        self._settings: SettingsContext = get_settings_context()
+        self._no_retries: Settings = self._settings.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+
+    async def __aenter__(self) -> TaskPath:
+        from prefect.client.orchestration import get_client
+
         self._client = get_client()
         await self._client.__aenter__()
         return self
@@ -212,12 +211,13 @@ class TaskPath:
 
     async def _busy_retried(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, tried again at once (50 ms doubling to 1 s, with jitter) while Prefect answers
-        503 or 429 or the connection fails, for up to `BUSY_RETRY_SECONDS`.
+        503, 429 or 500 or the connection fails, for up to `BUSY_RETRY_SECONDS`.
 
         A SQLite-backed Prefect server answers 503 when two writers collide (the receiver's runs,
         the workers' states and logs, its own services); Prefect's client waits 2, 4, 8... seconds
         before trying again, which made a burst of 20 deliveries take up to 29 s to be answered.
-        The call creates a run with a fixed id and key, so trying it again cannot make a second one.
+        A loaded server also answers an occasional 500 (seen on PostgreSQL, with the load average at
+        18). The call creates a run with a fixed id and key, so trying it again cannot make a second one.
         """
         import httpx
         from prefect.context import SettingsContext
@@ -229,7 +229,7 @@ class TaskPath:
                 try:
                     return await call()
                 except (PrefectHTTPStatusError, httpx.TransportError) as exc:
-                    busy = not isinstance(exc, PrefectHTTPStatusError) or exc.response.status_code in (429, 503)
+                    busy = not isinstance(exc, PrefectHTTPStatusError) or exc.response.status_code in (429, 500, 503)
                     if not busy or time.monotonic() > deadline:
                         raise
             await asyncio.sleep(pause * random.uniform(0.5, 1.5))

@@ -1,6 +1,7 @@
 """The webhook's task path end to end: the receiver (``webhook.py --via task-worker``), a Prefect
-task worker (``serve.py --task-worker``) and a real ``prefect server start``, all on loopback, the
-worker's inference server behind a fault proxy so that a test can hold a request mid-flight.
+task worker (``serve.py --task-worker``) and a real ``prefect server start`` on PostgreSQL, all on
+loopback, the worker's inference server behind a fault proxy so that a test can hold a request
+mid-flight.
 
 Proves: a signed delivery is answered 202 with its task run, which the worker runs through the
 public steps into ``delivery-<id>.parquet``, the embeddings those of the `Clip` block for the same
@@ -17,6 +18,8 @@ against a clock the test sets, with real files and real locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -49,6 +52,7 @@ from _e2e import (
 from journal import Entry, Journal, Sweeper
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image, make_scene
+from support.postgres import postgres_cluster
 
 # --- the processes ------------------------------------------------------------------------------
 
@@ -111,24 +115,33 @@ class TaskPathStack:
 
 @pytest.fixture(scope="module")
 def task_path(prefect_server: PrefectServer, inference_url: str, e2e_root: Path) -> Iterator[TaskPathStack]:
-    """A task worker (through a fault proxy) and a receiver handing off to it, sweeping every second."""
+    """A task worker (through a fault proxy) and a receiver handing off to it, sweeping every second,
+    on a Prefect server of their own backed by PostgreSQL.
+
+    PostgreSQL, as `deployments/README.md` asks of a task path taking bursts: on the session's
+    SQLite-backed server (shared with serve.py), a loaded CI machine kept the database locked past
+    the receiver's `BUSY_RETRY_SECONDS`, and deliveries of the 20 posted at once were answered 503.
+    The worker and the receiver keep the session server's PREFECT_HOME, where the content cache is,
+    so that detect_crop_classify on the task path can be compared with the deployment path's run.
+    """
     root = e2e_root / "task-path"
     root.mkdir()
-    proxy = FaultProxy(inference_url).start()
-    worker = TaskWorker.start(prefect_server, root, root / "out", root / "state", proxy.url)
-    stack = None
-    try:
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(postgres_cluster())
+        own = PrefectServer.start(
+            root, PREFECT_API_DATABASE_CONNECTION_URL=database.url, PREFECT_LOGGING_LEVEL="WARNING"
+        )
+        stack.callback(own.process.stop)
+        server = dataclasses.replace(own, home=prefect_server.home)  # its API; the session's files
+        proxy = stack.enter_context(FaultProxy(inference_url))
+        path: TaskPathStack | None = None
+        worker = TaskWorker.start(server, root, root / "out", root / "state", proxy.url)
+        stack.callback(lambda: (path.worker if path else worker).process.stop(grace=30))  # as replaced
         options = ("--via", "task-worker", "--state", str(worker.state), "--sweep", "1")
-        receiver = WebhookReceiver.start(prefect_server, root, *options)
-        stack = TaskPathStack(root, worker, receiver, proxy, prefect_server)
-        yield stack
-    finally:
-        if stack is not None:
-            stack.receiver.process.stop()
-            stack.worker.process.stop(grace=30)  # the kill test may have replaced the worker
-        else:
-            worker.process.stop()
-        proxy.stop()
+        receiver = WebhookReceiver.start(server, root, *options)
+        stack.callback(receiver.process.stop)
+        path = TaskPathStack(root, worker, receiver, proxy, server)
+        yield path
 
 
 def _new_images(folder: Path, count: int, seed: int) -> list[str]:
@@ -576,3 +589,31 @@ def test_the_receiver_answers_202_with_the_task_run_or_503_when_it_cannot_hand_o
     assert answer.status_code == 202
     assert answer.json() == {"delivery_id": "d-7", "task_run_id": "run-1", "flow": "embed_images", "images": 1}
     assert handed == [("d-7", ["a.png"])]
+
+
+@pytest.mark.parametrize(("status", "tries"), [(503, 3), (429, 3), (500, 3), (404, 1), (422, 1)])
+def test_the_receiver_tries_a_busy_prefect_again_and_a_refusal_once(tmp_path: Path, status: int, tries: int) -> None:
+    # creating the run is idempotent (a fixed id and key), so busy answers are tried again at once;
+    # an answer that says the request is wrong is raised on the first
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+    from task_worker import TaskPath
+
+    calls = []
+
+    async def call() -> str:
+        calls.append(status)
+        if len(calls) < 3:
+            request = httpx.Request("POST", "http://prefect/api/task_runs/")
+            raise PrefectHTTPStatusError.from_httpx_error(
+                httpx.HTTPStatusError("no", request=request, response=httpx.Response(status, request=request))
+            )
+        return "run"
+
+    tried = TaskPath(str(tmp_path))._busy_retried(call)
+    if tries == 1:
+        with pytest.raises(PrefectHTTPStatusError):
+            asyncio.run(tried)
+    else:
+        assert asyncio.run(tried) == "run"
+    assert len(calls) == tries
