@@ -61,7 +61,7 @@ from .._storage.listing import is_video
 from .artifacts import markdown_table
 from .totals import RunTotals
 
-__all__ = ["FanOut", "FannedOut", "Shard", "fan_out", "has_video"]
+__all__ = ["FanOut", "FannedOut", "Shard", "fan_out"]
 
 SHARDS_FOLDER = "_shards"
 POLL_SECONDS = 2.0
@@ -214,12 +214,6 @@ class FannedOut(RunTotals):
         return [("shards", f"Shards of this {self.flow_key} run.", [o.row() for o in self._outcomes])]
 
 
-def has_video(images: ImageSource) -> bool:
-    """Whether a job's source names a video (listed until one is met): its tables then have the
-    video columns, in every shard's part."""
-    return any(is_video(ref) for ref in iter_image_refs(images))
-
-
 async def fan_out(
     flow_key: str,
     images: ImageSource,
@@ -232,28 +226,45 @@ async def fan_out(
     """Run a flow's job as shards of ``plan.shard_size`` images on a deployment; wait for all.
 
     ``tables`` names the dataset folders a shard writes a part of (stem → schema), its main table
-    first; ``video_tables`` their schemas when the job names a video (`has_video`): every part has
-    the job's one schema. ``settings`` are parameters every shard gets as the parent checked them
-    (e.g. the video sampling), over this run's own.
+    first; ``video_tables`` their schemas when the job names a video: every part has the job's one
+    schema. ``settings`` are parameters every shard gets as the parent checked them (e.g. the video
+    sampling), over this run's own.
+
+    The source is listed once. Each shard starts once its manifest is written and the job's schema
+    is known: at once without ``video_tables``; else from the first manifest that names a video,
+    or, when none does, once the listing has ended (the shards written before wait until then).
 
     Raises:
         InvalidInputError: naming ``fan_out``, when there is no deployment to run the shards on.
     """
     deployment = await _deployment(plan)
-    videos = video_tables is not None and await asyncio.to_thread(has_video, images)
-    if videos and video_tables is not None:
-        tables = video_tables
-    job = _Job(deployment, {**_job_parameters(), **(settings or {})}, out, tables, plan.retries)
+    parameters = {**_job_parameters(), **(settings or {})}
+    schemas = {False: tables, True: video_tables or tables}  # the job's, by whether it has a video
+    jobs = {v: _Job(deployment, parameters, out, schemas[v], plan.retries) for v in (False, True)}
+    videos: bool | None = None if video_tables is not None else False  # None: not known yet
+    held: list[tuple[Shard, int]] = []  # manifests written while it is not known
     shards: list[asyncio.Task[_Outcome]] = []
+
+    def start(videos: bool) -> None:  # the shards held
+        for shard, count in held:
+            shards.append(asyncio.create_task(_run(jobs[videos], shard.model_copy(update={"videos": videos}), count)))
+        held.clear()
+
     try:
-        async for shard, count in _manifests(images, out, plan, videos):  # each starts once its manifest is up
-            shards.append(asyncio.create_task(_run(job, shard, count)))
+        async for shard, count, video in _manifests(images, out, plan):
+            held.append((shard, count))
+            videos = True if videos is None and video else videos
+            if videos is not None:
+                start(videos)
+        videos = bool(videos)  # still None: listed to the end without a video
+        start(videos)
         outcomes = list(await asyncio.gather(*shards))
     except BaseException:
         for task in shards:  # stop waiting on the others; their sub-runs finish on their workers
             task.cancel()
         raise
-    for stem in tables:
+    job = jobs[videos]
+    for stem in job.tables:
         _remove_stale_parts(join(out, stem), len(outcomes))
     fanned = FannedOut(flow_key, job, outcomes)
     fanned.source = images  # the assets' upstream
@@ -296,17 +307,16 @@ def _shard_parameters(job: dict[str, Any], shard: Shard) -> dict[str, Any]:
     return {**job, "images": shard.manifest, "shard": shard.model_dump()}
 
 
-async def _manifests(
-    images: ImageSource, out: str, plan: FanOut, videos: bool = False
-) -> AsyncIterator[tuple[Shard, int]]:
-    """Each shard and its number of references, once its manifest is written (listing in a thread)."""
+async def _manifests(images: ImageSource, out: str, plan: FanOut) -> AsyncIterator[tuple[Shard, int, bool]]:
+    """Each shard, its number of references and whether one is a video, once its manifest is
+    written (the source listed once, in a thread)."""
     refs = iter_image_refs(images)
     index = 0
     while chunk := await asyncio.to_thread(_take, refs, plan.shard_size):
-        shard = Shard(index=index, manifest=_shards_file(out, index, "json"), videos=videos)
+        shard = Shard(index=index, manifest=_shards_file(out, index, "json"))
         await asyncio.to_thread(write_bytes, shard.manifest, json.dumps(chunk).encode())
         await asyncio.to_thread(_forget_result, out, index)
-        yield shard, len(chunk)
+        yield shard, len(chunk), any(is_video(ref) for ref in chunk)
         index += 1
 
 
