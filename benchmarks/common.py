@@ -18,10 +18,49 @@ if str(REPO / "tests") not in sys.path:
 from support.fault_proxy import FaultProxy  # noqa: E402
 from support.images import make_image, make_scene  # noqa: E402
 
-__all__ = ["FaultProxy", "LatencyProxy", "Run", "Table", "generate_images", "generate_scenes", "ratio", "verdict"]
+__all__ = [
+    "FaultProxy",
+    "LatencyProxy",
+    "Run",
+    "Table",
+    "descendants",
+    "generate_images",
+    "generate_scenes",
+    "process_cpu",
+    "ratio",
+    "verdict",
+]
 
 #: 50 ms before each forwarded request: a server across a network (benchmark_notes.md).
 NETWORK_LATENCY = 0.05
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds process ``pid`` has used so far, all its threads (from /proc; NaN when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def descendants(root: int) -> set[int]:
+    """The PIDs of ``root``'s children, their children, and so on (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found: set[int] = set()
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
 
 
 def generate_images(folder: Path, count: int, size: tuple[int, int] = (320, 240), first_seed: int = 0) -> list[Path]:
@@ -98,6 +137,12 @@ class ProxyProcess:
         if not answer:
             raise RuntimeError(f"{self.name} exited (code {self._process.poll()})")
         return answer
+
+    @property
+    def pid(self) -> int:
+        """The proxy process's PID."""
+        assert self._process is not None, "use the proxy as a context manager"
+        return self._process.pid
 
     def clear(self) -> None:
         """Restart the proxy's counts."""

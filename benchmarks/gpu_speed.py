@@ -45,7 +45,7 @@ from prefect_roboflow.blocks import Clip, InferenceServer
 
 from .big_photos import generate_photos, photo_folder
 from .clients import bare_httpx, step_table, timed_embed
-from .common import REPO, Table, ratio, verdict
+from .common import REPO, Table, descendants, process_cpu, ratio, verdict
 from .gpu_stub import StubServer
 
 BARE_CONCURRENCY = 16
@@ -108,25 +108,7 @@ def measure(client: str, images: int, stub: StubServer, run: Callable[[], object
 def children_cpu(exclude: int) -> float:
     """CPU seconds used so far by this process's descendants but ``exclude`` (the stub): the
     Prefect server of the test harness, which shares this machine's cores with the stub."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    mine, frontier = set(), [os.getpid()]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in mine]
-        mine.update(children)
-        frontier.extend(children)
-    return sum(cpu[pid] for pid in mine if pid != exclude)
+    return sum(c for pid in descendants(os.getpid()) - {exclude} if (c := process_cpu(pid)) == c)  # NaN: gone
 
 
 # --- images ----------------------------------------------------------------------------------

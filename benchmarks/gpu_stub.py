@@ -317,11 +317,9 @@ class StubServer:
 
     def cpu_seconds(self) -> float:
         """CPU seconds the stub process has used (from /proc; NaN where there is none)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return float("nan")
+        from .common import process_cpu
+
+        return process_cpu(self.pid)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

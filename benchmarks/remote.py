@@ -15,24 +15,37 @@ no setting), each setting keeping its best round, of:
 directly against the server, and through `LatencyProxy` (the tests' fault proxy in its own process,
 50 ms before each forwarded request). The flow's step table gives the limit it ended at and its peak.
 Target: flow ≥ 0.9× the bare loop's best through the proxy; on loopback, no worse than before.
+
+Each run's CPU is counted by process (from /proc): this client process (every thread), the Prefect
+API it records to (the test harness's server process), the proxy and the inference server (its PID
+file from ``deployments/inference_server/up``). On a 2-core machine they all share the cores, so a
+client that spends more CPU per image leaves the server less: the CPU columns say how much of a gap
+that explains. ``--pin`` puts the inference server and the proxy on the last core and the client and
+its Prefect API on the others, as a server on a machine of its own would be (the server then has one
+core: compare ratios within a mode, not rates across modes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import math
 import os
 import statistics
 import tempfile
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Slot
 
 from .clients import bare_httpx, embed_flow, step_table
-from .common import NETWORK_LATENCY, LatencyProxy, Run, Table, generate_images, ratio, verdict
+from .common import NETWORK_LATENCY, LatencyProxy, Run, Table, descendants, generate_images, process_cpu, ratio, verdict
 from .gpu_speed import flow_batch_size
 
 BARE = (4, 8, 16, 32)
@@ -60,6 +73,62 @@ class FastestAnswerLimiter(AdaptiveLimiter):
     @property
     def _fastest(self) -> dict[Hashable, float]:
         return self.__dict__.setdefault("_fastest_seen", {})
+
+
+@dataclass
+class Processes:
+    """The processes a run's CPU is counted in: this client, its Prefect API, the proxy, the server."""
+
+    proxy: int
+    server: int | None
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far, by process (the Prefect API: this process's descendants but the proxy)."""
+        prefect = [process_cpu(pid) for pid in descendants(os.getpid()) - {self.proxy}]
+        return {
+            "client": time.process_time(),
+            "prefect API": sum(c for c in prefect if not math.isnan(c)),
+            "proxy": process_cpu(self.proxy),
+            "server": process_cpu(self.server) if self.server is not None else math.nan,
+        }
+
+
+def server_pid(url: str) -> int | None:
+    """The PID of the inference server ``deployments/inference_server/up`` started on the URL's port."""
+    cache = os.environ.get("PREFECT_ROBOFLOW_CACHE") or os.path.expanduser("~/.cache/prefect-roboflow")
+    for path in glob.glob(f"{cache}/inference-cpu-*/server-{urlsplit(url).port}.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(Path(path).read_text().strip())
+            if os.path.exists(f"/proc/{pid}"):
+                return pid
+    return None
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    for task in os.listdir(f"/proc/{pid}/task"):  # every thread: affinity is per thread
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task), cpus)
+
+
+@contextlib.contextmanager
+def pinned(processes: Processes) -> Iterator[str]:
+    """The server and the proxy on the last core, this process and its Prefect API on the others;
+    everything back on every core afterwards. What it did, for the tables' titles."""
+    every = os.sched_getaffinity(0)
+    if processes.server is None or len(every) < 2:
+        raise SystemExit("--pin needs the inference server's PID file and at least 2 cores")
+    last = {max(every)}
+    client = [os.getpid(), *(descendants(os.getpid()) - {processes.proxy})]
+    try:
+        for pid in (processes.server, processes.proxy):
+            _pin(pid, last)
+        for pid in client:
+            _pin(pid, every - last)
+        yield f"server and proxy pinned to core {max(every)}, the client to {sorted(every - last)}"
+    finally:
+        for pid in (processes.server, processes.proxy, *client):
+            with contextlib.suppress(OSError):
+                _pin(pid, every)
 
 
 def flow_run(url: str, images: Sequence[Path], cache: Path, previous: bool = False) -> tuple[Run, str]:
@@ -90,14 +159,19 @@ def flow_run(url: str, images: Sequence[Path], cache: Path, previous: bool = Fal
     return run, ", ".join(limits)
 
 
-def measure(url: str, images: Sequence[Path], rounds: int, work: Path) -> tuple[dict[str, list[Run]], list[str]]:
+def measure(
+    url: str, images: Sequence[Path], rounds: int, work: Path, processes: Processes
+) -> tuple[dict[str, list[Run]], list[str], dict[str, dict[str, list[float]]]]:
+    """Every setting's runs, the flow's limits, and each setting's CPU seconds per image by process."""
     plan: list[int | str] = [*BARE, "flow", "previous"]
     runs: dict[str, list[Run]] = {}
     limits: list[str] = []
+    cpu: dict[str, dict[str, list[float]]] = {}
     for round_ in range(rounds):
         shift = round_ * len(plan) // rounds
         order = plan[shift:] + plan[:shift]
         for c in order[::-1] if round_ % 2 else order:
+            before = processes.cpu()
             try:
                 if isinstance(c, str):
                     run, seen = flow_run(url, images, work / f"cache-{len(limits)}", previous=c == "previous")
@@ -110,9 +184,14 @@ def measure(url: str, images: Sequence[Path], rounds: int, work: Path) -> tuple[
                     run = Run("embed_images flow", PREVIOUS if c == "previous" else FLOW_SETTING, len(images), math.nan)
                 else:
                     run = Run("bare httpx", f"concurrency {c}", len(images), math.nan, concurrency=c)
-            runs.setdefault(f"{run.client} {run.setting}", []).append(run)
-            print(f"  {run.client} {run.setting}: {run.rate:.1f} img/s", flush=True)
-    return runs, limits
+            after = processes.cpu()
+            name = f"{run.client} {run.setting}"
+            runs.setdefault(name, []).append(run)
+            for process, seconds in after.items():
+                cpu.setdefault(name, {}).setdefault(process, []).append((seconds - before[process]) / len(images))
+            used = ", ".join(f"{k} {1000 * (v - before[k]) / len(images):.2f}" for k, v in after.items())
+            print(f"  {name}: {run.rate:.1f} img/s; CPU ms/img: {used}", flush=True)
+    return runs, limits, cpu
 
 
 def _median(runs: Sequence[Run]) -> float:
@@ -129,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--server", required=True)
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pin", action="store_true", help="the server and proxy on one core, the client on the rest")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -140,34 +220,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         images = generate_images(work / "images", args.n)
         with LatencyProxy(args.server, NETWORK_LATENCY) as proxy:
             embed_flow(args.server, images[:16], work / "warm-cache")  # the process's first flow run, unmeasured
-            for where, url in (("direct", args.server), (f"+{NETWORK_LATENCY * 1000:.0f} ms proxy", proxy.url)):
-                load = os.getloadavg()[0]
-                print(f"{where}:", flush=True)
-                runs, limits = measure(url, images, args.rounds, work / where.replace(" ", "_"))
-                best = {name: max(rs, key=_rate) for name, rs in runs.items()}
-                bare = max((r for n, r in best.items() if n.startswith("bare")), key=_rate)
-                flow = best[f"embed_images flow {FLOW_SETTING}"]
-                table = Table(
-                    f"{where}: {args.n} distinct 320×240 PNGs, best of {args.rounds} interleaved rounds "
-                    f"(load {load:.1f} → {os.getloadavg()[0]:.1f})",
-                    ["client", "setting", "img/s (best)", "median", "all rounds", "× best bare", "median ÷ its"],
-                    note=f"flow's step-table concurrency limit (last/peak) per run: {'; '.join(limits)}",
-                )
-                medians = {name: _median(rs) for name, rs in runs.items()}
-                bare_median = medians[f"{bare.client} {bare.setting}"]
-                for name, rs in runs.items():
-                    r, rates = best[name], ", ".join(f"{x.rate:.1f}" for x in rs)
-                    ratios = (ratio(r.rate, bare.rate), ratio(medians[name], bare_median))
-                    table.add(r.client, r.setting, r.rate, medians[name], rates, *ratios)
-                value = ratio(flow.rate, bare.rate)
-                wanted = f"flow ≥ {TARGET}× bare at its best ({bare.setting})"
-                table.add("target", wanted, f"{value:.2f}×", "", "", verdict(value >= TARGET), "")
-                print(table.text(), flush=True)
-                tables.append(table)
+            processes = Processes(proxy.pid, server_pid(args.server))
+            with pinned(processes) if args.pin else contextlib.nullcontext("all on every core") as placed:
+                for where, url in (("direct", args.server), (f"+{NETWORK_LATENCY * 1000:.0f} ms proxy", proxy.url)):
+                    tables.append(_table(where, url, images, args.rounds, work, processes, placed))
+                    print(tables[-1].text(), flush=True)
     if args.results:
         with args.results.open("a") as out:
             for table in tables:
                 out.write("\n" + table.markdown() + "\n")
+
+
+def _table(
+    where: str, url: str, images: Sequence[Path], rounds: int, work: Path, processes: Processes, placed: str
+) -> Table:
+    load = os.getloadavg()[0]
+    print(f"{where}:", flush=True)
+    runs, limits, cpu = measure(url, images, rounds, work / where.replace(" ", "_"), processes)
+    best = {name: max(rs, key=_rate) for name, rs in runs.items()}
+    bare = max((r for n, r in best.items() if n.startswith("bare")), key=_rate)
+    flow = best[f"embed_images flow {FLOW_SETTING}"]
+    kinds = list(next(iter(cpu.values())))
+    table = Table(
+        f"{where}: {len(images)} distinct 320×240 PNGs, best of {rounds} interleaved rounds "
+        f"(load {load:.1f} → {os.getloadavg()[0]:.1f}; {placed})",
+        ["client", "setting", "img/s (best)", "median", "all rounds", "× best bare", "median ÷ its"]
+        + [f"{kind} CPU ms/img" for kind in kinds]
+        + ["all CPU ms/img"],
+        note=f"CPU: medians over the rounds. The flow's concurrency limit (last/peak) per run: {'; '.join(limits)}",
+    )
+    medians = {name: _median(rs) for name, rs in runs.items()}
+    bare_median = medians[f"{bare.client} {bare.setting}"]
+    for name, rs in runs.items():
+        r, rates = best[name], ", ".join(f"{x.rate:.1f}" for x in rs)
+        ratios = (ratio(r.rate, bare.rate), ratio(medians[name], bare_median))
+        used = [1000 * statistics.median(cpu[name][kind]) for kind in kinds]
+        table.add(r.client, r.setting, r.rate, medians[name], rates, *ratios, *used, sum(u for u in used if u == u))
+    value = ratio(flow.rate, bare.rate)
+    wanted = f"flow ≥ {TARGET}× bare at its best ({bare.setting})"
+    table.add("target", wanted, f"{value:.2f}×", "", "", verdict(value >= TARGET), "", *[""] * (len(kinds) + 1))
+    return table
 
 
 if __name__ == "__main__":
