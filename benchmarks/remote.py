@@ -16,6 +16,12 @@ directly against the server, and through `LatencyProxy` (the tests' fault proxy 
 50 ms before each forwarded request). The flow's step table gives the limit it ended at and its peak.
 Target: flow ≥ 0.9× the bare loop's best through the proxy; on loopback, no worse than before.
 
+The bare loop's best fixed concurrency is the setting with the highest median over the rounds, and
+the target compares medians: the flow's against that setting's. The best single round of the bare
+loop is the highest of 4 settings × ``rounds`` draws, the flow's of ``rounds``: on this shared
+machine a setting's best round stood 12-20% above its own median, so best against best mostly
+measures which side drew more often. Both ratios are in the table.
+
 Each run's CPU is counted by process (from /proc): this client process (every thread), the Prefect
 API it records to (the test harness's server process), the proxy and the inference server (its PID
 file from ``deployments/inference_server/up``). On a 2-core machine they all share the cores, so a
@@ -238,27 +244,29 @@ def _table(
     print(f"{where}:", flush=True)
     runs, limits, cpu = measure(url, images, rounds, work / where.replace(" ", "_"), processes)
     best = {name: max(rs, key=_rate) for name, rs in runs.items()}
-    bare = max((r for n, r in best.items() if n.startswith("bare")), key=_rate)
-    flow = best[f"embed_images flow {FLOW_SETTING}"]
+    medians = {name: _median(rs) for name, rs in runs.items()}
+    chosen = max(
+        (n for n in runs if n.startswith("bare")), key=lambda n: -math.inf if math.isnan(medians[n]) else medians[n]
+    )
+    bare, bare_median = best[chosen], medians[chosen]
+    flow_name = f"embed_images flow {FLOW_SETTING}"
     kinds = list(next(iter(cpu.values())))
     table = Table(
         f"{where}: {len(images)} distinct 320×240 PNGs, best of {rounds} interleaved rounds "
         f"(load {load:.1f} → {os.getloadavg()[0]:.1f}; {placed})",
-        ["client", "setting", "img/s (best)", "median", "all rounds", "× best bare", "median ÷ its"]
+        ["client", "setting", "img/s (best)", "median", "all rounds", "best ÷ its best", "median ÷ its median"]
         + [f"{kind} CPU ms/img" for kind in kinds]
         + ["all CPU ms/img"],
         note=f"CPU: medians over the rounds. The flow's concurrency limit (last/peak) per run: {'; '.join(limits)}",
     )
-    medians = {name: _median(rs) for name, rs in runs.items()}
-    bare_median = medians[f"{bare.client} {bare.setting}"]
     for name, rs in runs.items():
         r, rates = best[name], ", ".join(f"{x.rate:.1f}" for x in rs)
         ratios = (ratio(r.rate, bare.rate), ratio(medians[name], bare_median))
         used = [1000 * statistics.median(cpu[name][kind]) for kind in kinds]
         table.add(r.client, r.setting, r.rate, medians[name], rates, *ratios, *used, sum(u for u in used if u == u))
-    value = ratio(flow.rate, bare.rate)
-    wanted = f"flow ≥ {TARGET}× bare at its best ({bare.setting})"
-    table.add("target", wanted, f"{value:.2f}×", "", "", verdict(value >= TARGET), "", *[""] * (len(kinds) + 1))
+    value = ratio(medians[flow_name], bare_median)
+    wanted = f"flow's median ≥ {TARGET}× the bare loop's at its best ({bare.setting})"
+    table.add("target", wanted, f"{value:.2f}×", "", "", "", verdict(value >= TARGET), *[""] * (len(kinds) + 1))
     return table
 
 
