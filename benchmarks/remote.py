@@ -19,8 +19,8 @@ Target: flow ≥ 0.9× the bare loop's best through the proxy; on loopback, no w
 The bare loop's best fixed concurrency is the setting with the highest median over the rounds, and
 the target compares medians: the flow's against that setting's. The best single round of the bare
 loop is the highest of 4 settings × ``rounds`` draws, the flow's of ``rounds``: on this shared
-machine a setting's best round stood 12-20% above its own median, so best against best mostly
-measures which side drew more often. Both ratios are in the table.
+machine the chosen setting's best round stood 4-20% above its own median, so best against best
+partly measures which side drew more often. Both ratios are in the table.
 
 Each run's CPU is counted by process (from /proc): this client process (every thread), the Prefect
 API it records to (the test harness's server process), the proxy and the inference server (its PID
@@ -89,52 +89,70 @@ class Processes:
     server: int | None
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far, by process (the Prefect API: this process's descendants but the proxy)."""
+        """CPU seconds so far, by process (the Prefect API: this process's descendants but the proxy,
+        i.e. the test harness's server; NaN when PREFECT_API_URL names a server of its own)."""
         prefect = [process_cpu(pid) for pid in descendants(os.getpid()) - {self.proxy}]
         return {
             "client": time.process_time(),
-            "prefect API": sum(c for c in prefect if not math.isnan(c)),
+            "prefect API": math.nan if _own_api() else sum(c for c in prefect if not math.isnan(c)),
             "proxy": process_cpu(self.proxy),
             "server": process_cpu(self.server) if self.server is not None else math.nan,
         }
 
 
+def _own_api() -> bool:
+    """Whether the flows record to a Prefect server named by PREFECT_API_URL (not this process's child)."""
+    return bool(os.environ.get("PREFECT_API_URL")) and not descendants(os.getpid())
+
+
 def server_pid(url: str) -> int | None:
-    """The PID of the inference server ``deployments/inference_server/up`` started on the URL's port."""
+    """The PID of the inference server ``deployments/inference_server/up`` started on the URL's port
+    (its PID file, checked against the process's command line, as ``up`` checks it)."""
+    port = urlsplit(url).port
     cache = os.environ.get("PREFECT_ROBOFLOW_CACHE") or os.path.expanduser("~/.cache/prefect-roboflow")
-    for path in glob.glob(f"{cache}/inference-cpu-*/server-{urlsplit(url).port}.pid"):
+    for path in glob.glob(f"{cache}/inference-cpu-*/server-{port}.pid"):
         with contextlib.suppress(OSError, ValueError):
             pid = int(Path(path).read_text().strip())
-            if os.path.exists(f"/proc/{pid}"):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if f"{port}".encode() in command and any(b"launcher.py" in arg for arg in command):
                 return pid
     return None
 
 
-def _pin(pid: int, cpus: set[int]) -> None:
-    for task in os.listdir(f"/proc/{pid}/task"):  # every thread: affinity is per thread
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(task), cpus)
+def _threads(pid: int) -> list[int]:
+    return [int(task) for task in os.listdir(f"/proc/{pid}/task")]  # affinity is per thread
 
 
 @contextlib.contextmanager
 def pinned(processes: Processes) -> Iterator[str]:
     """The server and the proxy on the last core, this process and its Prefect API on the others;
-    everything back on every core afterwards. What it did, for the tables' titles."""
+    every thread's own mask back afterwards. What it did, for the tables' titles.
+
+    Raises:
+        SystemExit: when there is no server PID or one core, or a mask cannot be set.
+    """
     every = os.sched_getaffinity(0)
     if processes.server is None or len(every) < 2:
         raise SystemExit("--pin needs the inference server's PID file and at least 2 cores")
     last = {max(every)}
     client = [os.getpid(), *(descendants(os.getpid()) - {processes.proxy})]
+    plan = [(pid, last) for pid in (processes.server, processes.proxy)] + [(pid, every - last) for pid in client]
+    saved: dict[int, set[int]] = {}
     try:
-        for pid in (processes.server, processes.proxy):
-            _pin(pid, last)
-        for pid in client:
-            _pin(pid, every - last)
+        try:
+            for pid, cpus in plan:
+                for thread in _threads(pid):
+                    saved.setdefault(thread, os.sched_getaffinity(thread))
+                    os.sched_setaffinity(thread, cpus)
+                    if os.sched_getaffinity(thread) != cpus:
+                        raise SystemExit(f"--pin: thread {thread} of {pid} did not take the mask {sorted(cpus)}")
+        except OSError as exc:
+            raise SystemExit(f"--pin: {exc}") from exc
         yield f"server and proxy pinned to core {max(every)}, the client to {sorted(every - last)}"
     finally:
-        for pid in (processes.server, processes.proxy, *client):
-            with contextlib.suppress(OSError):
-                _pin(pid, every)
+        for thread, cpus in saved.items():
+            with contextlib.suppress(OSError):  # a thread that has ended
+                os.sched_setaffinity(thread, cpus)
 
 
 def flow_run(url: str, images: Sequence[Path], cache: Path, previous: bool = False) -> tuple[Run, str]:
@@ -193,16 +211,22 @@ def measure(
             after = processes.cpu()
             name = f"{run.client} {run.setting}"
             runs.setdefault(name, []).append(run)
-            for process, seconds in after.items():
-                cpu.setdefault(name, {}).setdefault(process, []).append((seconds - before[process]) / len(images))
-            used = ", ".join(f"{k} {1000 * (v - before[k]) / len(images):.2f}" for k, v in after.items())
-            print(f"  {name}: {run.rate:.1f} img/s; CPU ms/img: {used}", flush=True)
+            for process, seconds in after.items():  # a failed round's, or a negative one (a process gone): NaN
+                per_image = (seconds - before[process]) / len(images)
+                kept = math.nan if math.isnan(run.rate) or per_image < 0 else per_image
+                cpu.setdefault(name, {}).setdefault(process, []).append(kept)
+            shown = ", ".join(f"{k} {1000 * (v - before[k]) / len(images):.2f}" for k, v in after.items())
+            print(f"  {name}: {run.rate:.1f} img/s; CPU ms/img: {shown}", flush=True)
     return runs, limits, cpu
 
 
 def _median(runs: Sequence[Run]) -> float:
-    rates = [r.rate for r in runs if not math.isnan(r.rate)]
-    return statistics.median(rates) if rates else math.nan
+    return _nanmedian([r.rate for r in runs])
+
+
+def _nanmedian(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.median(kept) if kept else math.nan
 
 
 def _rate(run: Run) -> float:
@@ -262,7 +286,7 @@ def _table(
     for name, rs in runs.items():
         r, rates = best[name], ", ".join(f"{x.rate:.1f}" for x in rs)
         ratios = (ratio(r.rate, bare.rate), ratio(medians[name], bare_median))
-        used = [1000 * statistics.median(cpu[name][kind]) for kind in kinds]
+        used = [1000 * _nanmedian(cpu[name][kind]) for kind in kinds]
         table.add(r.client, r.setting, r.rate, medians[name], rates, *ratios, *used, sum(u for u in used if u == u))
     value = ratio(medians[flow_name], bare_median)
     wanted = f"flow's median ≥ {TARGET}× the bare loop's at its best ({bare.setting})"

@@ -51,8 +51,10 @@ if TYPE_CHECKING:
 
 #: Deliveries one worker runs at once (Prefect's default for a task worker).
 DEFAULT_LIMIT = 10
-#: How long the receiver keeps trying a busy Prefect server (503, 429, 500) before answering 503 itself.
+#: How long the receiver keeps trying a busy Prefect server (503, 429) before answering 503 itself.
 BUSY_RETRY_SECONDS = 30.0
+#: How many times in all it sends a request Prefect answers 500 (an overload, or a bug that stays).
+TRIES_ON_500 = 3
 T = TypeVar("T")
 #: The receiver's state folder, shared with the workers (``webhook.py --state``).
 STATE_ENV = "PREFECT_ROBOFLOW_WEBHOOK_STATE"
@@ -217,19 +219,22 @@ class TaskPath:
         the workers' states and logs, its own services); Prefect's client waits 2, 4, 8... seconds
         before trying again, which made a burst of 20 deliveries take up to 29 s to be answered.
         A loaded server also answers an occasional 500 (seen on PostgreSQL, with the load average at
-        18). The call creates a run with a fixed id and key, so trying it again cannot make a second one.
+        18): that is tried `TRIES_ON_500` times in all, as a 500 may also be a bug that stays. The call
+        creates a run with a fixed id and key, so trying it again cannot make a second one.
         """
         import httpx
         from prefect.context import SettingsContext
         from prefect.exceptions import PrefectHTTPStatusError
 
-        deadline, pause = time.monotonic() + BUSY_RETRY_SECONDS, 0.05
+        deadline, pause, errors = time.monotonic() + BUSY_RETRY_SECONDS, 0.05, 0
         while True:
             with SettingsContext(profile=self._settings.profile, settings=self._no_retries):
                 try:
                     return await call()
                 except (PrefectHTTPStatusError, httpx.TransportError) as exc:
-                    busy = not isinstance(exc, PrefectHTTPStatusError) or exc.response.status_code in (429, 500, 503)
+                    status = exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
+                    errors += status == 500
+                    busy = status in (None, 429, 503) or (status == 500 and errors < TRIES_ON_500)
                     if not busy or time.monotonic() > deadline:
                         raise
             await asyncio.sleep(pause * random.uniform(0.5, 1.5))
