@@ -136,6 +136,7 @@ def task_path(prefect_server: PrefectServer, inference_url: str, e2e_root: Path)
         proxy = stack.enter_context(FaultProxy(inference_url))
         path: TaskPathStack | None = None
         worker = TaskWorker.start(server, root, root / "out", root / "state", proxy.url)
+        stack.callback(worker.process.stop)  # the first one's group, also when the kill test replaced it
         stack.callback(lambda: (path.worker if path else worker).process.stop(grace=30))  # as replaced
         options = ("--via", "task-worker", "--state", str(worker.state), "--sweep", "1")
         receiver = WebhookReceiver.start(server, root, *options)
