@@ -186,6 +186,17 @@ class PrefectApi:
     def task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
         return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
 
+    def task_run_names(self, flow_run_id: str, count: int, timeout: float = 60) -> list[str]:
+        """The flow run's task run names, sorted, once at least ``count`` are recorded: Prefect's server
+        records task runs from their events, which a loaded server may write after the flow run has
+        ended (a test read 1 of 2 right after the run Completed)."""
+
+        def recorded() -> list[str] | None:
+            names = sorted(t["name"] for t in self.task_runs(flow_run_id))
+            return names if len(names) >= count else None
+
+        return wait_for(recorded, timeout, f"{count} task runs of flow run {flow_run_id}")
+
     def artifacts(self, flow_run_id: str) -> list[dict[str, Any]]:
         return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
 

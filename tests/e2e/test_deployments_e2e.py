@@ -63,7 +63,7 @@ def test_a_signed_webhook_post_runs_embed_images(
     rows = _rows(out / "embeddings.parquet")
     assert [r["image_ref"] for r in rows] == embed_webhook_run.images
     assert all(r["status"] == "ok" and len(r["embedding"]) == 512 for r in rows)
-    names = sorted(t["name"] for t in prefect_server.api.task_runs(run["id"]))
+    names = prefect_server.api.task_run_names(run["id"], 4)
     # the batch tasks, and the task that materialises the run's outputs as assets
     assert names == ["embed-images-assets", *(f"embed[clip ViT-B-16] batch {i}/3" for i in (1, 2, 3))]
 
@@ -187,7 +187,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(
             run = wait_for_triggered_run(api, embed["id"], event_id, 240, worker, prefect_server.process)
             assert run["state_type"] == "COMPLETED", run["state"]
             # the worker ran the async flow under the same names as every other way of calling it
-            names = sorted(t["name"] for t in api.task_runs(run["id"]))
+            names = api.task_run_names(run["id"], 2)
             assert run["name"] == "embed-images[clip]"
             assert names == ["embed-images-assets", "embed[clip ViT-B-16] batch 1/1"]
             rows = _rows(out / "embed-images" / "events" / event_id / "embeddings.parquet")
@@ -240,6 +240,6 @@ def test_run_deployment_runs_a_served_flow(served: Served, prefect_server: Prefe
         )
     assert run.state is not None and run.state.is_completed(), run.state
     assert run.name == "embed-images[clip]"
-    names = sorted(t["name"] for t in prefect_server.api.task_runs(str(run.id)))
+    names = prefect_server.api.task_run_names(str(run.id), 3)
     assert names == ["embed-images-assets", "embed[clip ViT-B-16] batch 1/2", "embed[clip ViT-B-16] batch 2/2"]
     assert [Path(r["image_ref"]).name for r in _rows(out / "embeddings.parquet")] == [f"run_{i}.png" for i in range(3)]
