@@ -189,7 +189,7 @@ class PrefectApi:
     def task_run_names(self, flow_run_id: str, count: int, timeout: float = 60) -> list[str]:
         """The flow run's task run names, sorted, once at least ``count`` are recorded: Prefect's server
         records task runs from their events, which a loaded server may write after the flow run has
-        ended (a test read 1 of 2 right after the run Completed)."""
+        ended (in a CI run, a run's last task run was written 0.1 s after the run was Completed)."""
 
         def recorded() -> list[str] | None:
             names = sorted(t["name"] for t in self.task_runs(flow_run_id))
