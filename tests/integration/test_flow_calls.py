@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from support.fault_proxy import FaultProxy
 from support.images import make_image
+from support.runs import task_runs_of
 
 from prefect_roboflow.flows import EmbedImagesResult, embed_images
 
@@ -28,15 +29,14 @@ def photos(tmp_path: Path) -> str:
     return str(folder)
 
 
-async def _names(flow_run_id: object) -> tuple[str, list[str]]:
-    async with get_client() as client:
-        run = await client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
-        tasks = await client.read_task_runs()
-    return run.name, sorted(t.name for t in tasks if t.flow_run_id == run.id)
-
-
 #: The batch tasks, and the task that materialises the run's outputs as assets.
 NAMES = ["embed-images-assets", "embed[clip ViT-B-16] batch 1/2", "embed[clip ViT-B-16] batch 2/2"]
+
+
+async def _names(flow_run_id: object, task_runs: int = len(NAMES)) -> tuple[str, list[str]]:
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+    return run.name, sorted(t.name for t in await task_runs_of(flow_run_id, task_runs))
 
 
 def test_every_way_of_calling_a_flow(proxy: FaultProxy, photos: str, tmp_path: Path) -> None:

@@ -19,11 +19,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.events.worker import EventsWorker
 from support.fault_proxy import FaultProxy
 from support.images import make_image, make_scene
+from support.runs import task_runs_of
 
 from prefect_roboflow.blocks import Clip, InferenceServer, InvalidInputError, OwlV2, PerceptionEncoder
 from prefect_roboflow.flows import classify_images, detect_crop_classify, embed_images, search_images
@@ -72,31 +73,18 @@ def _table(path: str) -> list[dict]:
 
 
 def _run_details(flow_run_id: UUID, task_runs: int) -> tuple[list[str], dict[str, Any]]:
-    """Task run names and artifacts (by key, or type for unkeyed ones) of a flow run, from the API.
-
-    The server records task runs from their state events after the flow returned (a task run is
-    first stored under a default name, ``<task>-<3 hex>``, its own name arriving with its later
-    states): this waits until it holds ``task_runs`` of them, each in a final state.
-    """
+    """Task run names (once ``task_runs`` are recorded: `task_runs_of`) and artifacts (by key, or type
+    for unkeyed ones) of a flow run, from the API."""
 
     async def read() -> tuple[list[Any], list[Any]]:
+        runs = await task_runs_of(flow_run_id, task_runs)
         async with get_client() as client:
-            task_runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
             artifacts = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
             )
-        return task_runs, artifacts
+        return runs, artifacts
 
-    EventsWorker.drain_all()
-    deadline = time.monotonic() + 60
-    while True:
-        runs, artifacts = asyncio.run(read())
-        recorded = len(runs) >= task_runs and all(r.state is not None and r.state.is_final() for r in runs)
-        if recorded or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    runs, artifacts = asyncio.run(read())
     return sorted(r.name for r in runs), {(a.key or a.type): a for a in artifacts}
 
 

@@ -17,16 +17,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
 from support.cache import cached_entries
 from support.fault_proxy import Fault, FaultProxy
 from support.images import make_image
+from support.runs import task_runs_of
 
 from prefect_roboflow.blocks import InferenceServer, ServerUnreachableError
 from prefect_roboflow.flows import detect_crop_classify, embed_images
@@ -147,16 +145,11 @@ def test_a_flow_whose_every_server_refuses_connections_fails_at_once_with_one_cl
         attempts = [int(m.group(1)) for r in caplog.records if (m := re.search(r"attempt (\d+) on", r.getMessage()))]
         # the grace's backoff (0.25, 0.5, 1, 2 s at least) leaves room for at most 4 retries of a request
         assert max(attempts, default=0) <= 4
-        runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
+        runs = asyncio.run(task_runs_of(state.state_details.flow_run_id, 1))
         assert runs and all(r.run_count <= 1 for r in runs), [(r.name, r.run_count) for r in runs]
         assert not (tmp_path / "out" / "embeddings.parquet").exists() or all(
             r["status"] != "failed" for r in _rows(str(tmp_path / "out" / "embeddings.parquet"))
         )
-
-
-async def _task_runs(flow_run_id: Any) -> list[Any]:
-    async with get_client() as client:
-        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 @pytest.fixture()

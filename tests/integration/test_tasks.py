@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 import supervision as sv
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from support.images import make_image
+from support.runs import task_runs_of
 
 from prefect_roboflow.blocks import Box, Clip, InferenceServer, OwlV2, PerceptionEncoder, ReferenceExample
 from prefect_roboflow.blocks.tasks import compare, detect, embed_images, embed_texts
 
 pytestmark = pytest.mark.server
-
-
-async def _task_run_names(flow_run_id: object) -> list[str]:
-    async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted(r.name for r in runs)
 
 
 async def test_every_task_in_one_flow(server: InferenceServer, image_paths: list[Path]) -> None:
@@ -49,7 +42,7 @@ async def test_every_task_in_one_flow(server: InferenceServer, image_paths: list
     assert texts.shape == (3, 512) and similarities.shape == (3,)
     np.testing.assert_allclose(similarities, pe.compare(images[0], prompts, _sync=True), atol=1e-5)
     assert len(detections) == 4 and all(isinstance(d, sv.Detections) for d in detections)
-    names = await _task_run_names(run_id)
+    names = sorted(r.name for r in await task_runs_of(run_id, 5))
     assert names == sorted(
         [
             "embed_images[clip ViT-B-16] 12 images",
@@ -68,10 +61,7 @@ async def test_task_fails_fast_on_bad_input_without_retrying(server: InferenceSe
 
     state = bad(return_state=True)
     assert state.is_failed()
-    async with get_client() as client:
-        runs = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
+    runs = await task_runs_of(state.state_details.flow_run_id, 1)
     assert len(runs) == 1
     assert runs[0].state is not None and runs[0].state.is_failed()
     assert "CLIP takes at most 75" in str(runs[0].state.message)

@@ -1,9 +1,10 @@
 """What a finished flow run left in the Prefect API, read as a user would in the UI: its markdown
-summary, its logs."""
+summary, its logs, its task runs."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import Any
 from uuid import UUID
@@ -12,9 +13,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import TaskRun
+from prefect.events.worker import EventsWorker
 
 
 def summary_of(state: Any, key: str) -> str:
@@ -48,3 +53,25 @@ def logs_of(state: Any, timeout: float = 60.0) -> list[str]:
         if ended or time.monotonic() > deadline:
             return [log.message for log in logs]
         time.sleep(0.2)
+
+
+async def task_runs_of(flow_run_id: Any, count: int, timeout: float = 60.0) -> list[TaskRun]:
+    """The flow run's task runs, once the API holds at least ``count`` of them, each in a final state.
+
+    Prefect's server records task runs from their events, after the flow run may have returned (in a
+    CI run a run's last task run was written 0.1 s after the run was Completed; a task run is first
+    stored under a default name, its own arriving with a later state). The events this process has
+    queued are sent first. Past ``timeout`` it returns what there is, for the caller's assertion.
+    """
+    drained = EventsWorker.drain_all()  # in a running loop: an awaitable
+    if inspect.isawaitable(drained):
+        await drained
+    deadline = time.monotonic() + timeout
+    while True:
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if len(runs) >= count and all(r.state is not None and r.state.is_final() for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            return runs
+        await asyncio.sleep(0.2)
