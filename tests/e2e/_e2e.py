@@ -187,13 +187,15 @@ class PrefectApi:
         return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
 
     def task_run_names(self, flow_run_id: str, count: int, timeout: float = 60) -> list[str]:
-        """The flow run's task run names, sorted, once at least ``count`` are recorded: Prefect's server
-        records task runs from their events, which a loaded server may write after the flow run has
-        ended (in a CI run, a run's last task run was written 0.1 s after the run was Completed)."""
+        """The flow run's task run names, sorted, once at least ``count`` are recorded, each in a final
+        state: Prefect's server records task runs from their events, which a loaded server may write
+        after the flow run has ended (in a CI run, a run's last task run was written 0.1 s after the
+        run was Completed), a task run's own name arriving with its states (`support.runs.task_runs_of`)."""
 
         def recorded() -> list[str] | None:
-            names = sorted(t["name"] for t in self.task_runs(flow_run_id))
-            return names if len(names) >= count else None
+            runs = self.task_runs(flow_run_id)
+            final = all(t.get("state_type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for t in runs)
+            return sorted(t["name"] for t in runs) if len(runs) >= count and final else None
 
         return wait_for(recorded, timeout, f"{count} task runs of flow run {flow_run_id}")
 
