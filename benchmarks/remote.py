@@ -94,15 +94,10 @@ class Processes:
         prefect = [process_cpu(pid) for pid in descendants(os.getpid()) - {self.proxy}]
         return {
             "client": time.process_time(),
-            "prefect API": math.nan if _own_api() else sum(c for c in prefect if not math.isnan(c)),
+            "prefect API": sum(c for c in prefect if not math.isnan(c)) if prefect else math.nan,
             "proxy": process_cpu(self.proxy),
             "server": process_cpu(self.server) if self.server is not None else math.nan,
         }
-
-
-def _own_api() -> bool:
-    """Whether the flows record to a Prefect server named by PREFECT_API_URL (not this process's child)."""
-    return bool(os.environ.get("PREFECT_API_URL")) and not descendants(os.getpid())
 
 
 def server_pid(url: str) -> int | None:
