@@ -132,22 +132,28 @@ def pinned(processes: Processes) -> Iterator[str]:
     last = {max(every)}
     client = [os.getpid(), *(descendants(os.getpid()) - {processes.proxy})]
     plan = [(pid, last) for pid in (processes.server, processes.proxy)] + [(pid, every - last) for pid in client]
-    saved: dict[int, set[int]] = {}
+    saved: dict[int, set[int]] = {}  # each thread's mask before, and each process's (its main thread's)
     try:
-        try:
-            for pid, cpus in plan:
-                for thread in _threads(pid):
+        for pid, cpus in plan:
+            saved[pid] = os.sched_getaffinity(pid)
+            for thread in _threads(pid):
+                try:
                     saved.setdefault(thread, os.sched_getaffinity(thread))
                     os.sched_setaffinity(thread, cpus)
-                    if os.sched_getaffinity(thread) != cpus:
-                        raise SystemExit(f"--pin: thread {thread} of {pid} did not take the mask {sorted(cpus)}")
-        except OSError as exc:
-            raise SystemExit(f"--pin: {exc}") from exc
+                    taken = os.sched_getaffinity(thread)
+                except ProcessLookupError:  # a thread that ended meanwhile
+                    continue
+                except OSError as exc:
+                    raise SystemExit(f"--pin: thread {thread} of {pid}: {exc}") from exc
+                if taken != cpus:
+                    raise SystemExit(f"--pin: thread {thread} of {pid} did not take the mask {sorted(cpus)}")
         yield f"server and proxy pinned to core {max(every)}, the client to {sorted(every - last)}"
-    finally:
-        for thread, cpus in saved.items():
-            with contextlib.suppress(OSError):  # a thread that has ended
-                os.sched_setaffinity(thread, cpus)
+    finally:  # every thread there is now, those started while pinned included (they took the pinned mask)
+        for pid, _ in plan:
+            with contextlib.suppress(OSError):  # a process that has ended
+                for thread in _threads(pid):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(thread, saved.get(thread, saved.get(pid, every)))
 
 
 def flow_run(url: str, images: Sequence[Path], cache: Path, previous: bool = False) -> tuple[Run, str]:

@@ -213,7 +213,7 @@ class TaskPath:
 
     async def _busy_retried(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, tried again at once (50 ms doubling to 1 s, with jitter) while Prefect answers
-        503, 429 or 500 or the connection fails, for up to `BUSY_RETRY_SECONDS`.
+        503 or 429 or the connection fails, for up to `BUSY_RETRY_SECONDS`, and after a 500 (3 in all).
 
         A SQLite-backed Prefect server answers 503 when two writers collide (the receiver's runs,
         the workers' states and logs, its own services); Prefect's client waits 2, 4, 8... seconds
