@@ -9,8 +9,10 @@ no setting), each setting keeping its best round, of:
 - a bare async httpx loop (`benchmarks.clients.bare_httpx`) at 4, 8, 16 and 32 requests in flight;
 - the ``embed_images`` flow as shipped (``server=URL``: the block's defaults, the adaptive limit),
   a fresh cache and a fresh HTTP engine each run (as a new worker process: its limit starts at 4);
-- the same flow with the limiter as it was before issue 29 (`FastestAnswerLimiter`: no-load latency
-  the fastest answer ever seen, not a round's median), side by side;
+- the same flow with the limiter's decision rule as it was before the path-scaled thresholds
+  (`FixedThresholdLimiter`: ``alpha``/``beta`` of 3/6 whatever the path holds, a shrink on one round's
+  latency, to half at most), and with the limiter as it was before issue 29 (`FastestAnswerLimiter`:
+  that rule, and no-load latency the fastest answer ever seen, not a round's median), side by side;
 
 directly against the server, and through `LatencyProxy` (the tests' fault proxy in its own process,
 50 ms before each forwarded request). The flow's step table gives the limit it ended at and its peak.
@@ -48,7 +50,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Slot
+from prefect_roboflow.blocks._limiter import BASE_SAMPLES, AdaptiveLimiter, Slot
 
 from .clients import bare_httpx, embed_flow, step_table
 from .common import NETWORK_LATENCY, LatencyProxy, Run, Table, descendants, generate_images, process_cpu, ratio, verdict
@@ -56,11 +58,40 @@ from .gpu_speed import flow_batch_size
 
 BARE = (4, 8, 16, 32)
 FLOW_SETTING = "defaults (adaptive)"
-PREVIOUS = "defaults, the previous limiter (side by side)"
 TARGET = 0.9
 
 
-class FastestAnswerLimiter(AdaptiveLimiter):
+class FixedThresholdLimiter(AdaptiveLimiter):
+    """The limiter's decision rule before the thresholds scaled with the path (stop 32's, as shipped
+    at 2b48857), for a side-by-side row: queue above ``beta`` = 6 in one round → shrink to what the
+    path holds plus 6, to half at most."""
+
+    def _end_round(self) -> None:
+        judged = [(latency / self._noload[key], n) for key, latency, n in self._round if key in self._noload]
+        for key, latency, _ in self._round:
+            self._pool.setdefault(key, []).append(latency)
+        for key, pool in self._pool.items():
+            if len(pool) >= BASE_SAMPLES:
+                self._noload[key] = min(statistics.median(pool), self._noload.get(key, math.inf))
+                pool.clear()
+        ratio, in_flight, queue = 1.0, 0.0, 0.0
+        if judged:
+            ratio = statistics.median(r for r, _ in judged)
+            in_flight = statistics.fmean(n for _, n in judged)
+            queue = in_flight * (1 - 1 / ratio)
+        if queue < self.alpha:
+            if self._saturated:
+                self._set(self._grown())
+        else:
+            self._slow_start = False
+            if queue > self.beta and self._limit > self.beta:
+                holds = in_flight / ratio
+                self._set(min(self._limit - 1, max(math.ceil(self._limit / 2), int(holds + self.beta))))
+        self._round.clear()
+        self._saturated = False
+
+
+class FastestAnswerLimiter(FixedThresholdLimiter):
     """The limiter's estimate as it was before issue 29, for a side-by-side row: each round judged
     against the fastest answer ever seen of a kind, not the lowest round median."""
 
@@ -79,6 +110,14 @@ class FastestAnswerLimiter(AdaptiveLimiter):
     @property
     def _fastest(self) -> dict[Hashable, float]:
         return self.__dict__.setdefault("_fastest_seen", {})
+
+
+#: Side-by-side flow settings: the limiter each one runs with.
+VARIANTS: dict[str, type[AdaptiveLimiter]] = {
+    FLOW_SETTING: AdaptiveLimiter,
+    "defaults, the previous limiter (fixed thresholds)": FixedThresholdLimiter,
+    "defaults, the limiter before issue 29": FastestAnswerLimiter,
+}
 
 
 @dataclass
@@ -156,13 +195,13 @@ def pinned(processes: Processes) -> Iterator[str]:
                         os.sched_setaffinity(thread, saved.get(thread, saved.get(pid, every)))
 
 
-def flow_run(url: str, images: Sequence[Path], cache: Path, previous: bool = False) -> tuple[Run, str]:
-    """One flow run on a fresh engine (with the previous limiter: ``previous``); the run and the
-    limit its steps reported (last / peak)."""
+def flow_run(url: str, images: Sequence[Path], cache: Path, setting: str = FLOW_SETTING) -> tuple[Run, str]:
+    """One flow run on a fresh engine, with the limiter of ``setting`` (`VARIANTS`); the run and
+    the limit its steps reported (last / peak)."""
     from prefect_roboflow.blocks import _http
 
     _http.close_engines()
-    _http.AdaptiveLimiter = FastestAnswerLimiter if previous else AdaptiveLimiter  # type: ignore[misc]
+    _http.AdaptiveLimiter = VARIANTS[setting]  # type: ignore[misc]
     limits: list[str] = []
     real = step_table
 
@@ -175,7 +214,6 @@ def flow_run(url: str, images: Sequence[Path], cache: Path, previous: bool = Fal
 
     clients.step_table = noted  # type: ignore[assignment]
     try:
-        setting = PREVIOUS if previous else FLOW_SETTING
         run = embed_flow(url, images, cache, batch_size=flow_batch_size(), setting=setting)
     finally:
         clients.step_table = real  # type: ignore[assignment]
@@ -188,7 +226,7 @@ def measure(
     url: str, images: Sequence[Path], rounds: int, work: Path, processes: Processes
 ) -> tuple[dict[str, list[Run]], list[str], dict[str, dict[str, list[float]]]]:
     """Every setting's runs, the flow's limits, and each setting's CPU seconds per image by process."""
-    plan: list[int | str] = [*BARE, "flow", "previous"]
+    plan: list[int | str] = [*BARE, *VARIANTS]
     runs: dict[str, list[Run]] = {}
     limits: list[str] = []
     cpu: dict[str, dict[str, list[float]]] = {}
@@ -199,14 +237,14 @@ def measure(
             before = processes.cpu()
             try:
                 if isinstance(c, str):
-                    run, seen = flow_run(url, images, work / f"cache-{len(limits)}", previous=c == "previous")
+                    run, seen = flow_run(url, images, work / f"cache-{len(limits)}", setting=c)
                     limits.append(f"{run.setting}: {seen}")
                 else:
                     run = bare_httpx(url, images, c)
             except (httpx.HTTPError, RuntimeError) as exc:  # the shared server dropping a connection: NaN
                 print(f"  run failed: {type(exc).__name__}: {exc}", flush=True)
                 if isinstance(c, str):
-                    run = Run("embed_images flow", PREVIOUS if c == "previous" else FLOW_SETTING, len(images), math.nan)
+                    run = Run("embed_images flow", c, len(images), math.nan)
                 else:
                     run = Run("bare httpx", f"concurrency {c}", len(images), math.nan, concurrency=c)
             after = processes.cpu()
@@ -280,19 +318,26 @@ def _table(
         f"{where}: {len(images)} distinct 320×240 PNGs, best of {rounds} interleaved rounds "
         f"(load {load:.1f} → {os.getloadavg()[0]:.1f}; {placed})",
         ["client", "setting", "img/s (best)", "median", "all rounds", "best ÷ its best", "median ÷ its median"]
+        + ["round by round ÷ its, median"]
         + [f"{kind} CPU ms/img" for kind in kinds]
         + ["all CPU ms/img"],
         note=f"CPU: medians over the rounds. The flow's concurrency limit (last/peak) per run: {'; '.join(limits)}",
     )
     for name, rs in runs.items():
         r, rates = best[name], ", ".join(f"{x.rate:.1f}" for x in rs)
-        ratios = (ratio(r.rate, bare.rate), ratio(medians[name], bare_median))
+        ratios = (ratio(r.rate, bare.rate), ratio(medians[name], bare_median), _paired(rs, runs[chosen]))
         used = [1000 * _nanmedian(cpu[name][kind]) for kind in kinds]
         table.add(r.client, r.setting, r.rate, medians[name], rates, *ratios, *used, sum(u for u in used if u == u))
     value = ratio(medians[flow_name], bare_median)
     wanted = f"flow's median ≥ {TARGET}× the bare loop's at its best ({bare.setting})"
-    table.add("target", wanted, f"{value:.2f}×", "", "", "", verdict(value >= TARGET), *[""] * (len(kinds) + 1))
+    table.add("target", wanted, f"{value:.2f}×", "", "", "", verdict(value >= TARGET), "", *[""] * (len(kinds) + 1))
     return table
+
+
+def _paired(runs: Sequence[Run], bare: Sequence[Run]) -> float:
+    """The median over rounds of a setting's rate ÷ the chosen bare setting's in the same round:
+    the rounds are interleaved, so a load that drifts between rounds cancels out."""
+    return _nanmedian([ratio(r.rate, b.rate) for r, b in zip(runs, bare, strict=True)])
 
 
 if __name__ == "__main__":

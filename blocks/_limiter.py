@@ -24,9 +24,23 @@ with AIMD for overload signals:
   last decrease count, as the others measured a load that is gone) the limiter decides once: queue below
   ``alpha`` (latency holds, throughput still rises) → grow, doubling in the initial slow start and by
   one afterwards, but only when the limit was actually reached (a caller with three requests does
-  not earn a limit of 64); queue above ``beta`` (latency rising) → shrink to what the path holds plus
-  ``beta``, never below half; in between → hold. A shrink on latency never goes below ``beta``, so a
-  wrong ``rtt_noload`` (heavier images later) cannot starve the client.
+  not earn a limit of 64); queue above ``beta`` (latency rising) in two rounds in a row → shrink
+  to what the path holds plus ``beta``, by at most a quarter of the limit a round; in between →
+  hold. The first round of a queue above ``alpha`` only holds (and does not end the slow start):
+  the second in a row is believed. A shrink on latency never goes below ``beta``, so a wrong
+  ``rtt_noload`` (heavier images later) cannot starve the client.
+- **Scaled to the path.** ``alpha`` and ``beta`` are floors: where the path holds more (a long
+  link, a GPU with many workers) they are half and 1.25 times what it holds, so the limit stays
+  between 1.5 and 2.25 times the bandwidth-delay product (TCP BBR keeps about 2 times), as Netflix's
+  ``VegasLimit`` grows its thresholds with the limit. Fixed thresholds of 3 and 6 held 12-15 through a
+  +50 ms proxy where the path held ~9 (and stalls, below, cut it further): the flow at a fixed 16
+  was 1.09x as fast (medians of 9 interleaved rounds).
+- **Stalls are not queues.** A shared machine stalls now and then (a process descheduled, a
+  collection): every answer of one round comes late, the estimate says 5x the no-load latency, and the
+  next round is back to normal. Measured through the proxy, such a round cut the limit from 16 to 7-10
+  each run, recovering by one a round; in the slow start it ended the doubling. A latency shrink
+  (and the slow start's end) therefore needs two rounds in a row, and takes at most a quarter; an
+  overload (below) still acts at once.
 - **Overload (AIMD).** A 429, 502-504 or timeout halves the limit at once (TCP's multiplicative
   decrease), once per round trip: answers to requests sent before the last decrease do not count
   again. The limit where it happened becomes a ceiling: growing to it again (a probe) waits for
@@ -65,7 +79,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
-__all__ = ["BASE_SAMPLES", "AdaptiveLimiter", "Signal", "Slot"]
+__all__ = ["ALPHA_SHARE", "BASE_SAMPLES", "BETA_SHARE", "MAX_LATENCY_CUT", "AdaptiveLimiter", "Signal", "Slot"]
 
 #: Latencies below this (seconds) are not told apart: a fake clock's zero latency is not infinitely fast.
 _RESOLUTION = 1e-4
@@ -73,6 +87,11 @@ _RESOLUTION = 1e-4
 _MAX_STRIKES = 5
 #: Answers of one kind pooled (over rounds if need be) before their median may become its ``rtt_noload``.
 BASE_SAMPLES = 3
+#: ``alpha`` and ``beta`` are at least these shares of what the path holds without queueing: on a
+#: long path the limit stays between 1.5 and 2.25 times its bandwidth-delay product.
+ALPHA_SHARE, BETA_SHARE = 0.5, 1.25
+#: A shrink on latency takes at most this share of the limit in one round (an overload halves it).
+MAX_LATENCY_CUT = 0.25
 
 
 class Signal(enum.Enum):
@@ -100,8 +119,10 @@ class AdaptiveLimiter:
         cap: The most requests in flight, whatever the measurements say.
         initial: The starting limit (clipped to ``[floor, cap]``).
         floor: The fewest; ``floor == cap`` makes a fixed limit.
-        alpha: Grow while fewer than this many requests are estimated to queue.
-        beta: Shrink when more than this many are estimated to queue.
+        alpha: Grow while fewer than this many requests are estimated to queue (or `ALPHA_SHARE`
+            of what the path holds, when more).
+        beta: Shrink when more than this many are estimated to queue (or `BETA_SHARE` of what the
+            path holds, when more), two rounds in a row.
         probe_gap: Good answers to wait, after an overload, before growing to where it happened.
         clock: Seconds, monotonic; injected by tests.
 
@@ -144,6 +165,7 @@ class AdaptiveLimiter:
         self._good_at_ceiling = 0
         self._round: list[tuple[Hashable, float, int]] = []  # (kind, latency, requests in flight)
         self._saturated = False  # the limit was reached during this round
+        self._queued = self._high = False  # the last round's queue was at least alpha, above beta
         self.overloads = 0
 
     @property
@@ -229,14 +251,18 @@ class AdaptiveLimiter:
             ratio = statistics.median(r for r, _ in judged)
             in_flight = statistics.fmean(n for _, n in judged)
             queue = in_flight * (1 - 1 / ratio)
-        if queue < self.alpha:
+        holds = in_flight / ratio  # what the server and the link hold without queueing
+        alpha, beta = max(self.alpha, ALPHA_SHARE * holds), max(self.beta, BETA_SHARE * holds)
+        queued, high = queue >= alpha, queue > beta
+        if not queued:
             if self._saturated:
                 self._set(self._grown())
-        else:
+        elif self._queued:  # a second round in a row: latency rose, not a stall
             self._slow_start = False
-            if queue > self.beta and self._limit > self.beta:
-                holds = in_flight / ratio  # what the server and link hold without queueing
-                self._set(min(self._limit - 1, max(math.ceil(self._limit / 2), int(holds + self.beta))))
+            if high and self._high and self._limit > beta:
+                cut = max(math.ceil(self._limit * (1 - MAX_LATENCY_CUT)), int(holds + beta))
+                self._set(min(self._limit - 1, cut))
+        self._queued, self._high = queued, high
         self._round.clear()
         self._saturated = False
 
@@ -258,7 +284,7 @@ class AdaptiveLimiter:
         self._slow_start = False
         self._good_since_overload = self._good_at_ceiling = 0
         self._round.clear()
-        self._saturated = False
+        self._saturated = self._queued = self._high = False
         self._set(min(self._limit - 1, math.ceil(self._limit / 2)))
 
     def _set(self, limit: int) -> None:

@@ -25,6 +25,25 @@ ROW_GROUP_ROWS = 1024
 TABLE_ROW_GROUP_ROWS = 65_536
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The parquet columns (leaf paths, ``"embedding.list.element"``) of ``schema`` worth a
+    dictionary: all but floating-point ones (and booleans, which parquet never gives one). Parquet
+    tries a dictionary on every column by default and falls back to plain values once it outgrows
+    its page; for embeddings, which never repeat, that try cost 6x the write's time and left a
+    1.7 MB table for 600 × 512 floats that is 1.1 MB without it (zstd compresses plain floats better)."""
+    import pyarrow as pa
+
+    def leaves(path: str, kind: pa.DataType) -> list[tuple[str, pa.DataType]]:
+        if pa.types.is_struct(kind):
+            return [leaf for f in kind for leaf in leaves(f"{path}.{f.name}", f.type)]
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            return leaves(f"{path}.list.element", kind.value_type)
+        return [(path, kind)]
+
+    paths = [leaf for field in schema for leaf in leaves(field.name, field.type)]
+    return [path for path, kind in paths if not (pa.types.is_floating(kind) or pa.types.is_boolean(kind))]
+
+
 class AtomicParquetWriter:
     """Stream rows into a parquet table that appears whole at ``url`` on `commit`.
 
@@ -54,7 +73,9 @@ class AtomicParquetWriter:
             self._file: IO[bytes] = self._local.file
         else:
             self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by commit or abort
-        self._writer: Any = pq.ParquetWriter(self._file, schema, compression="zstd")
+        self._writer: Any = pq.ParquetWriter(
+            self._file, schema, compression="zstd", use_dictionary=dictionary_columns(schema)
+        )
         self._pending: list[dict[str, Any]] = []
 
     def write(self, rows: list[dict[str, Any]]) -> None:

@@ -2,10 +2,12 @@
 
 `simulate` plays a client with an endless backlog against a server model: a link adding
 ``latency`` each way, ``workers`` that serve one request each in ``service`` seconds (FIFO),
-optionally a front that answers 429 beyond ``admit`` requests in service, and optionally ``noise``:
+optionally a front that answers 429 beyond ``admit`` requests in service, optionally ``noise``:
 a delay on every answer that the load does not cause (a shared machine's scheduling, a proxy),
-exponential with that mean, from a seeded generator. Every answer is an event on a heap; the
-clock jumps from one to the next.
+exponential with that mean, and optionally stalls: every ``stall_every`` seconds on average
+(exponential) the client's machine stops for ``stall_for`` seconds and every answer due meanwhile
+arrives at its end, all from seeded generators. Every answer is an event on a heap; the clock jumps
+from one to the next.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Signal, Slot
+from prefect_roboflow.blocks._limiter import BETA_SHARE, MAX_LATENCY_CUT, AdaptiveLimiter, Signal, Slot
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Server:
     latency: float = 0.0  # each way
     admit: int | None = None  # answer 429 beyond this many in service
     noise: float = 0.0  # mean of an exponential delay on every answer, whatever the load
+    stall_every: float = 0.0  # mean seconds between stalls (0: none)
+    stall_for: float = 0.0  # how long each lasts
     seed: int = 0
     free_at: list[float] = field(default_factory=list)
     in_service: list[float] = field(default_factory=list)  # finish times of admitted requests
@@ -47,6 +51,12 @@ class Server:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self.stalls: list[tuple[float, float]] = []  # (start, end), in time order
+        if self.stall_every:
+            stalls, at = random.Random(self.seed + 1), 0.0
+            while at < 3600:
+                at += stalls.expovariate(1 / self.stall_every)
+                self.stalls.append((at, at + self.stall_for))
 
     def answer(self, sent: float) -> tuple[float, Signal]:
         """When the answer to a request sent at ``sent`` reaches the client, and what it is."""
@@ -59,7 +69,9 @@ class Server:
         done = start + self.service
         heapq.heappush(self.free_at, done)
         self.in_service.append(done)
-        return done + self.latency + (self.rng.expovariate(1 / self.noise) if self.noise else 0.0), Signal.OK
+        back = done + self.latency + (self.rng.expovariate(1 / self.noise) if self.noise else 0.0)
+        stall = next((end for start, end in self.stalls if start <= back < end), None)
+        return back if stall is None else stall, Signal.OK
 
 
 @dataclass
@@ -148,7 +160,8 @@ def test_settles_near_what_the_server_holds_plus_a_small_queue(workers: int, lat
     trace = simulate(limiter, clock, Server(workers=workers, service=service, latency=latency), answers=2000)
     holds = workers * (service + 2 * latency) / service  # bandwidth-delay product, in requests
     settled = trace.limits[1000:]
-    assert holds - 1 <= min(settled) and max(settled) <= holds + limiter.beta + 1
+    # between the bandwidth-delay product and it plus a queue of beta (BETA_SHARE of it on a long path)
+    assert holds - 1 <= min(settled) and max(settled) <= holds + max(limiter.beta, BETA_SHARE * holds) + 1
     # ... so the server is kept busy (the ramp-up included)
     assert 2000 / trace.seconds >= 0.9 * workers / service
 
@@ -168,6 +181,65 @@ def test_latency_noise_the_load_does_not_cause_is_not_read_as_a_queue(latency: f
         limiter, clock = make(cap=64)
         ratios.append(3000 / simulate(limiter, clock, Server(**server), answers=3000).seconds / best)  # type: ignore[arg-type]
     assert statistics.fmean(ratios) >= 0.85 and min(ratios) >= 0.75, ratios
+
+
+def _best_fixed(server: dict[str, float], answers: int) -> float:
+    """The oracle: the highest throughput of any fixed limit on the same seeded server."""
+    best = 0.0
+    for limit in (2, 4, 8, 12, 16, 24, 32, 48, 64):
+        pinned, clock = make(cap=limit, floor=limit)
+        best = max(best, answers / simulate(pinned, clock, Server(**server), answers=answers).seconds)  # type: ignore[arg-type]
+    return best
+
+
+@pytest.mark.parametrize(
+    ("path", "mean"),
+    [
+        # the benchmark's proxy: one worker of ~10 ms behind +50 ms, a shared machine's noise
+        # (the stalls cost every fixed limit too; the previous rule: 0.86-0.89x)
+        ({"workers": 1, "service": 0.0105, "latency": 0.025, "noise": 0.025}, 0.88),
+        # a GPU server with 8 workers across a 100 ms round trip (the previous rule: 0.44-0.63x)
+        ({"workers": 8, "service": 0.02, "latency": 0.05, "noise": 0.01}, 0.92),
+    ],
+)
+def test_stalls_of_the_client_machine_are_not_read_as_a_queue(path: dict[str, float], mean: float) -> None:
+    """A stall delays every answer of a round, and the next round is back to normal. Each used to
+    cut the limit (to half at once): through the benchmark's proxy the limit fell from 16 to 7-10
+    once a run; across a GPU's link the simulated limit held 22 where 64 was best (0.46x its
+    throughput)."""
+    ratios = []
+    for seed in range(5):  # seeded: the same answers every time
+        server = {**path, "stall_every": 1.0, "stall_for": 0.2, "seed": seed}
+        limiter, clock = make(cap=64)
+        seconds = simulate(limiter, clock, Server(**server), answers=3000).seconds  # type: ignore[arg-type]
+        ratios.append(3000 / seconds / _best_fixed(server, 3000))
+    assert statistics.fmean(ratios) >= mean and min(ratios) >= 0.85, ratios
+
+
+def test_one_slow_round_does_not_shrink_the_limit_and_a_slow_stretch_does_gradually() -> None:
+    limiter, clock = make(cap=64)
+    simulate(limiter, clock, Server(workers=2, service=0.02, latency=0.05), answers=600)
+    settled = limiter.limit
+
+    def round_at(latency: float) -> None:
+        slots = _acquire(limiter, limiter.limit)
+        clock.now += latency
+        for slot in slots:
+            slot.signal = Signal.OK
+            limiter.release(slot)
+
+    round_at(0.12)  # the path's own latency: no queue
+    round_at(0.12 * 10)  # a stall: every answer 10x late
+    round_at(0.12)
+    assert limiter.limit >= settled
+    before = limiter.limit
+    limits = []
+    for _ in range(4):  # the server got 10x slower and stays so
+        round_at(0.12 * 10)
+        limits.append(limiter.limit)
+    assert limits[0] == before  # the first slow round is not believed yet
+    steps = [a / b for a, b in zip(limits[1:], limits[:-1], strict=True)]
+    assert all(1 - MAX_LATENCY_CUT - 0.05 <= step < 1 for step in steps), (before, limits)
 
 
 def test_a_slower_server_brings_the_limit_down_but_not_below_beta() -> None:
