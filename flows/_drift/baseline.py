@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._outputs.files import embedding_type
 from .._storage.access import join, list_files, write_bytes
+from .._storage.parquet import write_whole
 from .windows import Window
 
 __all__ = ["baseline_folder", "latest_baseline", "save_baseline"]
@@ -62,7 +62,7 @@ def save_baseline(window: Window, root: str, now: datetime | None = None) -> str
         }
     )
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    write_whole(table, buffer)
     try:
         write_bytes(url, buffer.getvalue(), field="baseline_dir")
     except OSError as error:

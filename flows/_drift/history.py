@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._storage.access import join, list_files, read_bytes, write_bytes
+from .._storage.parquet import write_whole
 
 __all__ = ["DRIFT_SCHEMA", "HISTORY_FILE", "PLOT_FILE", "append_history", "plot_history", "read_history"]
 
@@ -72,7 +73,7 @@ def append_history(out: str, past: pa.Table, rows: Sequence[dict[str, Any]]) -> 
     """``past`` plus ``rows``, written whole to ``out/drift.parquet``; its location and the table."""
     table = pa.concat_tables([past, pa.Table.from_pylist(list(rows), schema=DRIFT_SCHEMA)])
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    write_whole(table, buffer)
     url = join(out, HISTORY_FILE)
     write_bytes(url, buffer.getvalue())
     return url, table

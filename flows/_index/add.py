@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from prefect_roboflow.blocks.exceptions import InvalidInputError
 
 from .._steps.vectors import normalise
+from .._storage.parquet import write_whole
 from .._storage.stores import LOCK_SUFFIX
 from .rows import SCAN_BLOCK, RowBatch, _OpenIndex
 from .store import MANIFEST, META_SCHEMA, _Manifest, _new_name, _Segment, _Store
@@ -257,7 +258,7 @@ def _write_segment(store: _Store, name: str, meta: pa.Table, vectors: np.ndarray
             np.save(handle, vectors)
         store.put_file(f"{name}.npy", tmp)
     with store.scratch(f"{name}.parquet") as tmp:
-        pq.write_table(meta, tmp, compression="zstd")
+        write_whole(meta, tmp)
         store.put_file(f"{name}.parquet", tmp)
     return _Segment(name, len(vectors))
 

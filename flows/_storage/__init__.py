@@ -41,7 +41,7 @@ Examples:
 from .access import check_output, delete, is_remote, join, list_files, read_bytes, write_bytes
 from .listing import IMAGE_SUFFIXES, VIDEO_SUFFIXES, block_source, count_refs, iter_refs
 from .locate import BLOCK_SCHEME
-from .parquet import AtomicParquetWriter
+from .parquet import AtomicParquetWriter, write_whole
 from .stores import LIST_PAGE_SIZE
 
 __all__ = [
@@ -60,4 +60,5 @@ __all__ = [
     "list_files",
     "read_bytes",
     "write_bytes",
+    "write_whole",
 ]

@@ -38,10 +38,20 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
             return [leaf for f in kind for leaf in leaves(f"{path}.{f.name}", f.type)]
         if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
             return leaves(f"{path}.list.element", kind.value_type)
+        if pa.types.is_map(kind):
+            return leaves(f"{path}.key_value.key", kind.key_type) + leaves(f"{path}.key_value.value", kind.item_type)
         return [(path, kind)]
 
     paths = [leaf for field in schema for leaf in leaves(field.name, field.type)]
     return [path for path, kind in paths if not (pa.types.is_floating(kind) or pa.types.is_boolean(kind))]
+
+
+def write_whole(table: pa.Table, where: str | os.PathLike[str] | IO[bytes]) -> None:
+    """``table`` written as one parquet file to a local path or a binary file object, encoded as
+    every table of the product is (zstd; dictionaries as `dictionary_columns` says)."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, where, compression="zstd", use_dictionary=dictionary_columns(table.schema))
 
 
 class AtomicParquetWriter:

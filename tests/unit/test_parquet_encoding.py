@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import prefect_roboflow
+import prefect_roboflow.flows
 from prefect_roboflow.flows._curation.box_issues import BOX_ISSUES_SCHEMA
 from prefect_roboflow.flows._curation.sources import FAILED_SCHEMA
 from prefect_roboflow.flows._curation.table import CURATION_SCHEMA
@@ -25,7 +28,7 @@ from prefect_roboflow.flows._outputs.tables import (
     REVIEW_SCHEMA,
     video_schema,
 )
-from prefect_roboflow.flows._storage.parquet import AtomicParquetWriter, dictionary_columns
+from prefect_roboflow.flows._storage.parquet import AtomicParquetWriter, dictionary_columns, write_whole
 from prefect_roboflow.flows.find_duplicates import DUPLICATES_SCHEMA
 
 SCHEMAS = {
@@ -67,13 +70,17 @@ def _value(kind: pa.DataType, i: int) -> Any:
     raise AssertionError(f"no test value for {kind}")
 
 
+@pytest.mark.parametrize("writer", ["streamed", "whole"])
 @pytest.mark.parametrize("name", list(SCHEMAS))
-def test_every_column_but_floats_has_a_dictionary_as_parquet_records_it(name: str, tmp_path: Path) -> None:
+def test_every_column_but_floats_has_a_dictionary_as_parquet_records_it(name: str, writer: str, tmp_path: Path) -> None:
     schema = SCHEMAS[name]
     rows = [{f.name: _value(f.type, i) for f in schema} for i in range(20)]
     path = tmp_path / "t.parquet"
-    with AtomicParquetWriter(path, schema) as sink:
-        sink.write(rows)
+    if writer == "streamed":
+        with AtomicParquetWriter(path, schema) as sink:
+            sink.write(rows)
+    else:
+        write_whole(pa.Table.from_pylist(rows, schema=schema), path)
     metadata = pq.ParquetFile(path).metadata
     encodings = {
         metadata.schema.column(i).path: set(metadata.row_group(0).column(i).encodings)
@@ -114,3 +121,22 @@ def test_an_embeddings_table_is_smaller_than_with_a_dictionary_tried_on_its_floa
     assert path.stat().st_size < 0.8 * len(default.getvalue())
     read = pq.ParquetFile(path).read()["embedding"].to_numpy(zero_copy_only=False)
     np.testing.assert_array_equal(np.stack(read), vectors)
+
+
+def test_every_parquet_file_the_product_writes_goes_through_the_storage_layer() -> None:
+    """Tables written elsewhere with pyarrow's defaults would try a dictionary on their floats (a
+    drift baseline of 2,000 × 512 was 4.4 MB in 0.19 s that way, 3.8 MB in 0.02 s through it)."""
+    package = Path(prefect_roboflow.__file__).parent
+    flows = Path(prefect_roboflow.flows.__file__).parent
+    writers = re.compile(
+        r"\b(pq|parquet)\.(write_table|ParquetWriter|write_to_dataset)\(|\.to_parquet\(|\bwrite_dataset\("
+    )
+    sources = sorted({*package.rglob("*.py"), *flows.rglob("*.py")})
+    assert len(sources) > 50
+    bypassing = [
+        str(path)
+        for path in sources
+        if path.name != "parquet.py" or path.parent.name != "_storage"
+        if writers.search(path.read_text())
+    ]
+    assert not bypassing
