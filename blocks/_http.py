@@ -19,6 +19,7 @@ import random
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -286,16 +287,24 @@ def client_options(settings: HttpSettings, url: str | None = None) -> dict[str, 
     }
 
 
+def _environment_proxy() -> bool:
+    """Whether the environment names a proxy for plain http (as httpx reads it: `urllib.request.getproxies`)."""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get("http") or proxies.get("all"))
+
+
 def pool_options(url: str, size: int) -> dict[str, Any]:
     """The connection pool of an engine's client for one server: ``size`` connections kept.
 
     A plain ``http://`` server gets httpx's transport over `_transport.AsyncioBackend` (asyncio's
     own transports, not anyio: ~40% less client CPU a request against a server that answers at
-    once); ``https://`` keeps httpx's default transport, TLS included. Proxies from the environment
-    apply either way (httpx mounts them beside the transport).
+    once); ``https://`` keeps httpx's default transport, TLS included, and so does every server
+    when the environment names a proxy for plain http (``HTTP_PROXY``, ``ALL_PROXY``): httpx
+    ignores the environment's proxies for a client given its own transport, and then decides
+    itself, ``NO_PROXY`` included, which servers go through it.
     """
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-    if not url.lower().startswith("http://"):
+    if not url.lower().startswith("http://") or _environment_proxy():
         return {"limits": limits}
     # The transport's own pool is replaced below, so its TLS context is never used: a bare one
     # (no CA certificates loaded, verification still required) instead of httpx's default, whose
