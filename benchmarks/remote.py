@@ -9,10 +9,8 @@ no setting), each setting keeping its best round, of:
 - a bare async httpx loop (`benchmarks.clients.bare_httpx`) at 4, 8, 16 and 32 requests in flight;
 - the ``embed_images`` flow as shipped (``server=URL``: the block's defaults, the adaptive limit),
   a fresh cache and a fresh HTTP engine each run (as a new worker process: its limit starts at 4);
-- the same flow with the limiter's decision rule as it was before the path-scaled thresholds
-  (`FixedThresholdLimiter`: ``alpha``/``beta`` of 3/6 whatever the path holds, a shrink on one round's
-  latency, to half at most), and with the limiter as it was before issue 29 (`FastestAnswerLimiter`:
-  that rule, and no-load latency the fastest answer ever seen, not a round's median), side by side;
+- the same flow with the limiter as it was before issue 29 (`FastestAnswerLimiter`: no-load latency
+  the fastest answer ever seen, not a round's median), side by side;
 
 directly against the server, and through `LatencyProxy` (the tests' fault proxy in its own process,
 50 ms before each forwarded request). The flow's step table gives the limit it ended at and its peak.
@@ -50,7 +48,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from prefect_roboflow.blocks._limiter import BASE_SAMPLES, AdaptiveLimiter, Slot
+from prefect_roboflow.blocks._limiter import AdaptiveLimiter, Slot
 
 from .clients import bare_httpx, embed_flow, step_table
 from .common import NETWORK_LATENCY, LatencyProxy, Run, Table, descendants, generate_images, process_cpu, ratio, verdict
@@ -61,37 +59,7 @@ FLOW_SETTING = "defaults (adaptive)"
 TARGET = 0.9
 
 
-class FixedThresholdLimiter(AdaptiveLimiter):
-    """The limiter's decision rule before the thresholds scaled with the path (stop 32's, as shipped
-    at 2b48857), for a side-by-side row: queue above ``beta`` = 6 in one round → shrink to what the
-    path holds plus 6, to half at most."""
-
-    def _end_round(self) -> None:
-        judged = [(latency / self._noload[key], n) for key, latency, n in self._round if key in self._noload]
-        for key, latency, _ in self._round:
-            self._pool.setdefault(key, []).append(latency)
-        for key, pool in self._pool.items():
-            if len(pool) >= BASE_SAMPLES:
-                self._noload[key] = min(statistics.median(pool), self._noload.get(key, math.inf))
-                pool.clear()
-        ratio, in_flight, queue = 1.0, 0.0, 0.0
-        if judged:
-            ratio = statistics.median(r for r, _ in judged)
-            in_flight = statistics.fmean(n for _, n in judged)
-            queue = in_flight * (1 - 1 / ratio)
-        if queue < self.alpha:
-            if self._saturated:
-                self._set(self._grown())
-        else:
-            self._slow_start = False
-            if queue > self.beta and self._limit > self.beta:
-                holds = in_flight / ratio
-                self._set(min(self._limit - 1, max(math.ceil(self._limit / 2), int(holds + self.beta))))
-        self._round.clear()
-        self._saturated = False
-
-
-class FastestAnswerLimiter(FixedThresholdLimiter):
+class FastestAnswerLimiter(AdaptiveLimiter):
     """The limiter's estimate as it was before issue 29, for a side-by-side row: each round judged
     against the fastest answer ever seen of a kind, not the lowest round median."""
 
@@ -115,7 +83,6 @@ class FastestAnswerLimiter(FixedThresholdLimiter):
 #: Side-by-side flow settings: the limiter each one runs with.
 VARIANTS: dict[str, type[AdaptiveLimiter]] = {
     FLOW_SETTING: AdaptiveLimiter,
-    "defaults, the previous limiter (fixed thresholds)": FixedThresholdLimiter,
     "defaults, the limiter before issue 29": FastestAnswerLimiter,
 }
 

@@ -24,32 +24,9 @@ with AIMD for overload signals:
   last decrease count, as the others measured a load that is gone) the limiter decides once: queue below
   ``alpha`` (latency holds, throughput still rises) → grow, doubling in the initial slow start and by
   one afterwards, but only when the limit was actually reached (a caller with three requests does
-  not earn a limit of 64); queue above ``beta`` (latency rising) → shrink to what the path holds
-  plus ``beta``, never below half; in between → hold. A shrink on latency never goes below
-  ``beta``, so a wrong ``rtt_noload`` (heavier images later) cannot starve the client.
-- **A long path** holds more than ``beta`` / `BETA_SHARE` requests without queueing (a +50 ms link,
-  a GPU with many workers), and more than `SCALE_MARGIN` times the requests in flight when its
-  ``rtt_noload`` was measured (a kind first seen at a high limit was measured queued: without this,
-  every new kind lifted the limit by half). On a long path:
-
-  - ``alpha`` and ``beta`` are `ALPHA_SHARE` and `BETA_SHARE` of what it holds, so the limit stays
-    between 1.5 and 2.25 times the bandwidth-delay product (TCP BBR keeps about 2 times; Netflix's
-    ``VegasLimit`` also grows its thresholds with the limit). Fixed thresholds of 3 and 6 held 12-15
-    through a +50 ms proxy where the path held ~9.
-  - A stall is not a queue. A shared machine stalls now and then (a process descheduled, a
-    collection): every answer of one round comes late, the estimate says 5x the no-load latency,
-    and the next round is back to normal. Through the proxy such a round cut the limit from 16 to
-    7-10 once a run, recovering by one a round (100+ ms each); in the slow start it ended the
-    doubling. So the first round with a queue of ``alpha`` or more only holds: the second in a row
-    ends the slow start, and shrinks when above ``beta``, by at most `MAX_LATENCY_CUT` of the limit
-    a round. Simulated with stalls (tests/unit/test_limiter.py), a GPU server across a 100 ms
-    round trip got 0.44-0.63x the best fixed limit's throughput with the short path's rule, 0.93-0.97x
-    with this one.
-
-  On a short path (a server on loopback, saturated by a few requests) a cut costs little, a round
-  lasts milliseconds, and every request queued costs the server CPU: the rule above, except that
-  the slow start, too, ends on the second round in a row (before its first rounds nothing says
-  whether the path is long, and a stall there left a GPU's limit growing by one from 8).
+  not earn a limit of 64); queue above ``beta`` (latency rising) → shrink to what the path holds plus
+  ``beta``, never below half; in between → hold. A shrink on latency never goes below ``beta``, so a
+  wrong ``rtt_noload`` (heavier images later) cannot starve the client.
 - **Overload (AIMD).** A 429, 502-504 or timeout halves the limit at once (TCP's multiplicative
   decrease), once per round trip: answers to requests sent before the last decrease do not count
   again. The limit where it happened becomes a ceiling: growing to it again (a probe) waits for
@@ -88,16 +65,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
-__all__ = [
-    "ALPHA_SHARE",
-    "BASE_SAMPLES",
-    "BETA_SHARE",
-    "MAX_LATENCY_CUT",
-    "SCALE_MARGIN",
-    "AdaptiveLimiter",
-    "Signal",
-    "Slot",
-]
+__all__ = ["BASE_SAMPLES", "AdaptiveLimiter", "Signal", "Slot"]
 
 #: Latencies below this (seconds) are not told apart: a fake clock's zero latency is not infinitely fast.
 _RESOLUTION = 1e-4
@@ -105,14 +73,6 @@ _RESOLUTION = 1e-4
 _MAX_STRIKES = 5
 #: Answers of one kind pooled (over rounds if need be) before their median may become its ``rtt_noload``.
 BASE_SAMPLES = 3
-#: On a long path ``alpha`` and ``beta`` are these shares of what it holds without queueing: the
-#: limit stays between 1.5 and 2.25 times its bandwidth-delay product.
-ALPHA_SHARE, BETA_SHARE = 0.5, 1.25
-#: A long path holds more than this many times the requests in flight when the no-load latency was measured.
-SCALE_MARGIN = 1.25
-#: On a long path a shrink on latency takes at most this share of the limit in one round (elsewhere
-#: half; an overload halves it anywhere).
-MAX_LATENCY_CUT = 0.25
 
 
 class Signal(enum.Enum):
@@ -140,10 +100,8 @@ class AdaptiveLimiter:
         cap: The most requests in flight, whatever the measurements say.
         initial: The starting limit (clipped to ``[floor, cap]``).
         floor: The fewest; ``floor == cap`` makes a fixed limit.
-        alpha: Grow while fewer than this many requests are estimated to queue (on a long path:
-            `ALPHA_SHARE` of what it holds, when more).
-        beta: Shrink when more than this many are estimated to queue (on a long path: `BETA_SHARE`
-            of what it holds, two rounds in a row).
+        alpha: Grow while fewer than this many requests are estimated to queue.
+        beta: Shrink when more than this many are estimated to queue.
         probe_gap: Good answers to wait, after an overload, before growing to where it happened.
         clock: Seconds, monotonic; injected by tests.
 
@@ -177,8 +135,7 @@ class AdaptiveLimiter:
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._noload: dict[Hashable, float] = {}  # per kind: the lowest median latency of a pool
-        self._noload_at: dict[Hashable, float] = {}  # per kind: the requests in flight it was measured at
-        self._pool: dict[Hashable, list[tuple[float, int]]] = {}  # per kind: (latency, in flight) not yet in a median
+        self._pool: dict[Hashable, list[float]] = {}  # per kind: latencies not yet in a median
         self._slow_start = True
         self._epoch = 0  # bumped by each decrease on overload
         self._ceiling: int | None = None  # the limit at the last overload, until a probe passes it
@@ -187,8 +144,6 @@ class AdaptiveLimiter:
         self._good_at_ceiling = 0
         self._round: list[tuple[Hashable, float, int]] = []  # (kind, latency, requests in flight)
         self._saturated = False  # the limit was reached during this round
-        self._queued = self._high = False  # the last round's queue was at least alpha, above beta
-        self._last_holds = 0.0  # what the path held in the last round
         self.overloads = 0
 
     @property
@@ -262,46 +217,26 @@ class AdaptiveLimiter:
 
     def _end_round(self) -> None:
         # Judged against the no-load latencies known before this round, which then joins them.
-        judged = [
-            (latency / self._noload[key], n, self._noload_at[key])
-            for key, latency, n in self._round
-            if key in self._noload
-        ]
-        for key, latency, n in self._round:
-            self._pool.setdefault(key, []).append((latency, n))
+        judged = [(latency / self._noload[key], n) for key, latency, n in self._round if key in self._noload]
+        for key, latency, _ in self._round:
+            self._pool.setdefault(key, []).append(latency)
         for key, pool in self._pool.items():
             if len(pool) >= BASE_SAMPLES:
-                median = statistics.median(latency for latency, _ in pool)
-                if median < self._noload.get(key, math.inf):  # the fewest in flight it was (or beat) measured at
-                    at = min(statistics.fmean(n for _, n in pool), self._noload_at.get(key, math.inf))
-                    self._noload[key], self._noload_at[key] = median, at
+                self._noload[key] = min(statistics.median(pool), self._noload.get(key, math.inf))
                 pool.clear()
-        ratio, in_flight, queue, measured_at = 1.0, 0.0, 0.0, 0.0  # no kind known yet: nothing queues
+        ratio, in_flight, queue = 1.0, 0.0, 0.0  # no kind known yet: nothing says anything queues
         if judged:
-            ratio = statistics.median(r for r, _, _ in judged)
-            in_flight = statistics.fmean(n for _, n, _ in judged)
+            ratio = statistics.median(r for r, _ in judged)
+            in_flight = statistics.fmean(n for _, n in judged)
             queue = in_flight * (1 - 1 / ratio)
-            measured_at = statistics.fmean(at for _, _, at in judged)
-        holds = in_flight / ratio  # what the server and the link hold without queueing
-        # A long path: it holds more than the floors' queue, and more than were in flight when its
-        # no-load latency was measured (which cannot tell a path holding n from one holding fewer:
-        # a kind first seen at a high limit was measured queued).
-        # a stall's round looks like a short path (every answer late): the round before it says what the path is
-        path = max(holds, self._last_holds)
-        long = BETA_SHARE * path > self.beta and path > SCALE_MARGIN * measured_at
-        alpha, beta = (max(self.alpha, ALPHA_SHARE * path), BETA_SHARE * path) if long else (self.alpha, self.beta)
-        queued, high = queue >= alpha, queue > beta
-        if not queued:
+        if queue < self.alpha:
             if self._saturated:
                 self._set(self._grown())
-        elif self._queued or not (long or self._slow_start):  # the second round in a row: not a stall
+        else:
             self._slow_start = False
-            if high and (self._high or not long) and self._limit > beta:
-                most = math.ceil(self._limit * (1 - MAX_LATENCY_CUT)) if long else math.ceil(self._limit / 2)
-                self._set(min(self._limit - 1, max(most, int(holds + beta))))
-        self._queued, self._high = queued, high
-        if judged:
-            self._last_holds = holds
+            if queue > self.beta and self._limit > self.beta:
+                holds = in_flight / ratio  # what the server and link hold without queueing
+                self._set(min(self._limit - 1, max(math.ceil(self._limit / 2), int(holds + self.beta))))
         self._round.clear()
         self._saturated = False
 
@@ -323,8 +258,7 @@ class AdaptiveLimiter:
         self._slow_start = False
         self._good_since_overload = self._good_at_ceiling = 0
         self._round.clear()
-        self._saturated = self._queued = self._high = False
-        self._last_holds = 0.0
+        self._saturated = False
         self._set(min(self._limit - 1, math.ceil(self._limit / 2)))
 
     def _set(self, limit: int) -> None:
