@@ -204,7 +204,8 @@ def measure(
             before = processes.cpu()
             try:
                 if isinstance(c, str):
-                    run, seen = flow_run(url, images, work / f"cache-{len(limits)}", setting=c)
+                    cache = work / f"cache-{round_}-{plan.index(c)}"  # fresh for every run, a failed one's too
+                    run, seen = flow_run(url, images, cache, setting=c)
                     limits.append(f"{run.setting}: {seen}")
                 else:
                     run = bare_httpx(url, images, c)

@@ -19,7 +19,6 @@ import random
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Coroutine, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 
 import httpcore
 import httpx
+from httpx._utils import URLPattern, get_environment_proxies  # how httpx reads the environment's proxies
 
 from ._balancer import Backend, Balancer, Outcome
 from ._limiter import AdaptiveLimiter, Signal
@@ -287,10 +287,14 @@ def client_options(settings: HttpSettings, url: str | None = None) -> dict[str, 
     }
 
 
-def _environment_proxy() -> bool:
-    """Whether the environment names a proxy for plain http (as httpx reads it: `urllib.request.getproxies`)."""
-    proxies = urllib.request.getproxies()
-    return bool(proxies.get("http") or proxies.get("all"))
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), as
+    httpx itself picks it for a client that is given no transport; None when it goes direct."""
+    target = httpx.URL(url)
+    for pattern, proxy in sorted((URLPattern(key), proxy) for key, proxy in get_environment_proxies().items()):
+        if pattern.matches(target):
+            return proxy
+    return None
 
 
 def pool_options(url: str, size: int) -> dict[str, Any]:
@@ -298,14 +302,16 @@ def pool_options(url: str, size: int) -> dict[str, Any]:
 
     A plain ``http://`` server gets httpx's transport over `_transport.AsyncioBackend` (asyncio's
     own transports, not anyio: ~40% less client CPU a request against a server that answers at
-    once); ``https://`` keeps httpx's default transport, TLS included, and so does every server
-    when the environment names a proxy for plain http (``HTTP_PROXY``, ``ALL_PROXY``): httpx
-    ignores the environment's proxies for a client given its own transport, and then decides
-    itself, ``NO_PROXY`` included, which servers go through it.
+    once), unless the environment names a proxy for it (`environment_proxy`: httpx ignores the
+    environment for a client given its own transport, so the transport is httpx's, through that
+    proxy); ``https://`` keeps httpx's default transport, TLS and the environment's proxies included.
     """
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-    if not url.lower().startswith("http://") or _environment_proxy():
+    if not url.lower().startswith("http://"):
         return {"limits": limits}
+    proxy = environment_proxy(url)
+    if proxy is not None:
+        return {"transport": httpx.AsyncHTTPTransport(proxy=proxy, limits=limits)}
     # The transport's own pool is replaced below, so its TLS context is never used: a bare one
     # (no CA certificates loaded, verification still required) instead of httpx's default, whose
     # certificates took 35-90 ms to load, before a fresh worker's first request.
@@ -343,7 +349,13 @@ class InferenceHTTP:
         self.answered = False
         self._unreached: tuple[float, float] | None = None  # (first, last) failure of the streak
         # Built on the engine's loop: the pools belong to it.
-        self.balancer: Balancer = self._submit(self._make_balancer()).result()
+        try:
+            self.balancer: Balancer = self._submit(self._make_balancer()).result()
+        except BaseException:  # e.g. a proxy httpx cannot use: no engine, and no thread left behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+            raise
 
     async def _make_balancer(self) -> Balancer:
         settings = self.settings

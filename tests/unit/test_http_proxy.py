@@ -5,6 +5,7 @@ server behind a company proxy was reached directly, or not at all)."""
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import threading
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ from typing import ClassVar
 import pytest
 
 from prefect_roboflow.blocks import InferenceServer, ServerUnreachableError
-from prefect_roboflow.blocks._http import close_engines
+from prefect_roboflow.blocks._http import close_engines, environment_proxy, pool_options
+from prefect_roboflow.blocks._transport import AsyncioBackend
 
 
 class _ForwardProxy(http.server.BaseHTTPRequestHandler):
@@ -65,3 +67,26 @@ def test_no_proxy_still_sends_a_server_direct(proxy: list[str], monkeypatch: pyt
     with pytest.raises(ServerUnreachableError):  # direct: the name does not resolve
         server.info()
     assert proxy == []
+
+
+def test_a_proxy_for_other_servers_leaves_an_http_server_direct_and_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NO_PROXY`` names the server: the engine's own transport, even when the proxy for the others
+    is one httpx could not use here (SOCKS without ``socksio``: building it for every server failed
+    every request)."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert environment_proxy("http://127.0.0.1:9001") is None
+    assert environment_proxy("http://inference.invalid:9001") == "socks5://127.0.0.1:1"
+    assert isinstance(pool_options("http://127.0.0.1:9001", 4)["transport"]._pool._network_backend, AsyncioBackend)
+    threads = threading.active_count()
+    close_engines()
+    if importlib.util.find_spec("socksio") is not None:
+        return  # httpx can use the SOCKS proxy here: nothing fails to build
+    try:
+        with pytest.raises(ImportError, match="socksio"):  # httpx's own message: install httpx[socks]
+            InferenceServer(api_url="http://inference.invalid:9001").info()
+        assert threading.active_count() == threads  # the engine that could not be made left no thread
+    finally:
+        close_engines()
