@@ -19,6 +19,7 @@ import random
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -26,7 +27,11 @@ from typing import Any, TypeVar
 
 import httpcore
 import httpx
-from httpx._utils import URLPattern, get_environment_proxies  # how httpx reads the environment's proxies
+
+try:  # how httpx reads the environment's proxies (private, in every httpx from 0.27 on)
+    from httpx._utils import URLPattern, get_environment_proxies
+except ImportError:  # pragma: no cover - a later httpx
+    URLPattern = get_environment_proxies = None  # type: ignore[assignment,misc]
 
 from ._balancer import Backend, Balancer, Outcome
 from ._limiter import AdaptiveLimiter, Signal
@@ -309,8 +314,10 @@ def pool_options(url: str, size: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     if not url.lower().startswith("http://"):
         return {"limits": limits}
-    proxy = environment_proxy(url)
-    if proxy is not None:
+    if URLPattern is None:  # an httpx without these helpers: it picks the environment's proxies itself
+        if urllib.request.getproxies():
+            return {"limits": limits}
+    elif (proxy := environment_proxy(url)) is not None:
         return {"transport": httpx.AsyncHTTPTransport(proxy=proxy, limits=limits)}
     # The transport's own pool is replaced below, so its TLS context is never used: a bare one
     # (no CA certificates loaded, verification still required) instead of httpx's default, whose
@@ -354,7 +361,8 @@ class InferenceHTTP:
         except BaseException:  # e.g. a proxy httpx cannot use: no engine, and no thread left behind
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
-            self._loop.close()
+            if not self._thread.is_alive():
+                self._loop.close()
             raise
 
     async def _make_balancer(self) -> Balancer:
@@ -602,7 +610,8 @@ class InferenceHTTP:
             self._submit(self.balancer.aclose()).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
-        self._loop.close()
+        if not self._thread.is_alive():  # a loop still running cannot be closed
+            self._loop.close()
 
 
 # Engines belong to the process that made them: their loop thread and pool do not cross a fork,

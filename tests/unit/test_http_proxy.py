@@ -5,7 +5,6 @@ server behind a company proxy was reached directly, or not at all)."""
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import threading
 from collections.abc import Iterator
@@ -80,13 +79,16 @@ def test_a_proxy_for_other_servers_leaves_an_http_server_direct_and_fast(monkeyp
     assert environment_proxy("http://127.0.0.1:9001") is None
     assert environment_proxy("http://inference.invalid:9001") == "socks5://127.0.0.1:1"
     assert isinstance(pool_options("http://127.0.0.1:9001", 4)["transport"]._pool._network_backend, AsyncioBackend)
-    threads = threading.active_count()
+
+
+def test_an_engine_that_cannot_be_built_leaves_no_thread_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "ftp://127.0.0.1:1")  # a proxy httpx cannot use, with or without extras
     close_engines()
-    if importlib.util.find_spec("socksio") is not None:
-        return  # httpx can use the SOCKS proxy here: nothing fails to build
     try:
-        with pytest.raises(ImportError, match="socksio"):  # httpx's own message: install httpx[socks]
+        with pytest.raises(ValueError, match="proxy"):
             InferenceServer(api_url="http://inference.invalid:9001").info()
-        assert threading.active_count() == threads  # the engine that could not be made left no thread
+        assert not [t for t in threading.enumerate() if t.name == "prefect-roboflow-http"]
     finally:
         close_engines()
